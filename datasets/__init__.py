@@ -1,0 +1,1 @@
+"""Benchmark loaders, the synthetic generators, samplers and transforms, registered by name."""

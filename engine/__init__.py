@@ -1,0 +1,1 @@
+"""Training loops, evaluation, checkpoints, logging, device policy and monitors shared by both scripts."""

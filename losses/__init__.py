@@ -1,0 +1,1 @@
+"""Every loss and regulariser: pure functions returning (loss, stats), registered by name."""

@@ -1,0 +1,1 @@
+"""Small reusable layers shared by both models (bounded scales, attention helpers)."""

@@ -1,0 +1,1 @@
+"""Model sub-modules with one job each (SAP, fusion, expert mixtures)."""

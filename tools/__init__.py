@@ -1,0 +1,1 @@
+"""Command-line tools: sweeps, ablation tables, plots and benchmarks."""

@@ -1,0 +1,1 @@
+"""Dependency-free helpers every package may import (registry, distributed queries, atomic files)."""
