@@ -1,0 +1,164 @@
+"""Atomic checkpoints that resume a run exactly: model, optimizer, scheduler, scaler, counters, RNG.
+
+Files live in the run folder as ``checkpoint_<tag>.pth`` plus a ``last_checkpoint``
+text file naming the newest one. Every write goes to a temporary file that is
+renamed into place, so a crash mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.seed import get_rng_state, set_rng_state
+from utils.distributed import is_main_process
+from utils.io import atomic_write, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+LAST_POINTER = "last_checkpoint"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or does not match the run; the message says which file and why."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module inside DDP / torch.compile wrappers (so checkpoints load anywhere)."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+class Checkpointer:
+    """Saves and restores the full training state of one run folder.
+
+    Only rank 0 writes; every rank can load. ``keep`` bounds how many periodic
+    checkpoints stay on disk (the newest ``keep``; named ones such as ``best``
+    are never deleted).
+    """
+
+    def __init__(self, save_dir: str | Path, keep: int = 2) -> None:
+        self.save_dir = Path(save_dir)
+        self.keep = keep
+
+    def path_for(self, tag: str) -> Path:
+        """Where the checkpoint called ``tag`` lives."""
+        return self.save_dir / f"checkpoint_{tag}.pth"
+
+    def save(
+        self,
+        tag: str,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        scaler: torch.amp.GradScaler | None = None,
+        epoch: int = 0,
+        step: int = 0,
+        extra: dict[str, Any] | None = None,
+        periodic: bool = True,
+    ) -> Path | None:
+        """Write ``checkpoint_<tag>.pth`` atomically and point ``last_checkpoint`` at it.
+
+        ``epoch``/``step`` are the numbers of *completed* epochs/steps, i.e. where a
+        resumed run starts. ``extra`` holds other stateful objects' ``state_dict()``s
+        (tensors, numbers, strings, lists, dicts). Returns the path (None off rank 0).
+        """
+        if not is_main_process():
+            return None
+        state = {
+            "format_version": FORMAT_VERSION,
+            "model": unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+            "epoch": int(epoch),
+            "step": int(step),
+            "rng": get_rng_state(),
+            "extra": extra or {},
+        }
+        path = self.path_for(tag)
+        atomic_write(path, lambda handle: torch.save(state, handle))
+        atomic_write_text(self.save_dir / LAST_POINTER, path.name + "\n")
+        if periodic:
+            self._prune(keep_also=path)
+        logger.info("saved checkpoint %s (epoch %d, step %d)", path, epoch, step)
+        return path
+
+    def latest(self) -> Path | None:
+        """The checkpoint ``last_checkpoint`` names, if it exists."""
+        pointer = self.save_dir / LAST_POINTER
+        if not pointer.is_file():
+            return None
+        path = self.save_dir / pointer.read_text().strip()
+        return path if path.is_file() else None
+
+    def load(
+        self,
+        path: str | Path,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        scaler: torch.amp.GradScaler | None = None,
+        restore_rng: bool = True,
+        strict: bool = True,
+    ) -> dict[str, Any]:
+        """Restore state from ``path`` into the given objects; return ``{epoch, step, extra}``.
+
+        Raises ``CheckpointError`` naming the file (and the other checkpoints
+        available) when it is missing, truncated, corrupt or does not fit the model.
+        """
+        state = read_checkpoint(path, self.save_dir)
+        try:
+            unwrap(model).load_state_dict(state["model"], strict=strict)
+        except RuntimeError as err:
+            raise CheckpointError(f"checkpoint {path} does not fit this model: {err}") from err
+        for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+            if obj is not None and state.get(name) is not None:
+                obj.load_state_dict(state[name])
+        if restore_rng and state.get("rng") is not None:
+            set_rng_state(state["rng"])
+        logger.info("resumed from %s (epoch %d, step %d)", path, state["epoch"], state["step"])
+        return {"epoch": state["epoch"], "step": state["step"], "extra": state.get("extra", {})}
+
+    def _prune(self, keep_also: Path) -> None:
+        periodic = sorted(self.save_dir.glob("checkpoint_epoch*.pth"))  # tags are zero-padded: epoch0007
+        for old in periodic[: max(0, len(periodic) - self.keep)]:
+            if old != keep_also:
+                old.unlink(missing_ok=True)
+
+
+def read_checkpoint(path: str | Path, search_dir: str | Path | None = None) -> dict[str, Any]:
+    """Load a checkpoint file to CPU with clear errors for missing or damaged files."""
+    path = Path(path)
+    others = _list_checkpoints(Path(search_dir) if search_dir else path.parent, exclude=path)
+    hint = f" Other checkpoints there: {', '.join(others)}." if others else ""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}.{hint}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, bad pickle, wrong format: all mean "unreadable"
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable (truncated or corrupt: {type(err).__name__}: {err}).{hint} "
+            "Pass one of them with --resume PATH; nothing was overwritten."
+        ) from err
+    if not isinstance(state, dict) or "model" not in state or "format_version" not in state:
+        raise CheckpointError(f"{path} is not a training checkpoint of this repository (no model/format_version)")
+    return state
+
+
+def _list_checkpoints(directory: Path, exclude: Path) -> list[str]:
+    if not directory.is_dir():
+        return []
+    return sorted(str(p) for p in directory.glob("checkpoint_*.pth") if p.resolve() != exclude.resolve())

@@ -1,0 +1,132 @@
+"""What both entry scripts do before training: parse arguments, build the config, prepare the run folder."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from yacs.config import CfgNode as CN
+
+from engine.checkpoint import CheckpointError
+from engine.config import ConfigError, load_config
+from engine.launch import launch
+from engine.logger import setup_logging
+from engine.seed import seed_everything
+from utils.distributed import barrier, get_rank, is_main_process
+from utils.io import atomic_write_text
+from utils.registry import NotImplementedYetError
+
+logger = logging.getLogger(__name__)
+
+FINISHED_MARKER = "summary.json"  # written last by a run that completed
+
+
+class RunFolderError(RuntimeError):
+    """The output folder holds a run that this command would overwrite."""
+
+
+def default_argument_parser(description: str, gate_flags: bool = False) -> argparse.ArgumentParser:
+    """``--config_file``, ``--resume [PATH]``, ``--eval-only`` and trailing ``KEY VALUE`` overrides.
+
+    ``gate_flags`` adds ``--init_scale``/``--init_bias`` (the cosine gate's init, seed 001).
+    """
+    parser = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Trailing KEY VALUE pairs override config keys, e.g. SOLVER.BASE_LR 1e-4 OUTPUT_DIR outputs/run1",
+    )
+    parser.add_argument("--config_file", "--config-file", default="", metavar="FILE", help="YAML config file")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="PATH",
+        help="continue a run: without PATH from the newest checkpoint in OUTPUT_DIR, else from PATH",
+    )
+    parser.add_argument("--eval-only", "--eval_only", action="store_true", help="evaluate only (with --resume or MODEL.WEIGHTS)")
+    if gate_flags:
+        parser.add_argument("--init_scale", type=float, default=None, help="cosine gate scale init (MODEL.SDTPS.GATE_INIT_SCALE)")
+        parser.add_argument("--init_bias", type=float, default=None, help="cosine gate bias init (MODEL.SDTPS.GATE_INIT_BIAS)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
+    return parser
+
+
+def overrides_from_args(args: argparse.Namespace) -> list[str]:
+    """Trailing overrides plus the keys named flags map to (flags win over trailing pairs)."""
+    opts = list(args.opts or [])
+    if opts and opts[0] == "--":
+        opts = opts[1:]
+    if getattr(args, "init_scale", None) is not None:
+        opts += ["MODEL.SDTPS.GATE_INIT_SCALE", repr(float(args.init_scale))]
+    if getattr(args, "init_bias", None) is not None:
+        opts += ["MODEL.SDTPS.GATE_INIT_BIAS", repr(float(args.init_bias))]
+    return opts
+
+
+def check_output_dir(output_dir: Path, resume: str | None, eval_only: bool) -> None:
+    """Refuse to start a fresh run in a folder that already holds one (finished or not)."""
+    if resume is not None or eval_only or not output_dir.exists():
+        return
+    if (output_dir / FINISHED_MARKER).exists():
+        raise RunFolderError(
+            f"OUTPUT_DIR {output_dir} already holds a finished run ({FINISHED_MARKER}); "
+            "pass --resume to continue it, --eval-only to re-evaluate, or choose another OUTPUT_DIR"
+        )
+    checkpoints = sorted(output_dir.glob("checkpoint_*.pth"))
+    if checkpoints:
+        raise RunFolderError(
+            f"OUTPUT_DIR {output_dir} already holds an unfinished run ({checkpoints[-1].name}); "
+            "pass --resume to continue it or choose another OUTPUT_DIR"
+        )
+
+
+def save_config(cfg: CN, output_dir: Path) -> Path:
+    """Write the resolved config as ``config.yaml``; a differing existing one is kept, the new one dated."""
+    text = cfg.dump()
+    path = output_dir / "config.yaml"
+    if path.exists() and path.read_text() != text:
+        path = output_dir / f"config.{time.strftime('%Y%m%d-%H%M%S')}.yaml"
+        logger.warning("config differs from the run's original config.yaml; saved this one as %s", path.name)
+    atomic_write_text(path, text)
+    return path
+
+
+def default_setup(args: argparse.Namespace) -> CN:
+    """Load and freeze the config, check and create the run folder, set up logging, seed, save the config."""
+    cfg = load_config(args.config_file or None, overrides_from_args(args))
+    output_dir = Path(cfg.OUTPUT_DIR)
+    check_output_dir(output_dir, args.resume, args.eval_only)
+    barrier()  # every rank checked before rank 0 writes anything
+    if is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(output_dir)
+    logger.info("command: %s", " ".join(sys.argv))
+    if is_main_process():
+        logger.info("config saved to %s", save_config(cfg, output_dir))
+    seed_everything(cfg.SEED + get_rank(), deterministic=cfg.DETERMINISTIC)
+    return cfg
+
+
+USER_ERRORS = (ConfigError, FileNotFoundError, RunFolderError, CheckpointError, NotImplementedYetError)
+
+
+def run_cli(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
+    """Run ``main`` under :func:`launch`; user errors print one clear line and exit 2 (no traceback)."""
+    try:
+        launch(main, args)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main_entry(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
+               argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and call :func:`run_cli`; the body of both training scripts."""
+    return run_cli(main, parser.parse_args(argv))

@@ -1,0 +1,115 @@
+"""Optimizers from parameter groups and per-step learning-rate schedules with linear warm-up."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import LRScheduler
+
+
+def build_optimizer(
+    param_groups: Iterable[dict[str, Any]] | Iterable[torch.nn.Parameter],
+    name: str = "SGD",
+    lr: float = 0.05,
+    weight_decay: float = 5e-4,
+    momentum: float = 0.9,
+    nesterov: bool = True,
+) -> torch.optim.Optimizer:
+    """SGD / Adam / AdamW over ``param_groups``; a group's own ``lr``/``weight_decay`` wins."""
+    groups = list(param_groups)
+    if name == "SGD":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    if name == "Adam":
+        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+    if name == "AdamW":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"SOLVER.OPTIMIZER must be SGD, Adam or AdamW, got '{name}'")
+
+
+def lr_factor(
+    step: int,
+    total_steps: int,
+    warmup_steps: int = 0,
+    warmup_factor: float = 0.01,
+    mode: str = "cosine",
+    milestones: Sequence[int] = (),
+    gamma: float = 0.1,
+    min_factor: float = 0.0,
+) -> float:
+    """Multiplier of the base LR at optimizer step ``step`` (0-based).
+
+    Warm-up: linear from ``warmup_factor`` at step 0 to 1 at ``warmup_steps``.
+    Then ``cosine``: half-cosine from 1 down to ``min_factor`` at ``total_steps``;
+    or ``step``: ``gamma ** (number of milestones <= step)``.
+    """
+    if step < warmup_steps:
+        alpha = step / warmup_steps
+        return warmup_factor + (1.0 - warmup_factor) * alpha
+    if mode == "cosine":
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if mode == "step":
+        return gamma ** sum(1 for m in milestones if step >= m)
+    raise ValueError(f"SOLVER.SCHEDULER must be cosine or step, got '{mode}'")
+
+
+class WarmupScheduler(LRScheduler):
+    """Per-step LR schedule in closed form (so resuming only needs the step counter).
+
+    Call ``step()`` once per optimizer step. Every param group keeps its own base LR
+    (e.g. backbone 1e-5, new modules 5e-5) and is scaled by the same factor.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        total_steps: int,
+        warmup_steps: int = 0,
+        warmup_factor: float = 0.01,
+        mode: str = "cosine",
+        milestones: Sequence[int] = (),
+        gamma: float = 0.1,
+        min_factor: float = 0.0,
+        last_epoch: int = -1,
+    ) -> None:
+        if total_steps <= 0:
+            raise ValueError(f"total_steps must be positive, got {total_steps}")
+        lr_factor(0, total_steps, warmup_steps, warmup_factor, mode, milestones, gamma, min_factor)  # validate
+        self.total_steps = total_steps
+        self.warmup_steps = warmup_steps
+        self.warmup_factor = warmup_factor
+        self.mode = mode
+        self.milestones = list(milestones)
+        self.gamma = gamma
+        self.min_factor = min_factor
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self, step: int) -> float:
+        """LR multiplier at ``step``."""
+        return lr_factor(
+            step, self.total_steps, self.warmup_steps, self.warmup_factor,
+            self.mode, self.milestones, self.gamma, self.min_factor,
+        )
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        f = self.factor(self.last_epoch)
+        return [base * f for base in self.base_lrs]
+
+
+def build_scheduler(cfg: Any, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> WarmupScheduler:
+    """Schedule from ``cfg.SOLVER`` (epochs converted to steps with ``steps_per_epoch``)."""
+    s = cfg.SOLVER
+    return WarmupScheduler(
+        optimizer,
+        total_steps=s.MAX_EPOCHS * steps_per_epoch,
+        warmup_steps=s.WARMUP_EPOCHS * steps_per_epoch,
+        warmup_factor=s.WARMUP_FACTOR,
+        mode=s.SCHEDULER,
+        milestones=[e * steps_per_epoch for e in s.STEPS],
+        gamma=s.GAMMA,
+        min_factor=s.MIN_LR_FACTOR,
+    )

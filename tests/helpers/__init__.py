@@ -1,0 +1,1 @@
+"""Small programs the tests run in subprocesses (toy training, DDP probes)."""
