@@ -102,6 +102,12 @@ _C.SOLVER.LOG_PERIOD = 20  # steps
 
 _C.LOSS = CN()
 
+# Few-shot episodes and stages (ExpB1). Keys are added by the few-shot code.
+_C.FEWSHOT = CN()
+
+# Training monitors: loss-spike detector and non-finite guard (seed 002).
+_C.MONITOR = CN()
+
 _C.TEST = CN()
 _C.TEST.IMS_PER_BATCH = 128
 
