@@ -1,0 +1,108 @@
+"""ReID metrics against an independent loop-based reference of the Market-1501 protocol."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.evaluation import evaluate_reid, evaluate_reid_features, pairwise_distance, re_ranking
+
+
+def reference_eval(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):
+    """Straight transcription of the protocol: one query at a time, plain Python/numpy."""
+    num_q, num_g = distmat.shape
+    max_rank = min(max_rank, num_g)
+    cmcs, aps, inps = [], [], []
+    for i in range(num_q):
+        order = np.argsort(distmat[i], kind="stable")
+        kept = [g for g in order if not (g_pids[g] == q_pids[i] and g_camids[g] == q_camids[i])]
+        good = np.array([g_pids[g] == q_pids[i] for g in kept], dtype=float)
+        if good.sum() == 0:
+            continue
+        cum = np.cumsum(good)
+        cmc = np.minimum(cum, 1.0)
+        cmc = np.concatenate([cmc, np.ones(max(0, max_rank - len(cmc)))])[:max_rank]
+        cmcs.append(cmc)
+        positions = np.flatnonzero(good)
+        aps.append(np.mean([(k + 1) / (p + 1) for k, p in enumerate(positions)]))
+        inps.append(good.sum() / (positions[-1] + 1))
+    return np.mean(aps), np.mean(inps), np.mean(cmcs, axis=0), len(aps)
+
+
+def test_hand_made_case() -> None:
+    # one query (pid 1, cam 0); gallery sorted by distance:
+    # g0 pid1 cam0 (removed: same id same cam), g1 pid2, g2 pid1 cam1 (hit at rank 1), g3 pid3, g4 pid1 cam2 (hit at rank 3)
+    dist = np.array([[0.1, 0.2, 0.3, 0.4, 0.5]])
+    out = evaluate_reid(dist, [1], [1, 2, 1, 3, 1], [0], [0, 1, 1, 1, 2], max_rank=4)
+    assert out["mAP"] == pytest.approx((1 / 2 + 2 / 4) / 2)
+    assert out["mINP"] == pytest.approx(2 / 4)
+    assert out["cmc"].tolist() == [0.0, 1.0, 1.0, 1.0]
+    assert out["rank1"] == 0.0 and out["num_valid_queries"] == 1
+
+
+def test_query_without_valid_match_is_skipped_and_all_invalid_is_an_error() -> None:
+    dist = np.array([[0.1, 0.2], [0.3, 0.1]])
+    out = evaluate_reid(dist, [1, 5], [1, 2], [0, 0], [1, 0])  # query pid 5 has no match
+    assert out["num_valid_queries"] == 1 and out["mAP"] == 1.0 and len(out["cmc"]) == 2
+    with pytest.raises(ValueError, match="no query has a valid match"):
+        evaluate_reid(dist, [1, 1], [1, 2], [0, 0], [0, 0])  # only same-camera matches
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_cases_match_reference(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    num_q, num_g = 37, 211
+    q_pids, g_pids = rng.integers(0, 15, num_q), rng.integers(0, 15, num_g)
+    q_cams, g_cams = rng.integers(0, 3, num_q), rng.integers(0, 3, num_g)
+    dist = rng.random((num_q, num_g))
+    ap, inp, cmc, n = reference_eval(dist, q_pids, g_pids, q_cams, g_cams, max_rank=50)
+    for block in (5, 1024):
+        out = evaluate_reid(torch.from_numpy(dist), q_pids, g_pids, q_cams, g_cams, max_rank=50, block_size=block)
+        assert out["mAP"] == pytest.approx(ap, abs=1e-12)
+        assert out["mINP"] == pytest.approx(inp, abs=1e-12)
+        np.testing.assert_allclose(out["cmc"].numpy(), cmc, atol=1e-6)
+        assert out["num_valid_queries"] == n
+
+
+def test_ties_keep_gallery_order() -> None:
+    dist = np.zeros((1, 3))
+    out = evaluate_reid(dist, [1], [2, 1, 1], [0], [1, 1, 1])
+    ap, _, cmc, _ = reference_eval(dist, np.array([1]), np.array([2, 1, 1]), np.array([0]), np.array([1, 1, 1]))
+    assert out["mAP"] == pytest.approx(ap) and out["cmc"].tolist() == cmc.tolist()
+
+
+def test_features_path_equals_distmat_path() -> None:
+    g = torch.Generator().manual_seed(0)
+    qf, gf = torch.randn(20, 16, generator=g), torch.randn(90, 16, generator=g)
+    q_pids, g_pids = torch.randint(0, 8, (20,), generator=g), torch.randint(0, 8, (90,), generator=g)
+    q_cams, g_cams = torch.randint(0, 3, (20,), generator=g), torch.randint(0, 3, (90,), generator=g)
+    for metric in ("euclidean", "cosine"):
+        a = evaluate_reid_features(qf, gf, q_pids, g_pids, q_cams, g_cams, metric=metric, block_size=7)
+        dist = pairwise_distance(qf, gf, metric).numpy()
+        ap, inp, cmc, _ = reference_eval(dist, q_pids.numpy(), g_pids.numpy(), q_cams.numpy(), g_cams.numpy())
+        assert a["mAP"] == pytest.approx(ap, abs=1e-9) and a["mINP"] == pytest.approx(inp, abs=1e-9)
+    ref = ((qf[:, None, :].double() - gf[None].double()) ** 2).sum(-1)
+    torch.testing.assert_close(pairwise_distance(qf, gf).double(), ref, atol=1e-4, rtol=1e-5)
+
+
+def test_shape_mismatch_is_reported() -> None:
+    with pytest.raises(ValueError, match="distmat is 1x2"):
+        evaluate_reid(np.zeros((1, 2)), [1], [1, 2, 3], [0], [0, 1])
+
+
+def test_re_ranking_helps_on_clustered_data() -> None:
+    # 10 identities x 8 gallery images, 2 queries each, noisy features: k-reciprocal neighbours
+    # of a query are mostly its identity, so re-ranking must lift mAP clearly (measured: 0.69 -> 0.84).
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(10, 32, generator=g)
+    g_pids = torch.arange(10).repeat_interleave(8)
+    gf = centers[g_pids] + torch.randn(80, 32, generator=g) * 1.2
+    q_pids = torch.arange(10).repeat(2)
+    qf = centers[q_pids] + torch.randn(20, 32, generator=g) * 1.2
+    q_cams, g_cams = torch.zeros(20, dtype=torch.long), torch.ones(80, dtype=torch.long)
+    dist = re_ranking(qf, gf, k1=8, k2=3)
+    assert dist.shape == (20, 80) and torch.isfinite(dist).all()
+    base = evaluate_reid(pairwise_distance(qf, gf), q_pids, g_pids, q_cams, g_cams)
+    rr = evaluate_reid(dist, q_pids, g_pids, q_cams, g_cams)
+    assert rr["mAP"] > base["mAP"] + 0.05
