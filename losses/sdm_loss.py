@@ -1,0 +1,318 @@
+"""Similarity distribution matching (SDM), corrected (seed 002), with modality masks.
+
+SDM (from IRRA) aligns two sets of features of the same B samples (two modalities, or
+two views) by matching, row by row, the softmax of their scaled cosine-similarity
+matrix to the label distribution ``q = y / y.sum(1)``, ``y[i, j] = 1`` iff samples i
+and j share an identity.
+
+**KL direction.** Each direction is ``F.kl_div(log_p, q, reduction='none').sum(1)`` =
+``KL(q || p) = sum_j q_j (log q_j - log p_j)``: the divergence *of the prediction from
+the label distribution* (forward KL). Why this one:
+
+* it needs no epsilon: ``q_j = 0`` terms are exactly 0 (``kl_div`` uses
+  ``xlogy``), so the value is a true KL, >= 0 up to rounding, and 0 iff ``p == q``;
+* its gradient w.r.t. the logits is ``(p - q) / temperature``, bounded, the same as a
+  soft-target cross-entropy (they differ by the constant entropy of ``q``);
+* it is mass-covering: every positive must receive probability, so with several
+  positives per row (PK sampling) all of them are pulled, not just the easiest one.
+
+**Differences from IRRA's ``compute_sdm``** (``model/objectives.py`` of IRRA, read for
+reference): IRRA computes ``sum_j p_j (log p_j - log(q_j + 1e-8))`` = ``KL(p || q)``
+(reverse KL, needs the epsilon; its value on negatives is set by ``-log 1e-8 = 18.4``);
+it *sums* the image->text and text->image directions where we *average* them; it
+builds ``q`` as ``labels / labels.sum(dim=1)``, which broadcasts the column sums and is
+only right because its label matrix is symmetric (ours is not once masks remove rows
+or columns, so we divide by the row sums explicitly); it uses a logit scale (e.g. 50)
+where we use a temperature (``logits = cos / temperature``, 0.2 -> scale 5); it has no
+masks, so every row has its diagonal positive. Both definitions are >= 0 and vanish
+only when the predicted distributions equal the label distributions.
+
+**Masks.** ``mask_a`` / ``mask_b`` (B,) say which rows of ``feat_a`` / ``feat_b`` are
+real (a missing modality is a learned null token, not evidence). Only pairs whose
+both sides are real enter: masked columns are removed from each row's softmax, masked
+rows are dropped, and rows left without a positive are excluded from the mean. A batch
+with no valid pair returns a 0 connected to the inputs' graph, never NaN. Masked rows
+are replaced by zeros *before* normalisation, so even non-finite placeholder rows cannot
+leak NaN into the loss or its gradients.
+
+**Precision.** Normalisation, similarity, softmax and KL run in float32 with autocast
+disabled, whatever the input dtype (fp16/bf16 features are upcast).
+
+**Temperature.** :class:`SDMTemperature` gives the schedule of seed 002 (0.20 -> 0.18,
+fallback 0.25 after a non-finite loss, clamped to [0.15, 0.5]). The note's "adaptive
+temperature from the feature norm" is deliberately omitted: computed on the
+*normalised* features it is ``tau * 1.0``, a no-op; computed on the
+pre-normalisation norm (about 8 with the feature-norm regulariser's target) it is
+``0.2 * 8 = 1.6``, which the clamp pins to 0.5 on every step, i.e. a constant that
+silently overrides the schedule.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .common import stats_to_floats
+from .registry import LOSS_REGISTRY
+
+# Logit given to masked-out columns: far enough below any real logit (|cos / tau| <= 1 / 0.15 = 6.7
+# in normal use) that exp() underflows to exactly 0 in float32, yet finite, so that
+# ``0 * log_p`` stays 0 and fully masked rows give a finite (uniform) log-softmax.
+_MASKED_LOGIT = -1.0e4
+
+
+def _check_inputs(
+    feat_a: torch.Tensor, feat_b: torch.Tensor, pids: torch.Tensor,
+    mask_a: torch.Tensor | None, mask_b: torch.Tensor | None,
+) -> None:
+    if feat_a.dim() != 2 or feat_b.dim() != 2:
+        raise ValueError(f"sdm_loss expects (B, D) features, got {tuple(feat_a.shape)} and {tuple(feat_b.shape)}")
+    if feat_a.shape != feat_b.shape:
+        raise ValueError(f"feat_a {tuple(feat_a.shape)} and feat_b {tuple(feat_b.shape)} must have the same shape")
+    b = feat_a.shape[0]
+    if pids.reshape(-1).shape[0] != b:
+        raise ValueError(f"pids has {pids.numel()} entries for a batch of {b}")
+    for name, m in (("mask_a", mask_a), ("mask_b", mask_b)):
+        if m is not None and m.reshape(-1).shape[0] != b:
+            raise ValueError(f"{name} has {m.numel()} entries for a batch of {b}")
+
+
+def _kl_rows(logits: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row KL(q || softmax(logits)) for q = pos / pos.sum(1).
+
+    logits (B, B) float32 (masked columns already at ``_MASKED_LOGIT``), pos (B, B) float
+    0/1 (positive AND valid). Returns kl (B,), has_pos (B,) bool, and the probability
+    mass each row puts on its positives (B,).
+    """
+    log_p = F.log_softmax(logits, dim=1)
+    n_pos = pos.sum(dim=1)
+    has_pos = n_pos > 0
+    q = pos / n_pos.clamp_min(1.0).unsqueeze(1)
+    kl = F.kl_div(log_p, q, reduction="none").sum(dim=1)
+    pos_mass = (log_p.exp() * pos).sum(dim=1)
+    return kl, has_pos, pos_mass
+
+
+def _masked_mean(values: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of ``values`` over ``keep`` without a host sync (0 when nothing is kept)."""
+    w = keep.to(values.dtype)
+    n = w.sum()
+    return (values * w).sum() / n.clamp_min(1.0), n
+
+
+def _sdm_core(
+    feat_a: torch.Tensor,
+    feat_b: torch.Tensor,
+    pids: torch.Tensor,
+    temperature: float | torch.Tensor,
+    mask_a: torch.Tensor | None,
+    mask_b: torch.Tensor | None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """SDM with tensor stats (no host sync). Shapes as in :func:`sdm_loss`."""
+    _check_inputs(feat_a, feat_b, pids, mask_a, mask_b)
+    b = feat_a.shape[0]
+    device = feat_a.device
+    pids = pids.reshape(-1).to(device)
+    with torch.autocast(device_type=device.type, enabled=False):
+        a = feat_a.float()
+        bb = feat_b.float()
+        ma = torch.ones(b, dtype=torch.bool, device=device) if mask_a is None else mask_a.reshape(-1).to(device).bool()
+        mb = torch.ones(b, dtype=torch.bool, device=device) if mask_b is None else mask_b.reshape(-1).to(device).bool()
+        if mask_a is not None:
+            a = torch.where(ma.unsqueeze(1), a, torch.zeros_like(a))
+        if mask_b is not None:
+            bb = torch.where(mb.unsqueeze(1), bb, torch.zeros_like(bb))
+        a = F.normalize(a, dim=1, eps=1e-12)
+        bb = F.normalize(bb, dim=1, eps=1e-12)
+        tau = temperature.float() if isinstance(temperature, torch.Tensor) else float(temperature)
+
+        sim = a @ bb.t()  # (B, B) cosine, rows: a, columns: b
+        valid = ma.unsqueeze(1) & mb.unsqueeze(0)  # (B, B) both sides real
+        pos = ((pids.unsqueeze(1) == pids.unsqueeze(0)) & valid).float()
+        logits = sim / tau
+
+        # a -> b: each real a-row against the real b-columns.
+        kl_ab, has_ab, mass_ab = _kl_rows(logits.masked_fill(~valid, _MASKED_LOGIT), pos)
+        # b -> a: each real b-row (column of sim) against the real a-rows.
+        valid_t = valid.t()
+        kl_ba, has_ba, mass_ba = _kl_rows(logits.t().masked_fill(~valid_t, _MASKED_LOGIT), pos.t())
+
+        loss_ab, n_ab = _masked_mean(kl_ab, has_ab)
+        loss_ba, n_ba = _masked_mean(kl_ba, has_ba)
+        # With no valid row both means are an exact 0 that is still a function of the
+        # inputs (through sim), so backward() works and gives zero gradients.
+        loss = 0.5 * (loss_ab + loss_ba)
+
+        stats = {
+            "sdm": loss.detach(),
+            "sdm_a2b": loss_ab.detach(),
+            "sdm_b2a": loss_ba.detach(),
+            "sdm_valid_rows": n_ab.detach(),
+            "sdm_valid_pairs": valid.float().sum(),
+            "sdm_pos_prob": _masked_mean(mass_ab.detach(), has_ab)[0],
+            "sdm_temperature": tau.detach() if isinstance(tau, torch.Tensor) else tau,
+        }
+    return loss, stats
+
+
+def sdm_loss(
+    feat_a: torch.Tensor,
+    feat_b: torch.Tensor,
+    pids: torch.Tensor,
+    temperature: float | torch.Tensor = 0.2,
+    mask_a: torch.Tensor | None = None,
+    mask_b: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Symmetric SDM loss between two views of the same B samples.
+
+    Args:
+        feat_a, feat_b: (B, D) features of the two views/modalities (any float dtype;
+            computed in float32, L2-normalised inside).
+        pids: (B,) identity labels; ``y[i, j] = pids[i] == pids[j]``.
+        temperature: softmax temperature (``logits = cos / temperature``), a float or 0-d tensor.
+        mask_a, mask_b: optional (B,) booleans, True where the row is a real sample of
+            that view. Only pairs with both sides real take part.
+
+    Returns:
+        loss: 0-d float32, ``0.5 * (mean_rows KL(q || p)_{a->b} + mean_rows KL(q || p)_{b->a})``
+            over rows that have at least one valid positive; >= 0, never NaN.
+        stats: floats ``sdm``, ``sdm_a2b``, ``sdm_b2a``, ``sdm_valid_rows`` (count of a->b rows
+            used), ``sdm_valid_pairs``, ``sdm_pos_prob`` (mean softmax mass on positives,
+            a->b; 1.0 = perfect), ``sdm_temperature``. One host transfer per call.
+    """
+    loss, stats = _sdm_core(feat_a, feat_b, pids, temperature, mask_a, mask_b)
+    return loss, stats_to_floats(stats)
+
+
+LOSS_REGISTRY.register("sdm")(sdm_loss)
+
+
+def sdm_multimodal(
+    features: Mapping[str, torch.Tensor],
+    pids: torch.Tensor,
+    modality_mask: torch.Tensor | None = None,
+    modality_order: Sequence[str] | None = None,
+    temperature: float | torch.Tensor = 0.2,
+    pairs: Sequence[tuple[str, str]] | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """SDM averaged over modality pairs, masking missing modalities.
+
+    Args:
+        features: modality name -> (B, D) features (e.g. ``{"RGB": ..., "NI": ..., "TI": ...}``).
+        pids: (B,) identity labels.
+        modality_mask: optional (B, M) booleans (the batch's ``feature_masks``), column m
+            for ``modality_order[m]``; True where that modality is real.
+        modality_order: names for the mask's columns (default: ``features``' key order).
+        temperature: as in :func:`sdm_loss`.
+        pairs: modality pairs to align (default: every unordered pair).
+
+    Returns:
+        loss: mean of :func:`sdm_loss` over the pairs that have at least one valid
+            positive pair (0 with a gradient path if none has), no host sync to decide;
+        stats: floats ``sdm`` (the loss), ``sdm_pairs_used`` and ``sdm_<m>_<n>`` per pair.
+    """
+    order = list(modality_order) if modality_order is not None else list(features)
+    missing = [m for m in order if m not in features]
+    if missing:
+        raise KeyError(f"modality_order names {missing} but features has {sorted(features)}")
+    if modality_mask is not None and modality_mask.shape[-1] != len(order):
+        raise ValueError(f"modality_mask has {modality_mask.shape[-1]} columns for modalities {order}")
+    if pairs is None:
+        pairs = list(itertools.combinations(order, 2))
+    if not pairs:
+        raise ValueError(f"need at least two modalities for SDM, got {order}")
+
+    index = {m: i for i, m in enumerate(order)}
+    first = features[order[0]]
+    total = torch.zeros((), dtype=torch.float32, device=first.device)
+    n_used = torch.zeros((), dtype=torch.float32, device=first.device)
+    tstats: dict[str, Any] = {}
+    for m, n in pairs:
+        ma = None if modality_mask is None else modality_mask[:, index[m]]
+        mb = None if modality_mask is None else modality_mask[:, index[n]]
+        loss_mn, s = _sdm_core(features[m], features[n], pids, temperature, ma, mb)
+        used = (s["sdm_valid_rows"] > 0).float()
+        total = total + loss_mn * used
+        n_used = n_used + used
+        tstats[f"sdm_{m}_{n}"] = s["sdm"]
+    loss = total / n_used.clamp_min(1.0)
+    tstats = {"sdm": loss.detach(), "sdm_pairs_used": n_used, **tstats}
+    return loss, stats_to_floats(tstats)
+
+
+LOSS_REGISTRY.register("sdm_multimodal")(sdm_multimodal)
+
+
+class SDMTemperature:
+    """Temperature schedule for SDM (seed 002): init -> final, fallback after a non-finite loss.
+
+    ``value(epoch)`` interpolates linearly from ``init`` (epoch 0) to ``final`` (epoch
+    ``anneal_epochs`` and after). After :meth:`observe` sees a non-finite SDM loss, the
+    temperature is ``fallback`` (softer, more stable) for the next ``fallback_steps``
+    observed steps, then returns to the schedule. Every value is clamped to
+    ``[min_value, max_value]``. The trainer owns one instance; it has a ``state_dict``
+    so a resumed run continues the same fallback window and counters.
+    """
+
+    def __init__(
+        self,
+        init: float = 0.20,
+        final: float = 0.18,
+        fallback: float = 0.25,
+        anneal_epochs: float = 10.0,
+        min_value: float = 0.15,
+        max_value: float = 0.5,
+        fallback_steps: int = 100,
+    ) -> None:
+        if not 0 < min_value <= max_value:
+            raise ValueError(f"need 0 < min_value <= max_value, got [{min_value}, {max_value}]")
+        if anneal_epochs < 0 or fallback_steps < 0:
+            raise ValueError("anneal_epochs and fallback_steps must be >= 0")
+        self.init, self.final, self.fallback = float(init), float(final), float(fallback)
+        self.anneal_epochs = float(anneal_epochs)
+        self.min_value, self.max_value = float(min_value), float(max_value)
+        self.fallback_steps = int(fallback_steps)
+        self.epoch = 0.0
+        self.fallback_left = 0
+        self.num_fallbacks = 0
+
+    def _clamp(self, t: float) -> float:
+        return min(max(t, self.min_value), self.max_value)
+
+    def scheduled(self, epoch: float | None = None) -> float:
+        """The scheduled (non-fallback) temperature at ``epoch`` (default: the current one)."""
+        e = self.epoch if epoch is None else float(epoch)
+        frac = 1.0 if self.anneal_epochs == 0 else min(max(e / self.anneal_epochs, 0.0), 1.0)
+        return self._clamp(self.init + (self.final - self.init) * frac)
+
+    def value(self, epoch: float | None = None) -> float:
+        """Temperature to use now: the fallback while its window lasts, else the schedule."""
+        if self.fallback_left > 0:
+            return self._clamp(self.fallback)
+        return self.scheduled(epoch)
+
+    def set_epoch(self, epoch: float) -> None:
+        """Set the (possibly fractional) epoch the schedule reads."""
+        self.epoch = float(epoch)
+
+    def observe(self, loss_value: float) -> float:
+        """Report this step's SDM loss (a float); returns the temperature for the next step."""
+        if not math.isfinite(loss_value):
+            self.fallback_left = self.fallback_steps
+            self.num_fallbacks += 1
+        elif self.fallback_left > 0:
+            self.fallback_left -= 1
+        return self.value()
+
+    def state_dict(self) -> dict[str, float | int]:
+        return {"epoch": self.epoch, "fallback_left": self.fallback_left, "num_fallbacks": self.num_fallbacks}
+
+    def load_state_dict(self, state: Mapping[str, float | int]) -> None:
+        self.epoch = float(state["epoch"])
+        self.fallback_left = int(state["fallback_left"])
+        self.num_fallbacks = int(state["num_fallbacks"])
