@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -175,18 +174,3 @@ def test_singleton_classes_and_bf16_autocast() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, _ = cem(x.detach().bfloat16(), torch.tensor([0, 0, 0, 1, 1, 1]))
     assert out.dtype == torch.float32 and math.isfinite(out.item())
-
-
-def test_cost_per_batch_is_small() -> None:
-    """B=128, D=512, 32 classes: forward + backward well under 100 ms on one CPU thread."""
-    torch.manual_seed(7)
-    cem = GatedAttentionCEM(512, warmup_epochs=0)
-    x = torch.randn(128, 512, requires_grad=True)
-    y = torch.arange(32).repeat_interleave(4)
-    cem(x, y)[0].backward()
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        cem(x, y)[0].backward()
-        times.append(time.perf_counter() - t0)
-    assert min(times) < 0.1, f"{min(times) * 1e3:.1f} ms per batch"
