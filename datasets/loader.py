@@ -1,0 +1,175 @@
+"""DataLoader builders with defaults that keep a GPU fed.
+
+``num_workers`` defaults to the CPUs this process may use divided by the local ranks (at
+most 8), ``pin_memory`` to CUDA being available, ``persistent_workers`` on and
+``prefetch_factor`` 4 whenever workers are used; the shuffling generator is seeded so
+augmentation draws are reproducible.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from datasets.bases import FewShotItem, ReIDItem
+from datasets.image_datasets import (
+    EpisodeCollate,
+    FewShotImageDataset,
+    ReIDImageDataset,
+    fewshot_collate,
+    reid_collate,
+)
+from datasets.image_io import ArrayStore
+from datasets.samplers import EpisodeSampler, RandomIdentitySampler, ShuffledBatchSampler
+from datasets.transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    MINI_IMAGENET_MEAN,
+    MINI_IMAGENET_STD,
+    build_fewshot_transform,
+    build_reid_transform,
+)
+from utils.distributed import get_world_size
+
+
+def default_num_workers(world_size: int | None = None, cap: int = 8) -> int:
+    """CPUs available to this process, shared among the ranks of one node, at most ``cap``."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size if world_size is not None else get_world_size()))
+    return max(1, min(cap, cpus // max(1, local)))
+
+
+def _loader_kwargs(num_workers: int | None, pin_memory: bool | None, persistent_workers: bool,
+                   prefetch_factor: int, seed: int) -> dict:
+    workers = default_num_workers() if num_workers is None else int(num_workers)
+    kwargs: dict = dict(
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        generator=torch.Generator().manual_seed(int(seed)),
+    )
+    if workers > 0:
+        kwargs.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
+    return kwargs
+
+
+def build_reid_train_loader(
+    items: Sequence[ReIDItem],
+    *,
+    batch_size: int = 64,
+    num_instance: int = 8,
+    size: Sequence[int] = (256, 128),
+    flip_prob: float = 0.5,
+    padding: int = 10,
+    re_prob: float = 0.5,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+    skip_corrupt: bool = False,
+    seed: int = 0,
+    num_workers: int | None = None,
+    pin_memory: bool | None = None,
+    persistent_workers: bool = True,
+    prefetch_factor: int = 4,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> DataLoader:
+    """P x K training loader over ``items`` (``data.train``).
+
+    ``batch_size`` is the **global** batch (``SOLVER.IMS_PER_BATCH``); each of the
+    ``world_size`` ranks gets ``batch_size // world_size`` images per step, as
+    ``P = that // num_instance`` identities x ``num_instance`` images. Batches are
+    ``(images {m: (B, 3, H, W)}, pids (B,), camids (B,), trackids (B,), masks (B, M))``.
+    Call ``loader.batch_sampler.set_epoch(epoch)`` each epoch.
+    """
+    ws = get_world_size() if world_size is None else world_size
+    if batch_size % ws:
+        raise ValueError(f"global batch size {batch_size} is not divisible by world_size {ws}")
+    sampler = RandomIdentitySampler([it[1] for it in items], batch_size // ws, num_instance, seed=seed,
+                                    rank=rank, world_size=ws)
+    transform = build_reid_transform(size, train=True, flip_prob=flip_prob, padding=padding, re_prob=re_prob,
+                                     mean=mean, std=std)
+    dataset = ReIDImageDataset(items, transform, skip_corrupt=skip_corrupt)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=reid_collate,
+                      **_loader_kwargs(num_workers, pin_memory, persistent_workers, prefetch_factor, seed))
+
+
+def build_reid_test_loader(
+    items: Sequence[ReIDItem],
+    *,
+    batch_size: int = 128,
+    size: Sequence[int] = (256, 128),
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+    skip_corrupt: bool = False,
+    num_workers: int | None = None,
+    pin_memory: bool | None = None,
+    persistent_workers: bool = False,
+    prefetch_factor: int = 4,
+) -> DataLoader:
+    """Ordered evaluation loader over ``items`` (usually ``data.query + data.gallery``), no augmentation.
+
+    Not sharded: every rank that evaluates sees all items in order (``TEST.IMS_PER_BATCH``).
+    """
+    transform = build_reid_transform(size, train=False, mean=mean, std=std)
+    dataset = ReIDImageDataset(items, transform, skip_corrupt=skip_corrupt)
+    sampler = ShuffledBatchSampler(len(dataset), batch_size, shuffle=False, drop_last=False, rank=0, world_size=1)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=reid_collate,
+                      **_loader_kwargs(num_workers, pin_memory, persistent_workers, prefetch_factor, 0))
+
+
+def build_fewshot_loader(
+    items: Sequence[FewShotItem],
+    *,
+    mode: str = "episode",
+    train: bool = True,
+    arrays: ArrayStore | None = None,
+    n_way: int = 5,
+    k_shot: int = 1,
+    n_query: int = 15,
+    n_episodes: int = 100,
+    fixed_episodes: bool | None = None,
+    batch_size: int = 128,
+    size: int = 84,
+    augmentation: str = "pad_crop",
+    resize_ratio: float = 1.0,
+    mean: Sequence[float] = MINI_IMAGENET_MEAN,
+    std: Sequence[float] = MINI_IMAGENET_STD,
+    skip_corrupt: bool = False,
+    seed: int = 0,
+    num_workers: int | None = None,
+    pin_memory: bool | None = None,
+    persistent_workers: bool = True,
+    prefetch_factor: int = 4,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> DataLoader:
+    """Few-shot loader over ``items`` (``data.splits[name]``).
+
+    ``mode='episode'``: batches are episode dicts from :class:`EpisodeCollate` (``support``
+    (N*K, 3, H, W), ``support_labels``, ``query`` (N*Q, 3, H, W), ``query_labels``,
+    ``class_ids``); ``fixed_episodes`` defaults to ``not train`` (val/test episodes fixed by
+    ``seed``). ``mode='batch'``: shuffled ``(images (B, 3, H, W), labels (B,))`` batches of
+    ``batch_size`` per rank for pre-training (``drop_last`` when training). ``train``
+    selects the augmenting transform. Pass ``arrays=data.arrays`` for pickle releases.
+    """
+    transform = build_fewshot_transform(size, train=train, augmentation=augmentation, resize_ratio=resize_ratio,
+                                        mean=mean, std=std)
+    dataset = FewShotImageDataset(items, transform, arrays=arrays, skip_corrupt=skip_corrupt)
+    if mode == "episode":
+        sampler = EpisodeSampler(dataset.labels, n_way, k_shot, n_query, n_episodes, seed=seed,
+                                 fixed=(not train) if fixed_episodes is None else fixed_episodes,
+                                 rank=rank, world_size=world_size)
+        collate = EpisodeCollate(n_way, k_shot, n_query)
+    elif mode == "batch":
+        sampler = ShuffledBatchSampler(len(dataset), batch_size, shuffle=train, drop_last=train, seed=seed,
+                                       rank=rank, world_size=world_size)
+        collate = fewshot_collate
+    else:
+        raise ValueError(f"unknown few-shot loader mode '{mode}' (episode, batch)")
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                      **_loader_kwargs(num_workers, pin_memory, persistent_workers, prefetch_factor, seed))

@@ -1,0 +1,147 @@
+"""Samplers: P x K invariants and DDP sharding, N-way K-shot episodes, shuffled batches."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from datasets import EpisodeSampler, RandomIdentitySampler, ShuffledBatchSampler
+
+
+def reid_pids(num_ids: int = 24, seed: int = 0) -> list[int]:
+    rng = np.random.default_rng(seed)
+    pids = []
+    for pid in range(num_ids):
+        pids += [pid * 3 + 100] * int(rng.integers(2, 20))  # uneven, some ids below K
+    return list(rng.permutation(pids))
+
+
+def test_pk_batches_have_p_ids_times_k():
+    pids = reid_pids()
+    sampler = RandomIdentitySampler(pids, batch_size=16, num_instances=4, seed=3, world_size=1, rank=0)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) > 0
+    for b in batches:
+        assert len(b) == 16
+        counts = Counter(pids[i] for i in b)
+        assert len(counts) == 4 and set(counts.values()) == {4}
+    # an identity with fewer than K images is filled with replacement; otherwise images are distinct in a chunk
+    for b in batches:
+        for chunk in (b[j:j + 4] for j in range(0, 16, 4)):
+            n_images = pids.count(pids[chunk[0]])
+            if n_images >= 4:
+                assert len(set(chunk)) == 4
+
+
+def test_pk_epoch_length_matches_public_estimate():
+    pids = reid_pids()
+    sampler = RandomIdentitySampler(pids, batch_size=16, num_instances=4, world_size=1, rank=0)
+    chunks = sum(max(c, 4) // 4 for c in Counter(pids).values())
+    assert len(sampler) == chunks // 4
+
+
+def test_pk_deterministic_given_seed_and_epoch():
+    pids = reid_pids()
+    a = RandomIdentitySampler(pids, 16, 4, seed=1, world_size=1, rank=0)
+    b = RandomIdentitySampler(pids, 16, 4, seed=1, world_size=1, rank=0)
+    assert list(a) == list(b)
+    a.set_epoch(1)
+    assert list(a) != list(b)
+    b.set_epoch(1)
+    assert list(a) == list(b)
+    assert list(RandomIdentitySampler(pids, 16, 4, seed=2, world_size=1, rank=0)) != list(b)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_pk_ranks_disjoint_and_equal_length(world_size):
+    pids = reid_pids(num_ids=30)
+    for epoch in (0, 5):
+        samplers = [RandomIdentitySampler(pids, 8, 4, seed=0, rank=r, world_size=world_size)
+                    for r in range(world_size)]
+        seen = []
+        for s in samplers:
+            s.set_epoch(epoch)
+            batches = list(s)
+            assert len(batches) == len(s) == len(samplers[0])
+            ids = {pids[i] for b in batches for i in b}
+            assert ids <= set(s.share(s.rank))
+            seen.append(ids)
+        for i in range(world_size):
+            for j in range(i + 1, world_size):
+                assert not seen[i] & seen[j]
+        assert set().union(*(set(s.share(s.rank)) for s in samplers)) == set(pids)
+
+
+def test_pk_bad_arguments():
+    with pytest.raises(ValueError, match="multiple of num_instances"):
+        RandomIdentitySampler([0, 1], batch_size=10, num_instances=4, world_size=1, rank=0)
+    with pytest.raises(ValueError, match=r"3 identities cannot fill P=4"):
+        RandomIdentitySampler([0, 1, 2], batch_size=16, num_instances=4, world_size=1, rank=0)
+    with pytest.raises(ValueError, match=r"need >= 8"):
+        RandomIdentitySampler(list(range(6)), batch_size=16, num_instances=4, world_size=2, rank=0)
+    with pytest.raises(ValueError, match="empty"):
+        RandomIdentitySampler([], batch_size=16, num_instances=4, world_size=1, rank=0)
+
+
+def fewshot_labels(num_classes: int = 12, per_class: int = 25) -> list[int]:
+    return list(np.random.default_rng(0).permutation(np.repeat(np.arange(num_classes) * 7, per_class)))
+
+
+def test_episode_shapes_and_label_sets():
+    labels = fewshot_labels()
+    sampler = EpisodeSampler(labels, n_way=5, k_shot=2, n_query=3, n_episodes=20, seed=0, world_size=1, rank=0)
+    episodes = list(sampler)
+    assert len(episodes) == 20
+    for ep in episodes:
+        assert len(ep) == 5 * 5 and len(set(ep)) == 25
+        per_class = [labels[i] for i in ep]
+        blocks = [per_class[c * 5:(c + 1) * 5] for c in range(5)]
+        assert all(len(set(b)) == 1 for b in blocks)  # class-major
+        assert len({b[0] for b in blocks}) == 5  # N distinct classes
+
+
+def test_fixed_episodes_reproducible_and_training_episodes_change():
+    labels = fewshot_labels()
+    fixed = EpisodeSampler(labels, 5, 1, 15, 10, seed=7, fixed=True, world_size=1, rank=0)
+    first = list(fixed)
+    fixed.set_epoch(3)
+    assert list(fixed) == first
+    assert list(EpisodeSampler(labels, 5, 1, 15, 10, seed=7, fixed=True, world_size=1, rank=0)) == first
+    assert list(EpisodeSampler(labels, 5, 1, 15, 10, seed=8, fixed=True, world_size=1, rank=0)) != first
+    train = EpisodeSampler(labels, 5, 1, 15, 10, seed=7, world_size=1, rank=0)
+    e0 = list(train)
+    train.set_epoch(1)
+    assert list(train) != e0
+
+
+def test_fixed_episodes_split_across_ranks():
+    labels = fewshot_labels()
+    whole = list(EpisodeSampler(labels, 5, 1, 5, 12, seed=0, fixed=True, world_size=1, rank=0))
+    parts = [list(EpisodeSampler(labels, 5, 1, 5, 12, seed=0, fixed=True, world_size=3, rank=r)) for r in range(3)]
+    assert all(len(p) == 4 for p in parts)
+    assert sorted(map(tuple, (e for p in parts for e in p))) == sorted(map(tuple, whole))
+
+
+def test_episode_errors():
+    labels = fewshot_labels(num_classes=4, per_class=10)
+    with pytest.raises(ValueError, match=r"4 classes, fewer than n_way=5"):
+        EpisodeSampler(labels, 5, 1, 5, 10, world_size=1, rank=0)
+    with pytest.raises(ValueError, match=r"fewer than k_shot \+ n_query = 16 images"):
+        EpisodeSampler(labels, 3, 1, 15, 10, world_size=1, rank=0)
+    with pytest.raises(ValueError, match="empty"):
+        EpisodeSampler([], 3, 1, 15, 10, world_size=1, rank=0)
+
+
+def test_shuffled_batches_cover_and_shard():
+    parts = [list(ShuffledBatchSampler(50, 8, drop_last=False, seed=1, rank=r, world_size=2)) for r in range(2)]
+    assert len(parts[0]) == len(parts[1]) == 4
+    flat = [i for p in parts for b in p for i in b]
+    assert set(flat) == set(range(50)) and len(flat) == 50
+    s = ShuffledBatchSampler(50, 8, seed=1, world_size=1, rank=0)
+    assert len(s) == 6 and all(len(b) == 8 for b in s)
+    assert list(ShuffledBatchSampler(10, 4, shuffle=False, drop_last=False, world_size=1, rank=0)) == [
+        [0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    with pytest.raises(ValueError, match="empty"):
+        ShuffledBatchSampler(0, 4, world_size=1, rank=0)
