@@ -11,14 +11,14 @@ import argparse
 import sys
 
 from engine.defaults import default_argument_parser, default_setup, main_entry
-from modeling import build_model
 
 
 def main(args: argparse.Namespace) -> None:
-    """Build config, model and data through the registries, then train or evaluate."""
+    """Set up the run folder and config, then train or evaluate (engine/reid.py)."""
     cfg = default_setup(args)
-    build_model(cfg)
-    raise NotImplementedError("ReID training loop")  # pragma: no cover - replaced by the ReID issue
+    from engine.reid import run_reid
+
+    run_reid(cfg, args)
 
 
 if __name__ == "__main__":

@@ -67,12 +67,15 @@ class Checkpointer:
         step: int = 0,
         extra: dict[str, Any] | None = None,
         periodic: bool = True,
+        resumable: bool = True,
     ) -> Path | None:
         """Write ``checkpoint_<tag>.pth`` atomically and point ``last_checkpoint`` at it.
 
         ``epoch``/``step`` are the numbers of *completed* epochs/steps, i.e. where a
         resumed run starts. ``extra`` holds other stateful objects' ``state_dict()``s
-        (tensors, numbers, strings, lists, dicts). Returns the path (None off rank 0).
+        (tensors, numbers, strings, lists, dicts). ``periodic`` checkpoints are pruned to the
+        newest ``keep``; only ``resumable`` ones (full training state) move the
+        ``last_checkpoint`` pointer that ``--resume`` follows. Returns the path (None off rank 0).
         """
         if not is_main_process():
             return None
@@ -89,7 +92,8 @@ class Checkpointer:
         }
         path = self.path_for(tag)
         atomic_write(path, lambda handle: torch.save(state, handle))
-        atomic_write_text(self.save_dir / LAST_POINTER, path.name + "\n")
+        if resumable:
+            atomic_write_text(self.save_dir / LAST_POINTER, path.name + "\n")
         if periodic:
             self._prune(keep_also=path)
         logger.info("saved checkpoint %s (epoch %d, step %d)", path, epoch, step)

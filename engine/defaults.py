@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -16,6 +17,7 @@ from engine.checkpoint import CheckpointError
 from engine.config import ConfigError, load_config
 from engine.launch import launch
 from engine.logger import setup_logging
+from engine.monitor import NonFiniteLossError
 from engine.seed import seed_everything
 from utils.distributed import barrier, get_rank, is_main_process
 from utils.io import atomic_write_text
@@ -53,19 +55,44 @@ def default_argument_parser(description: str, gate_flags: bool = False) -> argpa
     if gate_flags:
         parser.add_argument("--init_scale", type=float, default=None, help="cosine gate scale init (MODEL.SDTPS.GATE_INIT_SCALE)")
         parser.add_argument("--init_bias", type=float, default=None, help="cosine gate bias init (MODEL.SDTPS.GATE_INIT_BIAS)")
+        parser.add_argument("--use_gate_norm", type=_str2bool, default=None, metavar="BOOL",
+                            help="LayerNorm over heads of the gate logits (MODEL.SDTPS.USE_GATE_NORM)")
+        parser.add_argument("--renormalize_attn", type=_str2bool, default=None, metavar="BOOL",
+                            help="renormalise gated attention rows to sum 1 (MODEL.SDTPS.RENORMALIZE_ATTN)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
     return parser
 
 
+_FLAG_KEYS = {
+    "init_scale": "MODEL.SDTPS.GATE_INIT_SCALE",
+    "init_bias": "MODEL.SDTPS.GATE_INIT_BIAS",
+    "use_gate_norm": "MODEL.SDTPS.USE_GATE_NORM",
+    "renormalize_attn": "MODEL.SDTPS.RENORMALIZE_ATTN",
+}
+
+
+def _str2bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got '{text}'")
+
+
 def overrides_from_args(args: argparse.Namespace) -> list[str]:
-    """Trailing overrides plus the keys named flags map to (flags win over trailing pairs)."""
-    opts = list(args.opts or [])
-    if opts and opts[0] == "--":
-        opts = opts[1:]
-    if getattr(args, "init_scale", None) is not None:
-        opts += ["MODEL.SDTPS.GATE_INIT_SCALE", repr(float(args.init_scale))]
-    if getattr(args, "init_bias", None) is not None:
-        opts += ["MODEL.SDTPS.GATE_INIT_BIAS", repr(float(args.init_bias))]
+    """Trailing overrides (``KEY VALUE`` or ``KEY=VALUE``) plus the keys named flags map to (flags win)."""
+    opts: list[str] = []
+    for token in args.opts or []:
+        if token == "--":
+            continue
+        if "=" in token and token.split("=", 1)[0].replace(".", "").replace("_", "").isupper():
+            opts += token.split("=", 1)  # KEY=VALUE, as W&B's ${args_no_hyphens} writes them
+        else:
+            opts.append(token)
+    for flag, key in _FLAG_KEYS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            opts += [key, repr(value)]
     return opts
 
 
@@ -99,7 +126,10 @@ def save_config(cfg: CN, output_dir: Path) -> Path:
 
 def default_setup(args: argparse.Namespace) -> CN:
     """Load and freeze the config, check and create the run folder, set up logging, seed, save the config."""
-    cfg = load_config(args.config_file or None, overrides_from_args(args))
+    cfg = load_config(args.config_file or None, overrides_from_args(args), freeze=False)
+    if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):  # started by `wandb agent`
+        cfg.OUTPUT_DIR = str(Path(cfg.OUTPUT_DIR) / f"sweep-{os.environ['WANDB_SWEEP_ID']}" / os.environ["WANDB_RUN_ID"])
+    cfg.freeze()
     output_dir = Path(cfg.OUTPUT_DIR)
     check_output_dir(output_dir, args.resume, args.eval_only)
     barrier()  # every rank checked before rank 0 writes anything
@@ -113,7 +143,9 @@ def default_setup(args: argparse.Namespace) -> CN:
     return cfg
 
 
-USER_ERRORS = (ConfigError, FileNotFoundError, RunFolderError, CheckpointError, NotImplementedYetError)
+USER_ERRORS = (
+    ConfigError, FileNotFoundError, RunFolderError, CheckpointError, NotImplementedYetError, NonFiniteLossError,
+)
 
 
 def run_cli(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
@@ -126,7 +158,24 @@ def run_cli(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace)
     return 0
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse, treating ``--resume KEY VALUE ...`` as a bare ``--resume`` followed by overrides.
+
+    ``--resume`` takes an optional path, so argparse would swallow a following config key
+    (``--resume SOLVER.MAX_EPOCHS 60``) as the path; a value that looks like a config key
+    (upper-case dotted name, no path separator, not an existing file) is handed back.
+    """
+    args = parser.parse_args(argv)
+    value = args.resume
+    if value not in (None, "auto") and "/" not in value and not Path(value).exists():
+        key = value.split("=", 1)[0]
+        if key.replace(".", "").replace("_", "").isupper():
+            args.opts = [value, *(args.opts or [])]
+            args.resume = "auto"
+    return args
+
+
 def main_entry(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
                argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and call :func:`run_cli`; the body of both training scripts."""
-    return run_cli(main, parser.parse_args(argv))
+    return run_cli(main, parse_args(parser, argv))

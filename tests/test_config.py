@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from engine.config import ConfigError, get_default_config, load_config
-from engine.defaults import default_argument_parser, overrides_from_args
+from engine.defaults import default_argument_parser, overrides_from_args, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,3 +113,11 @@ def test_gate_flags_map_to_config_keys() -> None:
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path: Path) -> None:
     load_config(path)
+
+
+def test_bare_resume_before_overrides_does_not_eat_a_key() -> None:
+    parser = default_argument_parser("x")
+    args = parse_args(parser, ["--resume", "SOLVER.MAX_EPOCHS", "60", "SEED", "1"])
+    assert args.resume == "auto" and overrides_from_args(args) == ["SOLVER.MAX_EPOCHS", "60", "SEED", "1"]
+    args = parse_args(parser, ["--resume", "outputs/run/checkpoint_epoch0003.pth", "SEED", "1"])
+    assert args.resume == "outputs/run/checkpoint_epoch0003.pth"

@@ -1,0 +1,361 @@
+"""CLIP ViT image tower (open_clip) at ReID resolution, with camera SIE, returning every token.
+
+The architecture is open_clip's own ``VisionTransformer``, described as data
+(:data:`CLIP_VIT_CONFIGS`, the same dicts as open_clip's ``model_configs/*.json``) and built
+by ``open_clip.create_model(..., pretrained=None)`` then ``.visual``; only the image tower is
+kept (the text tower is configured to a few hundred parameters and dropped). Three things
+differ from a stock CLIP image encoder, as in CLIP-ReID / DeMo:
+
+* **Resolution.** The tower is built at the ReID size (256x128 -> a 16x8 grid of 16x16 patches,
+  128 patch tokens); pretrained 14x14 positional embeddings are resized bilinearly
+  (:func:`resize_pos_embed`, DeMo's ``resize_pos_embed``) when the weights are loaded.
+* **Attention through SDPA.** ``vision_cfg['block_type'] = 'custom'`` makes open_clip use its
+  ``CustomResidualAttentionBlock`` / ``Attention``, which calls
+  ``torch.nn.functional.scaled_dot_product_attention`` in training and inference (the default
+  block wraps ``nn.MultiheadAttention``, whose fused fast path runs only in inference without
+  grad). With none of the custom options on, the custom block has exactly the state-dict keys
+  of the default one (``attn.in_proj_weight``, ``attn.out_proj.weight`` ...), so OpenAI and
+  open_clip checkpoints load unchanged.
+* **Camera embedding (SIE).** A learnable ``(num_cameras, width)`` table, scaled by
+  ``sie_coe``, is added to the class token (DeMo / CLIP-ReID: ``x[:, 0] += coe * cv_embed[cam]``,
+  trunc-normal std 0.02) or, with ``sie_tokens='all'``, to every token (TransReID style).
+
+``forward`` returns all tokens of the last layer after ``ln_post`` and ``proj``, shape
+``(B, 1 + N, embed_dim)`` (DeMo uses the projected 512-d tokens of ViT-B/16).
+
+Weights come only from a local file (``MODEL.PRETRAIN_PATH``): the OpenAI ``ViT-B-16.pt``
+(a TorchScript archive with fp16 weights), a plain state dict, or an open_clip training
+checkpoint (``{'state_dict': {'module.visual....': ...}}``). Without a path the tower keeps
+open_clip's random initialisation and a warning is logged. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import os
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modeling.registry import BACKBONE_REGISTRY
+
+logger = logging.getLogger(__name__)
+
+#: open_clip model configs (the ``model_configs/*.json`` format) of the towers we build.
+#: ``ViT-B-16`` is open_clip's own; ``ViT-tiny`` is a 2-layer, width-64, 4-head tower for CPU tests.
+CLIP_VIT_CONFIGS: dict[str, dict[str, Any]] = {
+    "ViT-B-16": {
+        "embed_dim": 512,
+        "vision_cfg": {"layers": 12, "width": 768, "head_width": 64, "patch_size": 16},
+    },
+    "ViT-tiny": {
+        "embed_dim": 64,
+        "vision_cfg": {"layers": 2, "width": 64, "head_width": 16, "patch_size": 16},
+    },
+}
+
+# Only the image tower is used; a minimal text tower keeps create_model from allocating CLIP's 63M text weights.
+_UNUSED_TEXT_CFG: dict[str, Any] = {"context_length": 2, "vocab_size": 2, "width": 8, "heads": 1, "layers": 1}
+
+SIE_TOKENS = ("cls", "all")
+
+
+def create_open_clip_visual(
+    model_cfg: Mapping[str, Any],
+    image_size: Sequence[int],
+    quick_gelu: bool = True,
+) -> nn.Module:
+    """Build open_clip's ``VisionTransformer`` from a model config dict at ``image_size`` (H, W).
+
+    ``model_cfg`` has ``embed_dim`` and ``vision_cfg`` (open_clip's JSON format). The block type
+    is forced to ``'custom'`` so attention runs through ``F.scaled_dot_product_attention``.
+    ``quick_gelu`` must be True for OpenAI weights (they were trained with QuickGELU).
+    """
+    vision_cfg = dict(copy.deepcopy(model_cfg["vision_cfg"]))
+    vision_cfg["image_size"] = (int(image_size[0]), int(image_size[1]))
+    vision_cfg["block_type"] = "custom"
+    patch = int(vision_cfg["patch_size"])
+    if vision_cfg["image_size"][0] % patch or vision_cfg["image_size"][1] % patch:
+        raise ValueError(f"image size {tuple(image_size)} is not a multiple of the patch size {patch}")
+    import open_clip  # heavy (pulls in timm/hf glue); only needed when a tower is built
+
+    with _quiet_open_clip_root_logs():
+        clip = open_clip.create_model(
+            "ViT-B-16",  # only names the base config; every field below overrides it
+            pretrained=None,
+            embed_dim=int(model_cfg["embed_dim"]),
+            vision_cfg=vision_cfg,
+            text_cfg=dict(_UNUSED_TEXT_CFG),
+            quick_gelu=quick_gelu,
+        )
+    return clip.visual
+
+
+class _DropOpenClipInfo(logging.Filter):
+    """Drop open_clip's below-ERROR root-logger records (e.g. its "initialized randomly" for the
+    base config name, which would misname the tower; this module logs the weight status itself)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or os.sep + "open_clip" + os.sep not in record.pathname
+
+
+@contextlib.contextmanager
+def _quiet_open_clip_root_logs() -> Iterator[None]:
+    root = logging.getLogger()
+    flt = _DropOpenClipInfo()
+    root.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading weights from a local file
+# ----------------------------------------------------------------------------------------------
+def resize_pos_embed(
+    posemb: torch.Tensor,
+    new_grid: Sequence[int],
+    old_grid: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Resize a ``(1 + H*W, D)`` positional embedding (class token first) to ``new_grid`` (H', W').
+
+    The class-token row is kept; the grid is interpolated bilinearly (``align_corners=False``,
+    as DeMo / CLIP-ReID). ``old_grid`` defaults to a square grid. Returns ``(1 + H'*W', D)``.
+    """
+    cls_tok, grid = posemb[:1], posemb[1:]
+    n_old = grid.shape[0]
+    if old_grid is None:
+        side = math.isqrt(n_old)
+        if side * side != n_old:
+            raise ValueError(
+                f"positional embedding has {n_old} grid tokens, not a square grid; pass old_grid=(H, W)"
+            )
+        old_grid = (side, side)
+    gh, gw = int(old_grid[0]), int(old_grid[1])
+    nh, nw = int(new_grid[0]), int(new_grid[1])
+    if gh * gw != n_old:
+        raise ValueError(f"old_grid {gh}x{gw} does not match {n_old} grid tokens")
+    if (gh, gw) == (nh, nw):
+        return posemb.clone()
+    dtype = posemb.dtype
+    g = grid.float().reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
+    g = F.interpolate(g, size=(nh, nw), mode="bilinear", align_corners=False)
+    g = g.permute(0, 2, 3, 1).reshape(nh * nw, -1).to(dtype)
+    return torch.cat([cls_tok, g], dim=0)
+
+
+def _is_torchscript_archive(path: str) -> bool:
+    """True for a TorchScript zip (the OpenAI ``ViT-B-16.pt``): it holds ``code/`` and ``constants.pkl``."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+    return any(n.endswith("constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
+def read_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a CLIP checkpoint from a local file and return a flat ``{key: tensor}`` dict.
+
+    Accepts a TorchScript archive (OpenAI), a plain state dict, or a dict with ``state_dict``
+    / ``model`` / ``module`` inside (open_clip and other training checkpoints). Tensors only;
+    pickled Python objects are refused (``weights_only=True``).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"MODEL.PRETRAIN_PATH '{path}' does not exist; give the local CLIP ViT-B-16 weights "
+            f"(OpenAI ViT-B-16.pt or an open_clip checkpoint), or '' for random initialisation"
+        )
+    if _is_torchscript_archive(path):
+        state = torch.jit.load(path, map_location="cpu").state_dict()
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # re-raised with the path and what was expected
+            raise RuntimeError(f"could not read CLIP weights from '{path}': {err}") from err
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
+            state = state[key]
+    if not isinstance(state, Mapping):
+        raise RuntimeError(f"'{path}' holds a {type(state).__name__}, not a state dict")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def visual_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """Strip ``module.`` / ``_orig_mod.`` and keep the image tower (``visual.`` keys, stripped).
+
+    A state dict with no ``visual.`` key is taken to be an image tower already. Returns the
+    tower's dict and the number of other (e.g. text-tower) tensors dropped.
+    """
+    cleaned: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        cleaned[key] = value
+    if not any(k.startswith("visual.") for k in cleaned):
+        return cleaned, 0
+    visual = {k[len("visual."):]: v for k, v in cleaned.items() if k.startswith("visual.")}
+    return visual, len(cleaned) - len(visual)
+
+
+def load_clip_visual_weights(visual: nn.Module, path: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """Load a local CLIP checkpoint into an open_clip ``VisionTransformer`` (in place).
+
+    Resizes the positional embedding to the tower's grid, casts to the tower's dtype, logs
+    how many tensors were loaded and every missing / unexpected key. Returns
+    ``(missing_keys, unexpected_keys)``. Raises if no tensor of the tower was found, and on a
+    shape mismatch (naming the key).
+    """
+    state, n_other = visual_state_dict(read_clip_state_dict(path))
+    own = visual.state_dict()
+    if "positional_embedding" in state and state["positional_embedding"].shape != own["positional_embedding"].shape:
+        old = state["positional_embedding"]
+        state["positional_embedding"] = resize_pos_embed(old, visual.grid_size)
+        logger.info(
+            "resized positional embedding %s -> %s (grid %s)",
+            tuple(old.shape), tuple(state["positional_embedding"].shape), tuple(visual.grid_size),
+        )
+    matched = [k for k in state if k in own]
+    if not matched:
+        raise RuntimeError(
+            f"'{path}' has no tensor of a CLIP image tower (expected keys like 'visual.conv1.weight'); "
+            f"first keys: {list(state)[:5]}"
+        )
+    for key in matched:
+        if state[key].shape != own[key].shape:
+            raise RuntimeError(
+                f"'{path}': '{key}' has shape {tuple(state[key].shape)}, the tower expects {tuple(own[key].shape)} "
+                f"(wrong architecture for MODEL.BACKBONE?)"
+            )
+    state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
+    result = visual.load_state_dict(state, strict=False)
+    logger.info(
+        "loaded %d CLIP image-tower tensors from %s (%d non-image tensors ignored)", len(matched), path, n_other
+    )
+    if result.missing_keys:
+        logger.warning("CLIP image tower: %d keys missing in %s: %s", len(result.missing_keys), path,
+                       result.missing_keys)
+    if result.unexpected_keys:
+        logger.warning("CLIP image tower: %d unexpected keys in %s: %s", len(result.unexpected_keys), path,
+                       result.unexpected_keys)
+    return list(result.missing_keys), list(result.unexpected_keys)
+
+
+# ----------------------------------------------------------------------------------------------
+# The backbone
+# ----------------------------------------------------------------------------------------------
+class CLIPVisionBackbone(nn.Module):
+    """open_clip CLIP image tower with SIE, returning projected tokens ``(B, 1 + N, embed_dim)``.
+
+    Args:
+        arch: a key of :data:`CLIP_VIT_CONFIGS` (``ViT-B-16``, ``ViT-tiny``) or an open_clip-style
+            model config dict (``embed_dim``, ``vision_cfg``).
+        image_size: input (H, W); the patch grid is ``(H // patch, W // patch)``.
+        num_cameras: rows of the SIE table; 0 disables SIE.
+        sie_coe: SIE coefficient (DeMo's RGBNT201/RGBNT100/MSVR310 configs use 1.0).
+        sie_tokens: ``'cls'`` (DeMo, CLIP-ReID) or ``'all'`` tokens receive the camera embedding.
+        quick_gelu: QuickGELU activations (True for OpenAI weights).
+        pretrain_path: local checkpoint; ``''`` keeps random init (with a logged warning).
+
+    Attributes: ``width`` (transformer width), ``embed_dim`` (output dim), ``patch_grid``
+    ``(H', W')``, ``num_patches`` ``H' * W'``, ``visual`` (the open_clip module; its parameters
+    are the pretrained ones), ``camera_embed`` (new, or ``None``).
+    """
+
+    def __init__(
+        self,
+        arch: str | Mapping[str, Any] = "ViT-B-16",
+        image_size: Sequence[int] = (256, 128),
+        num_cameras: int = 0,
+        sie_coe: float = 1.0,
+        sie_tokens: str = "cls",
+        quick_gelu: bool = True,
+        pretrain_path: str = "",
+    ) -> None:
+        super().__init__()
+        if isinstance(arch, str):
+            if arch not in CLIP_VIT_CONFIGS:
+                raise ValueError(f"unknown CLIP ViT arch '{arch}' (known: {sorted(CLIP_VIT_CONFIGS)})")
+            model_cfg: Mapping[str, Any] = CLIP_VIT_CONFIGS[arch]
+        else:
+            model_cfg = arch
+        if sie_tokens not in SIE_TOKENS:
+            raise ValueError(f"sie_tokens must be one of {SIE_TOKENS}, got '{sie_tokens}'")
+        self.visual = create_open_clip_visual(model_cfg, image_size, quick_gelu=quick_gelu)
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.width = int(self.visual.conv1.out_channels)
+        self.embed_dim = int(self.visual.proj.shape[1])
+        self.patch_grid: tuple[int, int] = (int(self.visual.grid_size[0]), int(self.visual.grid_size[1]))
+        self.num_patches = self.patch_grid[0] * self.patch_grid[1]
+        self.sie_coe = float(sie_coe)
+        self.sie_tokens = sie_tokens
+        self.camera_embed: nn.Parameter | None
+        if num_cameras > 0:
+            self.camera_embed = nn.Parameter(torch.zeros(num_cameras, self.width))
+            nn.init.trunc_normal_(self.camera_embed, std=0.02)
+        else:
+            self.camera_embed = None
+        if pretrain_path:
+            load_clip_visual_weights(self.visual, pretrain_path)
+        else:
+            logger.warning(
+                "MODEL.PRETRAIN_PATH is empty: the CLIP image tower (%s) starts from random initialisation",
+                arch if isinstance(arch, str) else "custom config",
+            )
+
+    def forward(self, images: torch.Tensor, cam_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``images`` (B, 3, H, W), ``cam_ids`` (B,) long -> tokens (B, 1 + N, embed_dim), CLS first."""
+        v = self.visual
+        x = v.conv1(images)  # (B, width, H', W')
+        if tuple(x.shape[-2:]) != self.patch_grid:
+            raise ValueError(
+                f"images of size {tuple(images.shape[-2:])} give a {tuple(x.shape[-2:])} patch grid; "
+                f"this backbone was built for {self.image_size} (grid {self.patch_grid}, MODEL.INPUT_SIZE)"
+            )
+        x = x.flatten(2).transpose(1, 2)  # (B, N, width)
+        b = x.shape[0]
+        cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(b, 1, -1)
+        sie = None
+        if self.camera_embed is not None:
+            if cam_ids is None:
+                raise ValueError("cam_ids (B,) is required when the camera embedding (MODEL.SIE_CAMERA) is on")
+            sie = (self.sie_coe * self.camera_embed[cam_ids]).to(x.dtype).unsqueeze(1)  # (B, 1, width)
+            if self.sie_tokens == "cls":
+                cls = cls + sie
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        if sie is not None and self.sie_tokens == "all":
+            x = x + sie
+        x = v.patch_dropout(x)
+        x = v.ln_pre(x)
+        x = v.transformer(x)
+        x = v.ln_post(x)
+        return x @ v.proj.to(x.dtype)
+
+    def pretrained_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Named parameters that come from the CLIP checkpoint (everything under ``visual``)."""
+        return [(f"visual.{n}", p) for n, p in self.visual.named_parameters()]
+
+
+def _build(arch: str, **kwargs: Any) -> CLIPVisionBackbone:
+    return CLIPVisionBackbone(arch=arch, **kwargs)
+
+
+@BACKBONE_REGISTRY.register("clip_vit_b16")
+def clip_vit_b16(**kwargs: Any) -> CLIPVisionBackbone:
+    """CLIP ViT-B/16 image tower (width 768, 12 layers, 12 heads, 512-d projected tokens)."""
+    return _build("ViT-B-16", **kwargs)
+
+
+@BACKBONE_REGISTRY.register("clip_vit_tiny")
+def clip_vit_tiny(**kwargs: Any) -> CLIPVisionBackbone:
+    """Tiny CLIP-style tower for CPU tests (width 64, 2 layers, 4 heads, 64-d tokens, patch 16)."""
+    return _build("ViT-tiny", **kwargs)

@@ -1,0 +1,104 @@
+"""ResNet-12 (few-shot standard), DropBlock, the tiny and timm backbones: shapes, parameter count, schedule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modeling import build_backbone
+from modeling.backbones.resnet12 import DropBlock, ResNet12
+
+# Sha-Lab/FEAT model/networks/res12.py (ResNet(BasicBlock), channels 64-160-320-640, 1x1 conv-BN shortcut)
+# has 12,424,320 parameters; the same count follows from the architecture by hand:
+PUBLISHED_RESNET12_PARAMS = 12_424_320
+
+
+def resnet12_param_formula(channels: tuple[int, ...], cin: int = 3) -> int:
+    """Per stage: three 3x3 convs (no bias), a 1x1 shortcut conv, four BatchNorms (weight + bias)."""
+    total = 0
+    for c in channels:
+        total += 9 * cin * c + 2 * 9 * c * c + cin * c + 4 * 2 * c
+        cin = c
+    return total
+
+
+def test_parameter_count_matches_published_and_formula() -> None:
+    model = ResNet12()
+    n = sum(p.numel() for p in model.parameters())
+    assert n == resnet12_param_formula((64, 160, 320, 640)) == PUBLISHED_RESNET12_PARAMS
+    assert model.out_dim == 640
+
+
+def test_feature_map_and_output_shapes() -> None:
+    model = ResNet12().eval()
+    with torch.no_grad():
+        fmap = model.forward_features(torch.randn(1, 3, 84, 84))
+    assert fmap.shape == (1, 640, 5, 5)  # 84 -> 42 -> 21 -> 10 -> 5, as in the published code
+    slim = ResNet12(channels=(8, 16, 24, 32)).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        out = slim(x)
+    assert out.shape == (3, 32)
+    assert torch.allclose(out, slim.forward_features(x).mean(dim=(2, 3)))
+
+
+def test_dropblock_identity_in_eval_and_linear_ramp() -> None:
+    drop = DropBlock(0.5, block_size=3, ramp_steps=10)
+    x = torch.randn(2, 4, 9, 9)
+    assert torch.equal(drop.eval()(x), x)
+    assert int(drop.num_batches_tracked) == 0  # eval calls do not advance the ramp
+    drop.train()
+    for calls in (1, 4):
+        while int(drop.num_batches_tracked) < calls:
+            drop(x)
+        assert drop.current_rate() == pytest.approx(0.5 * calls / 10)
+    drop.num_batches_tracked.fill_(100)
+    assert drop.current_rate() == 0.5
+    assert "num_batches_tracked" in drop.state_dict()  # a resumed run continues the ramp
+    assert torch.equal(DropBlock(0.0, 3).train()(x), x)
+
+
+def test_dropblock_drops_square_blocks_at_the_expected_rate() -> None:
+    torch.manual_seed(0)
+    rate, bs = 0.2, 3
+    drop = DropBlock(rate, block_size=bs, ramp_steps=0).train()
+    x = torch.ones(64, 8, 20, 20)
+    y = drop(x)
+    kept = y > 0
+    frac_dropped = 1 - kept.float().mean().item()
+    # independent expectation: gamma = rate / bs^2 * HW / (H - bs + 1)^2 (Ghiasi et al.); pixel (i, j) is
+    # dropped unless all the n_i * n_j seeds whose block covers it are off (n_i: covering seed rows)
+    h, valid = 20, 20 - bs + 1
+    gamma = rate / bs**2 * h * h / valid**2
+    n_cover = [min(i, valid - 1) - max(0, i - bs + 1) + 1 for i in range(h)]
+    expected = sum(1 - (1 - gamma) ** (a * b) for a in n_cover for b in n_cover) / h**2
+    assert frac_dropped == pytest.approx(expected, abs=0.01)
+    # kept values are rescaled so the mean is preserved exactly
+    assert y.mean().item() == pytest.approx(1.0, rel=1e-5)
+    # every dropped pixel lies in some fully dropped bs x bs square
+    dropped = (~kept).float()
+    full = torch.nn.functional.avg_pool2d(dropped, bs, stride=1) == 1.0  # squares entirely dropped
+    covered = torch.nn.functional.max_pool2d(
+        torch.nn.functional.pad(full.float(), (bs - 1, bs - 1, bs - 1, bs - 1)), bs, stride=1) > 0
+    assert bool((covered | kept).all())
+
+
+def test_registered_backbones() -> None:
+    tiny = build_backbone("tiny_conv", channels=(4, 8))
+    assert tiny(torch.randn(2, 3, 16, 16)).shape == (2, 8) and tiny.out_dim == 8
+    r12 = build_backbone("resnet12", channels=(4, 8, 8, 16), drop_rate=0.0, dropblock_size=1, timm_name="ignored")
+    assert r12(torch.randn(2, 3, 16, 16)).shape == (2, 16)
+    timm_net = build_backbone("timm", timm_name="test_resnet")
+    out = timm_net(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, timm_net.out_dim)
+
+
+def test_timm_backbone_loads_local_weights_only(tmp_path) -> None:
+    src = build_backbone("timm", timm_name="test_resnet")
+    path = tmp_path / "w.pth"
+    torch.save({"state_dict": src.model.state_dict()}, path)
+    dst = build_backbone("timm", timm_name="test_resnet", weights=str(path))
+    for (k, a), b in zip(src.model.state_dict().items(), dst.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(FileNotFoundError, match="backbone weights not found"):
+        build_backbone("timm", timm_name="test_resnet", weights=str(tmp_path / "missing.pth"))

@@ -1,0 +1,233 @@
+#!/usr/bin/env python
+"""Training / evaluation throughput, peak memory and FLOP utilisation of a ReID model.
+
+    python tools/benchmark.py --config_file configs/RGBNT201/DeMo_SDTPS_DGAF_ablation.yml \
+        [--precisions fp32,fp16,bf16] [--compile] [--steps 30] [--warmup 10] [--append BENCHMARKS.md] [KEY VALUE ...]
+
+Each precision gets a fresh model (same seed), the real objective (``ReIDCriterion``),
+optimizer and guarded step (``engine.reid.train_step``) on random device-resident
+batches of ``SOLVER.IMS_PER_BATCH`` samples (``DATALOADER.NUM_INSTANCE`` per id) x 3
+modalities, so the numbers measure the model step, not the data pipeline
+(``tools/bench_loader.py`` measures that). Evaluation runs at ``TEST.IMS_PER_BATCH``.
+A "sample" is one multi-modal sample (three images). The table is printed and, with
+``--append``, appended to a Markdown file with the device, torch version and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import math
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from engine.config import load_config  # noqa: E402
+from engine.device import build_amp_policy, resolve_device  # noqa: E402
+from engine.monitor import NonFiniteGuard, SpikeDetector  # noqa: E402
+from engine.reid import train_step  # noqa: E402
+from engine.reid_criterion import MODALITY_ORDER, ReIDCriterion  # noqa: E402
+from engine.seed import seed_everything  # noqa: E402
+from engine.solver import build_optimizer  # noqa: E402
+from modeling import build_model  # noqa: E402
+
+# Dense bf16/fp16 tensor-core peak (FLOP/s) by device name fragment, for model FLOP utilisation.
+PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def _batch(cfg, device: torch.device, num_classes: int, num_cams: int, batch: int) -> tuple:
+    h, w = cfg.INPUT.SIZE_TRAIN
+    k = cfg.DATALOADER.NUM_INSTANCE
+    g = torch.Generator(device="cpu").manual_seed(0)
+    images = {m: torch.randn(batch, 3, h, w, generator=g).to(device) for m in MODALITY_ORDER}
+    pids = (torch.arange(batch) // k % num_classes).to(device)
+    camids = torch.randint(0, num_cams, (batch,), generator=g).to(device)
+    masks = torch.ones(batch, len(MODALITY_ORDER), dtype=torch.bool, device=device)
+    return images, pids, camids, masks
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _model_cfg(cfg, num_classes: int, num_cams: int):
+    c = cfg.clone()
+    c.defrost()
+    c.MODEL.NUM_CLASSES = num_classes
+    c.MODEL.NUM_CAMERAS = num_cams
+    c.freeze()
+    return c
+
+
+def bench_precision(cfg, precision: str, device: torch.device, args: argparse.Namespace) -> dict[str, float]:
+    """Train and eval throughput of one precision (fresh model and optimizer)."""
+    seed_everything(0)
+    amp = build_amp_policy(precision, device)
+    model = build_model(_model_cfg(cfg, args.num_classes, args.num_cameras)).to(device)
+    criterion = ReIDCriterion(cfg, bn_feat_dim=getattr(model, "bn_feat_dim", None)).to(device)
+    groups = model.param_groups(cfg.SOLVER.BACKBONE_LR if cfg.SOLVER.BACKBONE_LR > 0 else cfg.SOLVER.BASE_LR,
+                                cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY)
+    optimizer = build_optimizer(groups, cfg.SOLVER.OPTIMIZER, lr=cfg.SOLVER.BASE_LR,
+                                weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    run_model = torch.compile(model) if args.compile else model
+    batch = _batch(cfg, device, args.num_classes, args.num_cameras, cfg.SOLVER.IMS_PER_BATCH)
+    guard, spikes = NonFiniteGuard(10**9), SpikeDetector()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step() -> None:
+        train_step(run_model, criterion, optimizer, amp, params, batch, 0.0, cfg.SOLVER.GRAD_CLIP, guard, spikes)
+
+    run_model.train()
+    for _ in range(args.warmup):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    _sync(device)
+    train_time = (time.perf_counter() - t0) / args.steps
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
+
+    flops = math.nan
+    with contextlib.suppress(Exception):  # FLOP counting is best effort (some ops have no formula)
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            train_step(model, criterion, optimizer, amp, params, batch, 0.0, cfg.SOLVER.GRAD_CLIP, guard, spikes)
+        flops = float(counter.get_total_flops())
+    peak_flops = _peak_flops(device)
+    mfu = flops / train_time / peak_flops if peak_flops and math.isfinite(flops) else math.nan
+
+    eval_batch = _batch(cfg, device, args.num_classes, args.num_cameras, cfg.TEST.IMS_PER_BATCH)
+    run_model.eval()
+    with torch.no_grad():
+        for _ in range(max(2, args.warmup // 2)):
+            with amp.autocast():
+                run_model(eval_batch[0], eval_batch[2], eval_batch[3])
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            with amp.autocast():
+                run_model(eval_batch[0], eval_batch[2], eval_batch[3])
+        _sync(device)
+    eval_time = (time.perf_counter() - t0) / args.steps
+    return {
+        "train_samples_per_s": cfg.SOLVER.IMS_PER_BATCH / train_time,
+        "train_step_ms": 1000 * train_time,
+        "peak_mem_gib": peak,
+        "eval_samples_per_s": cfg.TEST.IMS_PER_BATCH / eval_time,
+        "tflops_per_step": flops / 1e12,
+        "mfu": mfu,
+        "skipped_steps": float(guard.skipped),
+    }
+
+
+def profile_steps(cfg, precision: str, device: torch.device, args: argparse.Namespace, steps: int = 5) -> str:
+    """torch.profiler table (top ops by device time, then by CPU time) over ``steps`` training steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    seed_everything(0)
+    amp = build_amp_policy(precision, device)
+    model = build_model(_model_cfg(cfg, args.num_classes, args.num_cameras)).to(device)
+    criterion = ReIDCriterion(cfg, bn_feat_dim=getattr(model, "bn_feat_dim", None)).to(device)
+    groups = model.param_groups(cfg.SOLVER.BASE_LR, cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY)
+    optimizer = build_optimizer(groups, cfg.SOLVER.OPTIMIZER, lr=cfg.SOLVER.BASE_LR)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    batch = _batch(cfg, device, args.num_classes, args.num_cameras, cfg.SOLVER.IMS_PER_BATCH)
+    guard, spikes = NonFiniteGuard(10**9), SpikeDetector()
+    model.train()
+    for _ in range(3):
+        train_step(model, criterion, optimizer, amp, params, batch, 0.0, cfg.SOLVER.GRAD_CLIP, guard, spikes)
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            train_step(model, criterion, optimizer, amp, params, batch, 0.0, cfg.SOLVER.GRAD_CLIP, guard, spikes)
+        _sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=40)
+    table_cpu = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
+    return f"{steps} steps, {precision}\n{table}\n\nby CPU time\n{table_cpu}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config_file", required=True)
+    parser.add_argument("--precisions", default="fp32,fp16,bf16")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile for each precision")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--num-classes", type=int, default=171, help="identities of the classifier (RGBNT201: 171)")
+    parser.add_argument("--num-cameras", type=int, default=4)
+    parser.add_argument("--profile", default="", metavar="FILE",
+                        help="also profile 5 training steps of the first precision; write the op table to FILE")
+    parser.add_argument("--append", default="", help="Markdown file to append the table to (e.g. BENCHMARKS.md)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[])
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config_file, args.opts)
+    device = resolve_device(cfg.DEVICE.NAME)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.profile:
+        Path(args.profile).write_text(profile_steps(cfg, args.precisions.split(",")[0], device, args))
+    rows = []
+    for precision in args.precisions.split(","):
+        for compiled in (False, True) if args.compile else (False,):
+            args_run = argparse.Namespace(**{**vars(args), "compile": compiled})
+            label = precision + (" + compile" if compiled else "")
+            try:
+                result = bench_precision(cfg, precision, device, args_run)
+            except Exception as err:  # report and go on with the other rows
+                print(f"{label}: failed: {type(err).__name__}: {err}", file=sys.stderr)
+                continue
+            rows.append((label, result))
+            print(f"{label}: {result}", flush=True)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    header = (
+        f"\n### {cfg.MODEL.NAME} — {datetime.date.today().isoformat()} — {device_name}, torch {torch.__version__}\n\n"
+        f"`python tools/benchmark.py {shlex.join(argv if argv is not None else sys.argv[1:])}`  \n"
+        f"batch {cfg.SOLVER.IMS_PER_BATCH} ({cfg.DATALOADER.NUM_INSTANCE} per id) x 3 modalities x "
+        f"{cfg.INPUT.SIZE_TRAIN[0]}x{cfg.INPUT.SIZE_TRAIN[1]}, eval batch {cfg.TEST.IMS_PER_BATCH}, "
+        f"{args.steps} timed steps after {args.warmup} warm-up\n\n"
+        "| precision | train samples/s | step ms | peak GiB | eval samples/s | TFLOP/step | MFU |\n"
+        "|---|---|---|---|---|---|---|\n"
+    )
+    def fmt(value: float, spec: str, scale: float = 1.0, suffix: str = "") -> str:
+        return "–" if not math.isfinite(value) else f"{scale * value:{spec}}{suffix}"
+
+    lines = [
+        f"| {label} | {fmt(r['train_samples_per_s'], '.0f')} | {fmt(r['train_step_ms'], '.1f')} | "
+        f"{fmt(r['peak_mem_gib'], '.2f')} | {fmt(r['eval_samples_per_s'], '.0f')} | "
+        f"{fmt(r['tflops_per_step'], '.3f')} | {fmt(r['mfu'], '.1f', 100, '%')} |"
+        for label, r in rows
+    ]
+    table = header + "\n".join(lines) + "\n"
+    print(table)
+    if args.append:
+        with open(args.append, "a") as handle:
+            handle.write(table)
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""Executable invariants of ExpB1's optimizer parameter groups (seed 000). Exit 1 if any breaks.
+
+    python verify/verify_optimizer.py                          # all checks on a fresh ExpB1 model
+    python verify/verify_optimizer.py --inject-bug one_group   # the old list(model.parameters()): exits 1
+    python verify/verify_optimizer.py --inject-bug duplicate   # the scale in both groups: exits 1
+
+``model.get_parameters()`` must return exactly
+``[{'params': all_others}, {'params': [sap.logit_scale_log], 'weight_decay': 0.0}]``, so that
+SGD's weight decay (default 5e-4) never pulls the log-scale to 0 (the scale to 1). Checks,
+each printed with its value, on the model built from ``configs/Base-FewShot.yml`` and on the
+SGD optimizer built from the groups as the trainer builds it:
+
+  1. exactly two groups;
+  2. the second holds exactly one tensor, and it is ``sap.logit_scale_log``;
+  3. the second group's weight decay is 0.0 (in the group and in the optimizer);
+  4. the first group sets no weight decay of its own and gets the default (SOLVER.WEIGHT_DECAY);
+  5. every trainable parameter is in exactly one group: none twice, none lost, none frozen;
+  6. one SGD step with a zero gradient leaves ``logit_scale_log`` unchanged (no decay applied)
+     while decaying the other parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from engine.config import load_config  # noqa: E402  (the yacs schema only)
+from modeling import build_model  # noqa: E402
+
+DEFAULT_CONFIG = ROOT / "configs" / "Base-FewShot.yml"
+
+
+class Check:
+    def __init__(self, name: str, ok: bool, value: str) -> None:
+        self.name, self.ok, self.value = name, bool(ok), value
+
+
+def build_sgd(groups: list[dict[str, Any]], cfg: Any) -> torch.optim.Optimizer:
+    """SGD as in the trainer (momentum, nesterov, default weight decay from SOLVER)."""
+    s = cfg.SOLVER
+    return torch.optim.SGD(groups, lr=s.BASE_LR, momentum=s.MOMENTUM, nesterov=s.NESTEROV, weight_decay=s.WEIGHT_DECAY)
+
+
+def run_checks(model: nn.Module, cfg: Any) -> list[Check]:
+    """Every parameter-group invariant of ``model.get_parameters()``; never raises on a broken one."""
+    checks: list[Check] = []
+    default_wd = float(cfg.SOLVER.WEIGHT_DECAY)
+    scale = model.sap.logit_scale_log
+    groups = model.get_parameters()
+    checks.append(Check("exactly two parameter groups", len(groups) == 2, f"{len(groups)} groups"))
+    if len(groups) < 2:
+        return checks
+    second = list(groups[1]["params"])
+    checks.append(Check("second group holds exactly one tensor, sap.logit_scale_log",
+                        len(second) == 1 and second[0] is scale,
+                        f"{len(second)} tensor(s), is logit_scale_log: {len(second) == 1 and second[0] is scale}"))
+    checks.append(Check("second group weight_decay = 0.0 (as given)", groups[1].get("weight_decay") == 0.0,
+                        f"weight_decay {groups[1].get('weight_decay')!r}"))
+    first = list(groups[0]["params"])
+    checks.append(Check("first group sets no weight_decay of its own", "weight_decay" not in groups[0],
+                        f"keys {sorted(groups[0])}"))
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    listed = [p for g in groups for p in g["params"]]
+    ids = [id(p) for p in listed]
+    dup = len(ids) - len(set(ids))
+    lost = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in set(ids)]
+    frozen = sum(1 for p in listed if not p.requires_grad)
+    n_first = sum(p.numel() for p in first)
+    checks.append(Check("every trainable parameter exactly once (none twice, none lost, none frozen)",
+                        dup == 0 and not lost and frozen == 0 and len(listed) == len(trainable),
+                        f"group 0: {len(first)} tensors ({n_first:,} values), group 1: {len(second)} tensor; "
+                        f"model: {len(trainable)} trainable tensors; duplicates {dup}, lost {lost[:3]}, frozen {frozen}"))
+
+    try:
+        opt = build_sgd(groups, cfg)
+    except (ValueError, TypeError) as err:  # e.g. a parameter in two groups
+        checks.append(Check("SGD accepts the groups", False, f"{type(err).__name__}: {err}"))
+        return checks
+    wds = [g["weight_decay"] for g in opt.param_groups]
+    checks.append(Check(f"optimizer weight decay: group 0 = default {default_wd:g}, group 1 = 0.0",
+                        len(wds) == 2 and wds[0] == default_wd and wds[1] == 0.0, f"weight_decay per group {wds}"))
+
+    # one step with zero gradients: only weight decay moves parameters
+    saved = [p.detach().clone() for p in listed]
+    before, probe, probe_before = scale.detach().clone(), first[0], first[0].detach().clone()
+    for p in listed:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    moved = float((scale.detach() - before).abs())
+    decayed = float((probe.detach() - probe_before).abs().max())
+    with torch.no_grad():  # leave the model as it was
+        for p, value in zip(listed, saved):
+            p.copy_(value)
+    model.zero_grad(set_to_none=True)
+    checks.append(Check("an SGD step with zero gradient leaves logit_scale_log unchanged (others decay)",
+                        moved == 0.0 and decayed > 0.0, f"|delta log-scale| {moved:.3g}, |delta other| {decayed:.3g}"))
+    return checks
+
+
+def inject_bug(model: nn.Module, bug: str) -> None:
+    """Replace ``get_parameters`` with a wrong version (to show the checks catch it)."""
+    if bug == "one_group":  # the old code: one group, uniform weight decay
+        model.get_parameters = lambda: [{"params": list(model.parameters())}]
+    elif bug == "decay_on_scale":
+        good = model.get_parameters
+        model.get_parameters = lambda: [good()[0], {"params": good()[1]["params"], "weight_decay": 5e-4}]
+    elif bug == "duplicate":
+        model.get_parameters = lambda: [{"params": list(model.parameters())},
+                                        {"params": [model.sap.logit_scale_log], "weight_decay": 0.0}]
+    elif bug == "lost":
+        good = model.get_parameters
+        model.get_parameters = lambda: [{"params": good()[0]["params"][1:]}, good()[1]]
+    else:
+        raise ValueError(f"unknown bug '{bug}'")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config_file", default=str(DEFAULT_CONFIG), help="few-shot config to build the model from")
+    parser.add_argument("--inject-bug", choices=("one_group", "decay_on_scale", "duplicate", "lost"), default=None)
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config_file)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    if args.inject_bug:
+        inject_bug(model, args.inject_bug)
+        print(f"(injected bug: {args.inject_bug})")
+    checks = run_checks(model, cfg)
+    for c in checks:
+        print(f"[{'ok' if c.ok else 'FAIL'}] {c.name}: {c.value}", flush=True)
+    failed = [c.name for c in checks if not c.ok]
+    print(f"verify_optimizer: {len(checks) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
