@@ -58,6 +58,8 @@ _C.MODEL.PRETRAIN_PATH = ""
 _C.MODEL.CLIP_WEIGHTS = ""
 # Weights to evaluate with --eval-only when no --resume checkpoint is given.
 _C.MODEL.WEIGHTS = ""
+# torch.compile the training model: "" (eager) | default | max-autotune-no-cudagraphs | reduce-overhead
+_C.MODEL.COMPILE = ""
 
 _C.MODEL.SDTPS = CN()
 _C.MODEL.SDTPS.ENABLED = True

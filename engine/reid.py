@@ -186,6 +186,7 @@ def train_step(
     and counted. Returns ``(loss, terms, grad_norm, outputs)`` with host floats.
     """
     images, pids, camids, masks = batch
+    torch.compiler.cudagraph_mark_step_begin()  # new iteration for CUDA graphs (MODEL.COMPILE reduce-overhead)
     with amp.autocast():
         outputs = model(images, camids, masks)
     loss, terms = criterion(outputs, pids, masks, epoch)
@@ -277,7 +278,9 @@ def run_reid(cfg: CN, args: argparse.Namespace) -> dict[str, Any]:
         spikes.load_state_dict(extra["spikes"])
         guard.load_state_dict(extra["guard"])
         best = extra["best"]
-    train_model = wrap_ddp(model, device, find_unused_parameters=True)
+    train_model = wrap_ddp(model, device)
+    if cfg.MODEL.COMPILE:
+        train_model = torch.compile(train_model, mode=None if cfg.MODEL.COMPILE == "default" else cfg.MODEL.COMPILE)
 
     def checkpoint_extra() -> dict[str, Any]:
         return {"criterion": criterion.state(), "spikes": spikes.state_dict(), "guard": guard.state_dict(),

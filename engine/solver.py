@@ -17,15 +17,28 @@ def build_optimizer(
     weight_decay: float = 5e-4,
     momentum: float = 0.9,
     nesterov: bool = True,
+    fused: bool | None = None,
 ) -> torch.optim.Optimizer:
-    """SGD / Adam / AdamW over ``param_groups``; a group's own ``lr``/``weight_decay`` wins."""
-    groups = list(param_groups)
+    """SGD / Adam / AdamW over ``param_groups``; a group's own ``lr``/``weight_decay`` wins.
+
+    ``fused`` (default: when every parameter is on a CUDA device) uses the single-kernel
+    implementation, which removes most of the optimizer's launch overhead on a GPU.
+    """
+    items = list(param_groups)
+    if items and not isinstance(items[0], dict):  # a plain iterable of parameters: one group
+        items = [{"params": items}]
+    groups = [{**g, "params": list(g["params"])} for g in items]
+    if fused is None:
+        params = [p for g in groups for p in g["params"]]
+        fused = bool(params) and all(p.is_cuda for p in params)
+    extra = {"fused": True} if fused else {}
     if name == "SGD":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                               **extra)
     if name == "Adam":
-        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay, **extra)
     if name == "AdamW":
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **extra)
     raise ValueError(f"SOLVER.OPTIMIZER must be SGD, Adam or AdamW, got '{name}'")
 
 

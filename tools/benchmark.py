@@ -85,7 +85,8 @@ def bench_precision(cfg, precision: str, device: torch.device, args: argparse.Na
     optimizer = build_optimizer(groups, cfg.SOLVER.OPTIMIZER, lr=cfg.SOLVER.BASE_LR,
                                 weight_decay=cfg.SOLVER.WEIGHT_DECAY)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    run_model = torch.compile(model) if args.compile else model
+    mode = cfg.MODEL.COMPILE if cfg.MODEL.COMPILE not in ("", "default") else None
+    run_model = torch.compile(model, mode=mode) if args.compile else model
     batch = _batch(cfg, device, args.num_classes, args.num_cameras, cfg.SOLVER.IMS_PER_BATCH)
     guard, spikes = NonFiniteGuard(10**9), SpikeDetector()
     if device.type == "cuda":
@@ -155,6 +156,9 @@ def profile_steps(cfg, precision: str, device: torch.device, args: argparse.Name
     batch = _batch(cfg, device, args.num_classes, args.num_cameras, cfg.SOLVER.IMS_PER_BATCH)
     guard, spikes = NonFiniteGuard(10**9), SpikeDetector()
     model.train()
+    if args.compile:
+        mode = cfg.MODEL.COMPILE if cfg.MODEL.COMPILE not in ("", "default") else None
+        model = torch.compile(model, mode=mode)
     for _ in range(3):
         train_step(model, criterion, optimizer, amp, params, batch, 0.0, cfg.SOLVER.GRAD_CLIP, guard, spikes)
     _sync(device)
@@ -173,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config_file", required=True)
     parser.add_argument("--precisions", default="fp32,fp16,bf16")
-    parser.add_argument("--compile", action="store_true", help="also measure torch.compile for each precision")
+    parser.add_argument("--compile", action="store_true",
+                        help="also measure torch.compile for each precision (mode from MODEL.COMPILE)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--num-classes", type=int, default=171, help="identities of the classifier (RGBNT201: 171)")
