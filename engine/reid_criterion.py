@@ -27,7 +27,9 @@ class ReIDCriterion(nn.Module):
 
     ``forward(outputs, pids, modality_mask, epoch)`` returns ``(total, terms)`` where
     ``terms`` maps names (``id/<branch>``, ``triplet/<branch>``, ``sdm``, ``feat_norm``,
-    ``cem``) to *weighted*, detached-for-logging 0-d tensors whose sum is ``total``.
+    ``cem``) to *weighted*, detached-for-logging 0-d tensors whose sum is ``total``. The
+    losses are called with ``host_stats=False``: computing the objective never waits for
+    the device (the trainer makes the step's one sync itself).
     """
 
     def __init__(self, cfg: Any, bn_feat_dim: int | None = None) -> None:
@@ -79,8 +81,9 @@ class ReIDCriterion(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         for branch in outputs["branches"]:
             name = branch["name"]
-            l_id, _ = id_loss(branch["logits"], pids, label_smoothing=self.label_smoothing)
-            l_tri, _ = triplet_loss(branch["feat"], pids, margin=self.triplet_margin, soft_margin=self.soft_margin)
+            l_id, _ = id_loss(branch["logits"], pids, label_smoothing=self.label_smoothing, host_stats=False)
+            l_tri, _ = triplet_loss(branch["feat"], pids, margin=self.triplet_margin, soft_margin=self.soft_margin,
+                                    host_stats=False)
             terms[f"id/{name}"] = self.id_weight * l_id
             terms[f"triplet/{name}"] = self.triplet_weight * l_tri
         if self.sdm_enabled and self.sdm_weight > 0 and len(outputs.get("modality_feats", {})) >= 2:
@@ -88,12 +91,14 @@ class ReIDCriterion(nn.Module):
             order = [m for m in MODALITY_ORDER if m in feats]
             mask = None if modality_mask is None else modality_mask[:, [MODALITY_ORDER.index(m) for m in order]]
             self.sdm_temperature.set_epoch(epoch)
-            l_sdm, _ = sdm_multimodal(feats, pids, mask, order, temperature=self.sdm_temperature.value())
+            l_sdm, _ = sdm_multimodal(feats, pids, mask, order, temperature=self.sdm_temperature.value(),
+                                      host_stats=False)
             terms["sdm"] = self.sdm_weight * l_sdm
         bn_feats = outputs.get("bn_feats")
         if self.feat_norm.ENABLED and bn_feats is not None:
             l_norm, _ = feature_norm_loss(
-                bn_feats, target=self.feat_norm.TARGET, band=self.feat_norm.BAND, weight=self.feat_norm.WEIGHT
+                bn_feats, target=self.feat_norm.TARGET, band=self.feat_norm.BAND, weight=self.feat_norm.WEIGHT,
+                host_stats=False,
             )
             terms["feat_norm"] = l_norm
         if self.cem is not None and bn_feats is not None:

@@ -1,7 +1,8 @@
 """Small helpers shared by the losses: stats conversion and gradient-carrying zeros.
 
 Stats policy (every loss in this package): ``stats`` is a ``dict[str, float]`` as the
-public SDM signature promises. All of a call's statistics are gathered as detached
+public SDM signature promises (``host_stats=False`` returns detached tensors instead, for
+training loops that must not sync with the device each step). All of a call's statistics are gathered as detached
 0-d tensors and moved to the host in **one** transfer (:func:`stats_to_floats`), so a
 loss costs at most one host sync per call, never one per statistic.
 """
@@ -21,6 +22,17 @@ def stats_to_floats(stats: Mapping[str, torch.Tensor | float | int]) -> dict[str
         stacked = torch.stack([stats[k].detach().reshape(()).to(torch.float32) for k in names])
         out.update(zip(names, stacked.cpu().tolist()))
     return {k: out[k] for k in stats}
+
+
+def finish_stats(stats: Mapping[str, torch.Tensor | float | int], host: bool) -> dict[str, torch.Tensor | float]:
+    """``stats`` as host floats (one transfer), or, with ``host=False``, as detached device tensors.
+
+    Training loops pass ``host_stats=False`` to the losses so that a step has no host sync
+    beyond the one it chooses to make; they convert at logging time.
+    """
+    if host:
+        return stats_to_floats(stats)
+    return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in stats.items()}
 
 
 def zero_with_grad(*tensors: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import stats_to_floats
+from .common import finish_stats
 from .registry import LOSS_REGISTRY
 
 
@@ -22,6 +22,7 @@ def feature_norm_loss(
     band: float = 2.0,
     weight: float = 5e-3,
     mask: torch.Tensor | None = None,
+    host_stats: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted squared-hinge penalty on L2 norms outside the band.
 
@@ -56,7 +57,7 @@ def feature_norm_loss(
             "feat_norm_outside": ((excess.detach() > 0).float() * keep).sum() / n,
             "feat_norm_penalty": penalty.detach(),
         }
-    return loss, stats_to_floats(stats)
+    return loss, finish_stats(stats, host_stats)
 
 
 LOSS_REGISTRY.register("feature_norm")(feature_norm_loss)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import stats_to_floats
+from .common import finish_stats
 from .registry import LOSS_REGISTRY
 
 
@@ -13,6 +13,7 @@ def id_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
     label_smoothing: float = 0.1,
+    host_stats: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Cross-entropy against the smoothed target ``(1 - eps) * onehot + eps / C``.
 
@@ -40,7 +41,7 @@ def id_loss(
         smooth = -log_p.mean(dim=1)
         loss = ((1.0 - label_smoothing) * nll + label_smoothing * smooth).mean()
         acc = (log_p.detach().argmax(dim=1) == targets).float().mean()
-    return loss, stats_to_floats({"id": loss.detach(), "id_acc": acc})
+    return loss, finish_stats({"id": loss.detach(), "id_acc": acc}, host_stats)
 
 
 LOSS_REGISTRY.register("id")(id_loss)

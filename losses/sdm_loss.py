@@ -57,7 +57,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .common import stats_to_floats
+from .common import finish_stats
 from .registry import LOSS_REGISTRY
 
 # Logit given to masked-out columns: far enough below any real logit (|cos / tau| <= 1 / 0.15 = 6.7
@@ -167,6 +167,7 @@ def sdm_loss(
     temperature: float | torch.Tensor = 0.2,
     mask_a: torch.Tensor | None = None,
     mask_b: torch.Tensor | None = None,
+    host_stats: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Symmetric SDM loss between two views of the same B samples.
 
@@ -183,10 +184,11 @@ def sdm_loss(
             over rows that have at least one valid positive; >= 0, never NaN.
         stats: floats ``sdm``, ``sdm_a2b``, ``sdm_b2a``, ``sdm_valid_rows`` (count of a->b rows
             used), ``sdm_valid_pairs``, ``sdm_pos_prob`` (mean softmax mass on positives,
-            a->b; 1.0 = perfect), ``sdm_temperature``. One host transfer per call.
+            a->b; 1.0 = perfect), ``sdm_temperature``. One host transfer per call, none with
+            ``host_stats=False`` (detached device tensors instead).
     """
     loss, stats = _sdm_core(feat_a, feat_b, pids, temperature, mask_a, mask_b)
-    return loss, stats_to_floats(stats)
+    return loss, finish_stats(stats, host_stats)
 
 
 LOSS_REGISTRY.register("sdm")(sdm_loss)
@@ -199,6 +201,7 @@ def sdm_multimodal(
     modality_order: Sequence[str] | None = None,
     temperature: float | torch.Tensor = 0.2,
     pairs: Sequence[tuple[str, str]] | None = None,
+    host_stats: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """SDM averaged over modality pairs, masking missing modalities.
 
@@ -242,7 +245,7 @@ def sdm_multimodal(
         tstats[f"sdm_{m}_{n}"] = s["sdm"]
     loss = total / n_used.clamp_min(1.0)
     tstats = {"sdm": loss.detach(), "sdm_pairs_used": n_used, **tstats}
-    return loss, stats_to_floats(tstats)
+    return loss, finish_stats(tstats, host_stats)
 
 
 LOSS_REGISTRY.register("sdm_multimodal")(sdm_multimodal)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from utils.distributed import all_gather_no_grad, all_gather_with_grad, get_rank, get_world_size
 
-from .common import stats_to_floats
+from .common import finish_stats
 from .registry import LOSS_REGISTRY
 
 
@@ -42,6 +42,7 @@ def triplet_loss(
     soft_margin: bool = False,
     normalize_feature: bool = False,
     gather: bool = True,
+    host_stats: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Batch-hard triplet loss.
 
@@ -99,7 +100,7 @@ def triplet_loss(
             "triplet_active": (active.float() * keep).sum() / nd,
             "triplet_anchors": n,
         }
-    return loss, stats_to_floats(stats)
+    return loss, finish_stats(stats, host_stats)
 
 
 LOSS_REGISTRY.register("triplet")(triplet_loss)
