@@ -19,7 +19,6 @@ Checks, each printed with its measured value:
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -34,19 +33,10 @@ from scipy.special import digamma  # noqa: E402
 from torch import nn  # noqa: E402
 
 from losses.conditional_entropy import GatedAttentionCEM, GMMConditionalEntropy  # noqa: E402
+from verify.harness import report, run  # noqa: E402
 
 INJECTED: set[str] = set()
 SIGMAS = [0.5, 1.0, 2.0]
-
-
-class CheckFailed(Exception):
-    """An invariant does not hold."""
-
-
-def report(name: str, ok: bool, value: str) -> None:
-    print(f"[{'ok' if ok else 'FAIL'}] {name}: {value}", flush=True)
-    if not ok:
-        raise CheckFailed(name)
 
 
 def cem_call(cem: GatedAttentionCEM, feats: torch.Tensor, labels: torch.Tensor, epoch: float | None = None):
@@ -183,23 +173,9 @@ CHECKS = [check_gradients, check_warmup, check_singletons, check_ranking, check_
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--inject-bug", choices=["detach_input"], default=None,
-                        help="detach the features before the CEM to show the script catches it (exits 1)")
-    args = parser.parse_args(argv)
-    if args.inject_bug:
-        INJECTED.add(args.inject_bug)
-        print(f"!! injected bug: {args.inject_bug} (this run must fail)")
-    torch.set_num_threads(1)  # tiny tensors: threads only add contention on a shared machine
-    start = time.perf_counter()
-    try:
-        for check in CHECKS:
-            check()
-    except CheckFailed as exc:
-        print(f"verify_cem: FAILED at '{exc}'")
-        return 1
-    print(f"verify_cem: all checks passed in {time.perf_counter() - start:.1f} s")
-    return 0
+    # threads=1: tiny tensors, threads only add contention on a shared machine
+    return run("verify_cem", CHECKS, argv, doc=__doc__, bugs=["detach_input"], injected=INJECTED, threads=1,
+               bug_help="detach the features before the CEM to show the script catches it (exits 1)")
 
 
 if __name__ == "__main__":

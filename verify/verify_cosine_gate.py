@@ -24,7 +24,6 @@ Checks, each printed with its measured value; exit 1 on the first failure:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import sys
@@ -39,6 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from modeling.sdtps import CrossModalAttention, TokenSparse  # noqa: E402
+from verify.harness import report, run  # noqa: E402
 
 COSINES = (-1.0, -0.5, 0.0, 0.5, 1.0)
 #: The note's table: cosine -> (old gate, new gate), two decimals.
@@ -48,16 +48,6 @@ GATE_TABLE = {-1.0: ("0.27", "0.50"), -0.5: ("0.38", "0.56"), 0.0: ("0.50", "0.6
 #: sigmoid(0.75) = 0.6792, i.e. 0.68 (the note's 0.69, and its "+0.07" difference, are off by 0.01).
 ERRATA = {(0.5, "new"): "0.68"}
 BUGS = ("old_init", "no_renorm", "detach_gate", "merge_mean", "bottom_k")
-
-
-class CheckFailed(Exception):
-    """An invariant does not hold."""
-
-
-def report(name: str, ok: bool, value: str) -> None:
-    print(f"[{'ok' if ok else 'FAIL'}] {name}: {value}", flush=True)
-    if not ok:
-        raise CheckFailed(name)
 
 
 def gate_row(module: CrossModalAttention) -> list[float]:
@@ -250,18 +240,8 @@ CHECKS = (check_table, check_default_range, check_renorm, check_gate_norm, check
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--inject-bug", choices=BUGS, default=None, help="break the library in memory (must exit 1)")
-    args = parser.parse_args(argv)
-    try:
-        with injected(args.inject_bug):
-            for check in CHECKS:
-                check()
-    except CheckFailed as err:
-        print(f"verify_cosine_gate: FAILED ({err})", flush=True)
-        return 1
-    print("verify_cosine_gate: all checks passed", flush=True)
-    return 0
+    return run("verify_cosine_gate", CHECKS, argv, doc=__doc__, bugs=BUGS, context=injected,
+               bug_help="break the library in memory (must exit 1)")
 
 
 if __name__ == "__main__":

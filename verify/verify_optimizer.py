@@ -22,7 +22,6 @@ SGD optimizer built from the groups as the trainer builds it:
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,13 +35,10 @@ from torch import nn  # noqa: E402
 
 from engine.config import load_config  # noqa: E402  (the yacs schema only)
 from modeling import build_model  # noqa: E402
+from verify.harness import Check, run_collected  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "Base-FewShot.yml"
-
-
-class Check:
-    def __init__(self, name: str, ok: bool, value: str) -> None:
-        self.name, self.ok, self.value = name, bool(ok), value
+BUGS = ("one_group", "decay_on_scale", "duplicate", "lost")
 
 
 def build_sgd(groups: list[dict[str, Any]], cfg: Any) -> torch.optim.Optimizer:
@@ -125,23 +121,17 @@ def inject_bug(model: nn.Module, bug: str) -> None:
         raise ValueError(f"unknown bug '{bug}'")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config_file", default=str(DEFAULT_CONFIG), help="few-shot config to build the model from")
-    parser.add_argument("--inject-bug", choices=("one_group", "decay_on_scale", "duplicate", "lost"), default=None)
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config_file)
+def _checks_of(config_file: str, bug: str | None) -> list[Check]:
+    cfg = load_config(config_file)
     torch.manual_seed(0)
     model = build_model(cfg)
-    if args.inject_bug:
-        inject_bug(model, args.inject_bug)
-        print(f"(injected bug: {args.inject_bug})")
-    checks = run_checks(model, cfg)
-    for c in checks:
-        print(f"[{'ok' if c.ok else 'FAIL'}] {c.name}: {c.value}", flush=True)
-    failed = [c.name for c in checks if not c.ok]
-    print(f"verify_optimizer: {len(checks) - len(failed)} passed, {len(failed)} failed")
-    return 1 if failed else 0
+    if bug:
+        inject_bug(model, bug)
+    return run_checks(model, cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_collected("verify_optimizer", _checks_of, argv, doc=__doc__, bugs=BUGS, config_file=DEFAULT_CONFIG)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,8 @@ The model is built by ``modeling.build_model`` from ``configs/Base-FewShot.yml``
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +38,7 @@ from torch import nn  # noqa: E402
 from engine.config import load_config  # noqa: E402  (the yacs schema only)
 from modeling import build_model  # noqa: E402
 from modeling.layers.bounded_scale import BoundedScale  # noqa: E402
+from verify.harness import Check, run_collected  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "Base-FewShot.yml"
 EXPECTED_INIT = 25.0
@@ -48,13 +47,7 @@ N_WAY, K_SHOT, N_QUERY = 5, 1, 15
 ENTROPY_FRACTION = 0.9  # "clearly below log(N)": at most this fraction of it
 MAX_ATTN_FLOOR = 0.3  # "clearly above 1/N = 0.2"
 NOISE = 2.0  # noise norm relative to the unit class centre
-
-
-@dataclass
-class Check:
-    name: str
-    ok: bool
-    value: str
+BUGS = ("no_clamp", "temperature", "init")
 
 
 def build_default_model(config_file: str | Path = DEFAULT_CONFIG) -> nn.Module:
@@ -184,21 +177,15 @@ def inject_bug(model: nn.Module, bug: str) -> None:
         raise ValueError(f"unknown bug '{bug}'")
 
 
+def _checks_of(config_file: str, bug: str | None) -> list[Check]:
+    model = build_default_model(config_file)
+    if bug:
+        inject_bug(model, bug)
+    return run_checks(model)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config_file", default=str(DEFAULT_CONFIG), help="few-shot config to build the model from")
-    parser.add_argument("--inject-bug", choices=("no_clamp", "temperature", "init"), default=None)
-    args = parser.parse_args(argv)
-    model = build_default_model(args.config_file)
-    if args.inject_bug:
-        inject_bug(model, args.inject_bug)
-        print(f"(injected bug: {args.inject_bug})")
-    checks = run_checks(model)
-    for c in checks:
-        print(f"[{'ok' if c.ok else 'FAIL'}] {c.name}: {c.value}", flush=True)
-    failed = [c.name for c in checks if not c.ok]
-    print(f"verify_patch3: {len(checks) - len(failed)} passed, {len(failed)} failed")
-    return 1 if failed else 0
+    return run_collected("verify_patch3", _checks_of, argv, doc=__doc__, bugs=BUGS, config_file=DEFAULT_CONFIG)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,9 @@ computed here, then checks that
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,20 +31,11 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from modeling.layers import AttentionBiasGenerator, BoundedScale  # noqa: E402
+from verify.harness import report, run  # noqa: E402
 
 WEIGHTS = [0.0, 0.8, -0.6, 0.3]
 SCALES = [1.0, 2.5, 5.0, 10.0, 20.0]
 INJECTED: set[str] = set()
-
-
-class CheckFailed(Exception):
-    """An invariant does not hold."""
-
-
-def report(name: str, ok: bool, value: str) -> None:
-    print(f"[{'ok' if ok else 'FAIL'}] {name}: {value}", flush=True)
-    if not ok:
-        raise CheckFailed(name)
 
 
 def make_scale(init: float, lo: float | None, hi: float | None, constraint: str, **kw) -> BoundedScale:
@@ -209,23 +198,9 @@ CHECKS = [saturation_table, check_bounds_under_pressure, check_gradient_at_bound
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--inject-bug", choices=["no_clamp"], default=None,
-                        help="make 'clamp' scales unbounded to show the script catches it (exits 1)")
-    args = parser.parse_args(argv)
-    if args.inject_bug:
-        INJECTED.add(args.inject_bug)
-        print(f"!! injected bug: {args.inject_bug} (this run must fail)")
-    torch.set_num_threads(1)  # tiny tensors: threads only add contention on a shared machine
-    start = time.perf_counter()
-    try:
-        for check in CHECKS:
-            check()
-    except CheckFailed as exc:
-        print(f"verify_scale_bounds: FAILED at '{exc}'")
-        return 1
-    print(f"verify_scale_bounds: all checks passed in {time.perf_counter() - start:.1f} s")
-    return 0
+    # threads=1: tiny tensors, threads only add contention on a shared machine
+    return run("verify_scale_bounds", CHECKS, argv, doc=__doc__, bugs=["no_clamp"], injected=INJECTED, threads=1,
+               bug_help="make 'clamp' scales unbounded to show the script catches it (exits 1)")
 
 
 if __name__ == "__main__":

@@ -15,11 +15,10 @@ Checks, each printed with its measured value:
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
-import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,18 +30,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from losses.sdm_loss import sdm_loss  # noqa: E402
+from verify.harness import report, run  # noqa: E402
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
-
-
-class CheckFailed(Exception):
-    """An invariant does not hold."""
-
-
-def report(name: str, ok: bool, value: str) -> None:
-    print(f"[{'ok' if ok else 'FAIL'}] {name}: {value}", flush=True)
-    if not ok:
-        raise CheckFailed(name)
+INJECTED: set[str] = set()
 
 
 def old_buggy_sdm(feat_a, feat_b, pids, temperature=0.2, mask_a=None, mask_b=None):
@@ -216,27 +207,20 @@ def check_no_valid_pair(loss_fn: LossFn) -> None:
     report("real rows without a real positive partner: loss 0, finite gradient", ok2, f"loss = {value2}")
 
 
-CHECKS = [check_non_negative, check_float64_agreement, check_precision, check_masks, check_no_valid_pair]
+def loss_under_test(*args, **kwargs) -> tuple[torch.Tensor, dict[str, float]]:
+    """``sdm_loss``, or the seed's buggy formula under ``--inject-bug old_formula``."""
+    loss_fn: LossFn = old_buggy_sdm if "old_formula" in INJECTED else sdm_loss
+    return loss_fn(*args, **kwargs)
+
+
+CHECKS = [partial(check, loss_under_test)
+          for check in (check_non_negative, check_float64_agreement, check_precision, check_masks, check_no_valid_pair)]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--inject-bug", choices=["old_formula"], default=None,
-                        help="swap in a known-broken loss to show the script catches it (exits 1)")
-    args = parser.parse_args(argv)
-    loss_fn: LossFn = old_buggy_sdm if args.inject_bug == "old_formula" else sdm_loss
-    if args.inject_bug:
-        print(f"!! injected bug: {args.inject_bug} (this run must fail)")
-    torch.set_num_threads(1)  # tiny tensors: threads only add contention on a shared machine
-    start = time.perf_counter()
-    try:
-        for check in CHECKS:
-            check(loss_fn)
-    except CheckFailed as exc:
-        print(f"verify_sdm: FAILED at '{exc}'")
-        return 1
-    print(f"verify_sdm: all checks passed in {time.perf_counter() - start:.1f} s")
-    return 0
+    # threads=1: tiny tensors, threads only add contention on a shared machine
+    return run("verify_sdm", CHECKS, argv, doc=__doc__, bugs=["old_formula"], injected=INJECTED, threads=1,
+               bug_help="swap in a known-broken loss to show the script catches it (exits 1)")
 
 
 if __name__ == "__main__":
