@@ -96,6 +96,8 @@ _C.MODEL.SAP.LOGIT_SCALE_MAX = 100.0  # seed 000: CLIP's ceiling
 _C.MODEL.SAP.ENABLED = True  # False: ExpB1 without SAP (scaled cosine to the raw prototypes)
 # learnable (seed 000) | fixed (old code: cosine logits / sqrt(phy_dim)) | constant (frozen at LOGIT_SCALE_INIT)
 _C.MODEL.SAP.SCALE_MODE = "learnable"
+# logit_scale_log in its own group with weight decay 0.0 (seed 000); False = ablation: decayed like the rest
+_C.MODEL.SAP.SCALE_NO_DECAY = True
 _C.MODEL.SAP.PURIFY_INIT = 0.5  # initial residual weight of the attended anchor, in (0, 1)
 _C.MODEL.SAP.PROJECTIONS = True  # learn D x D query/key/value maps (identity init)
 _C.MODEL.SAP.ANCHOR_MODE = "text"  # text (CLIP class names) | learned (per train class) | words (per name word) | prototype

@@ -50,11 +50,13 @@ class ExpB1Model(nn.Module):
         anchors: the anchor builder (needed when ``sap`` is given).
         metric_scale: initial scale of the episode's cosine logits.
         metric_scale_learnable: learn that scale (log-parameterised, ceiling 100).
+        scale_no_decay: put SAP's ``logit_scale_log`` in a weight-decay-free group (seed 000);
+            False only for the ablation "learnable scale, decayed like everything else".
     """
 
     def __init__(self, backbone: nn.Module, num_train_classes: int, sap: SemanticAnchorPurification | None = None,
                  anchors: SemanticAnchors | None = None, metric_scale: float = 10.0,
-                 metric_scale_learnable: bool = False) -> None:
+                 metric_scale_learnable: bool = False, scale_no_decay: bool = True) -> None:
         super().__init__()
         if sap is not None and anchors is None:
             raise ValueError("SAP needs an anchor builder")
@@ -62,6 +64,7 @@ class ExpB1Model(nn.Module):
         self.phy_dim = int(backbone.out_dim)
         self.sap = sap
         self.anchors = anchors
+        self.scale_no_decay = scale_no_decay
         self.metric_scale = BoundedScale(metric_scale, max_value=METRIC_SCALE_MAX, parameterization="log",
                                          constraint="clamp", learnable=metric_scale_learnable, name="metric_scale")
         self.classifier = nn.Linear(self.phy_dim, num_train_classes)
@@ -116,7 +119,8 @@ class ExpB1Model(nn.Module):
         others = [p for p in self.parameters() if p.requires_grad and not (has_scale and p is scale)]
         groups: list[dict[str, Any]] = [{"params": others}]
         if has_scale:
-            groups.append({"params": [scale], "weight_decay": 0.0})
+            # MODEL.SAP.SCALE_NO_DECAY False (an ablation) lets the default decay act on the log-scale
+            groups.append({"params": [scale], "weight_decay": 0.0} if self.scale_no_decay else {"params": [scale]})
         return groups
 
 
@@ -159,4 +163,4 @@ def build_exp_b1(cfg: Any) -> ExpB1Model:
     else:
         logger.info("SAP disabled (MODEL.SAP.ENABLED False): cosine prototype classifier")
     return ExpB1Model(backbone, cfg.FEWSHOT.NUM_TRAIN_CLASSES, sap, anchors, cfg.FEWSHOT.METRIC_SCALE,
-                      cfg.FEWSHOT.METRIC_SCALE_LEARNABLE)
+                      cfg.FEWSHOT.METRIC_SCALE_LEARNABLE, scale_no_decay=s.SCALE_NO_DECAY)

@@ -121,3 +121,12 @@ def test_bare_resume_before_overrides_does_not_eat_a_key() -> None:
     assert args.resume == "auto" and overrides_from_args(args) == ["SOLVER.MAX_EPOCHS", "60", "SEED", "1"]
     args = parse_args(parser, ["--resume", "outputs/run/checkpoint_epoch0003.pth", "SEED", "1"])
     assert args.resume == "outputs/run/checkpoint_epoch0003.pth"
+
+
+def test_key_equals_value_tokens_as_wandb_writes_them() -> None:
+    parser = default_argument_parser("x")
+    args = parse_args(parser, ["--config_file", "c.yml", "MODEL.SAP.SCALE_MODE=fixed", "MODEL.SAP.SCALE_NO_DECAY=False",
+                               "OUTPUT_DIR", "out/run"])
+    cfg = load_config(None, overrides_from_args(args))
+    assert cfg.MODEL.SAP.SCALE_MODE == "fixed" and cfg.MODEL.SAP.SCALE_NO_DECAY is False
+    assert cfg.OUTPUT_DIR == "out/run"

@@ -127,3 +127,15 @@ def test_backbone_weights_from_a_checkpoint_of_this_repo(tmp_path) -> None:
     dst = tiny_model("FEWSHOT.BACKBONE.WEIGHTS", str(path))
     for (k, a), b in zip(src.backbone.state_dict().items(), dst.backbone.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_scale_decay_ablation_keeps_two_groups_but_decays_the_scale() -> None:
+    from engine.config import load_config
+    from modeling import build_model
+
+    overrides = ["MODEL.NAME", "ExpB1", "MODEL.BACKBONE", "tiny_conv", "MODEL.SAP.ANCHOR_MODE", "prototype"]
+    default = build_model(load_config(None, overrides)).get_parameters()
+    ablated = build_model(load_config(None, [*overrides, "MODEL.SAP.SCALE_NO_DECAY", "False"])).get_parameters()
+    assert default[1]["weight_decay"] == 0.0 and len(default[1]["params"]) == 1
+    assert len(ablated) == 2 and "weight_decay" not in ablated[1]  # the optimizer's default decay applies
+    assert ablated[1]["params"][0] is not None and ablated[1]["params"][0].shape == default[1]["params"][0].shape

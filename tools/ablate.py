@@ -1,0 +1,212 @@
+#!/usr/bin/env python
+"""Reproduce an ablation table from one small YAML: rows x seeds, mean +- std, Markdown/CSV/PNG.
+
+    python tools/ablate.py --table gate_init [--seeds 3] [--quick] [--real] [--out outputs/ablations]
+        [--wandb-mode disabled|offline|online] [--rows LABEL ...] [--dry-run] [-- KEY VALUE ...]
+
+A table file (``configs/ablations/<name>.yaml``) names the training script, the columns
+(keys of each run's ``summary.json``) and the rows::
+
+    script: train_net.py                 # or train_b1_improvement.py
+    columns: [mAP, rank1, mINP]
+    quick: [SOLVER.MAX_EPOCHS, "4"]      # overrides added by --quick (CPU minutes)
+    rows:
+      - label: old init (1.0 / 0.0)
+        config: configs/synthetic/DeMo_SDTPS_tiny.yml
+        real_config: configs/RGBNT201/DeMo_SDTPS_DGAF_ablation.yml   # used with --real
+        quick_config: ...                # optional, used with --quick
+        args: [--init_scale, "1.0", --init_bias, "0.0"]
+        overrides: []
+
+Every (row, seed) runs in its own folder ``<out>/<table>/<row>/seed<k>``; a finished run
+(``summary.json`` present) is kept, an interrupted one resumed, so the command can be
+repeated after a crash. A row whose runs fail is marked ``failed: <reason>`` and the
+others still run. Outputs: ``<table>.md``, ``<table>.csv``, ``<table>.png`` and, with
+W&B on, a ``wandb.Table``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from utils.io import atomic_write, atomic_write_text  # noqa: E402
+
+TABLE_DIR = REPO / "configs" / "ablations"
+
+
+class AblationError(ValueError):
+    """The table file is unusable; the message names the field."""
+
+
+def load_table(name: str) -> dict[str, Any]:
+    """Read ``configs/ablations/<name>.yaml`` (or a path) and check its fields."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else TABLE_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in TABLE_DIR.glob("*.yaml")))
+        raise AblationError(f"no ablation table '{name}' ({path}); known tables: {known}")
+    spec = yaml.safe_load(path.read_text()) or {}
+    for key in ("script", "columns", "rows"):
+        if key not in spec:
+            raise AblationError(f"{path}: missing '{key}'")
+    for i, row in enumerate(spec["rows"]):
+        if "label" not in row or "config" not in row:
+            raise AblationError(f"{path}: row {i} needs 'label' and 'config'")
+    spec["_name"] = path.stem
+    return spec
+
+
+def slug(label: str) -> str:
+    """Folder name for a row label."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in label).strip("_")[:80]
+
+
+def run_command(spec: dict[str, Any], row: dict[str, Any], seed: int, run_dir: Path, quick: bool, real: bool,
+                wandb_mode: str, extra: list[str] = ()) -> list[str]:
+    """The training command of one (row, seed)."""
+    if real:
+        config = row.get("real_config", row["config"])
+    else:
+        config = row.get("quick_config", row["config"]) if quick else row["config"]
+    cmd = [sys.executable, spec["script"], "--config_file", config, *map(str, row.get("args", []))]
+    if (run_dir / "last_checkpoint").is_file() and not (run_dir / "summary.json").is_file():
+        cmd.append("--resume")  # before the KEY VALUE pairs
+    cmd += [str(x) for x in row.get("overrides", [])]
+    if quick:
+        cmd += [str(x) for x in spec.get("quick", [])]
+    cmd += list(extra)
+    cmd += ["SEED", str(seed), "OUTPUT_DIR", str(run_dir), "WANDB.MODE", wandb_mode,
+            "WANDB.GROUP", f"ablation-{spec['_name']}", "WANDB.NAME", f"{slug(row['label'])}-seed{seed}"]
+    return cmd
+
+
+def aggregate(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def render(spec: dict[str, Any], results: list[dict[str, Any]], seeds: int) -> tuple[str, str]:
+    """Markdown and CSV of the table; metric values in percent."""
+    cols = spec["columns"]
+    md = f"| row | {' | '.join(cols)} | seeds |\n|---|" + "---|" * (len(cols) + 1) + "\n"
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["row", *[f"{c}_mean" for c in cols], *[f"{c}_std" for c in cols], "seeds_ok", "status"])
+    for r in results:
+        cells = []
+        for c in cols:
+            mean, std = aggregate(r["values"][c])
+            cells.append("–" if math.isnan(mean) else f"{100 * mean:.2f} ± {100 * std:.2f}")
+        status = f"{len(r['values'][cols[0]])}/{seeds}"
+        if r["errors"]:
+            status += f" (failed: {r['errors'][0]})"
+        md += f"| {r['label']} | {' | '.join(cells)} | {status} |\n"
+        writer.writerow([r["label"], *[aggregate(r["values"][c])[0] for c in cols],
+                         *[aggregate(r["values"][c])[1] for c in cols], len(r["values"][cols[0]]),
+                         "; ".join(r["errors"]) or "ok"])
+    return md, buf.getvalue()
+
+
+def plot(spec: dict[str, Any], results: list[dict[str, Any]], path: Path) -> None:
+    """Bar chart of the first column, mean with std error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    col = spec["columns"][0]
+    means = [100 * aggregate(r["values"][col])[0] for r in results]
+    stds = [100 * aggregate(r["values"][col])[1] for r in results]
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.4 * len(results)), 3.2))
+    ax.bar(range(len(results)), [0 if math.isnan(m) else m for m in means],
+           yerr=[0 if math.isnan(s) else s for s in stds], capsize=4, color="#4477aa")
+    ax.set_xticks(range(len(results)), [r["label"] for r in results], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(f"{col} (%)")
+    ax.set_title(f"ablation: {spec['_name']}")
+    fig.tight_layout()
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--table", required=True, help="name in configs/ablations/ or a YAML path")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="add the table's 'quick' overrides (CPU minutes)")
+    parser.add_argument("--real", action="store_true", help="use each row's real_config (real benchmarks)")
+    parser.add_argument("--rows", nargs="*", default=None, help="only these row labels")
+    parser.add_argument("--out", default="outputs/ablations")
+    parser.add_argument("--wandb-mode", default="disabled", choices=("disabled", "offline", "online"))
+    parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="KEY VALUE config overrides added to every run")
+    args = parser.parse_args(argv)
+    try:
+        spec = load_table(args.table)
+    except AblationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rows = [r for r in spec["rows"] if args.rows is None or r["label"] in args.rows]
+    out = Path(args.out) / spec["_name"]
+    results = []
+    for row in rows:
+        result = {"label": row["label"], "values": {c: [] for c in spec["columns"]}, "errors": []}
+        for seed in range(args.seeds):
+            run_dir = out / slug(row["label"]) / f"seed{seed}"
+            cmd = run_command(spec, row, seed, run_dir, args.quick, args.real, args.wandb_mode, args.overrides)
+            if args.dry_run:
+                print(" ".join(cmd))
+                continue
+            if not (run_dir / "summary.json").is_file():
+                print(f"=== {row['label']} seed {seed}", flush=True)
+                proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                                      env={**os.environ, "TQDM_DISABLE": "1"})
+                if proc.returncode != 0:
+                    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+                    result["errors"].append(f"seed {seed}: {lines[-1] if lines else f'exit {proc.returncode}'}")
+                    continue
+            summary = json.loads((run_dir / "summary.json").read_text())
+            for c in spec["columns"]:
+                if c in summary:
+                    result["values"][c].append(float(summary[c]))
+        results.append(result)
+    if args.dry_run:
+        return 0
+    md, csv_text = render(spec, results, args.seeds)
+    atomic_write_text(out / f"{spec['_name']}.md", f"### {spec['_name']}\n\n{md}")
+    atomic_write_text(out / f"{spec['_name']}.csv", csv_text)
+    plot(spec, results, out / f"{spec['_name']}.png")
+    if args.wandb_mode != "disabled":
+        try:
+            import wandb
+
+            run = wandb.init(mode=args.wandb_mode, dir=str(out), project="demo-sdtps-expb1",
+                             name=f"ablation-{spec['_name']}", job_type="ablation")
+            table = wandb.Table(columns=["row", *spec["columns"]],
+                                data=[[r["label"], *[aggregate(r["values"][c])[0] for c in spec["columns"]]]
+                                      for r in results])
+            run.log({f"ablation/{spec['_name']}": table})
+            run.finish()
+        except Exception as err:  # the table on disk is the result; W&B is a copy
+            print(f"W&B table not logged: {err}", file=sys.stderr)
+    print(md)
+    return 0 if not any(r["errors"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
