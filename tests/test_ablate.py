@@ -19,25 +19,16 @@ TINY_REID = ["SOLVER.MAX_EPOCHS", "1", "SOLVER.EVAL_PERIOD", "1", "SOLVER.IMS_PE
              "TEST.VIS_QUERIES", "1"]
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    cmd = [sys.executable, "-m", "datasets.synthetic", "--kind", "rgbnt", "--out", str(root / "synthetic_rgbnt"),
-           "--num-train-ids", "8", "--num-test-ids", "4", "--num-cams", "2", "--images-per-id-cam", "2"]
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
-    return root
-
-
 def _ablate(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "tools/ablate.py", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=900)
 
 
 @pytest.mark.slow
-def test_quick_gate_init_rows_give_a_table(data_root: Path, tmp_path: Path) -> None:
+def test_quick_gate_init_rows_give_a_table(tiny_rgbnt_root: Path, tmp_path: Path) -> None:
     res = _ablate("--table", "gate_init", "--quick", "--seeds", "2", "--out", str(tmp_path),
                   "--rows", "old init 1.0/0.0", "new init 0.5/0.5", "--",
-                  "DATASETS.ROOT_DIR", str(data_root), *TINY_REID)
+                  "DATASETS.ROOT_DIR", str(tiny_rgbnt_root), *TINY_REID)
     assert res.returncode == 0, res.stderr[-3000:]
     table = (tmp_path / "gate_init" / "gate_init.md").read_text()
     assert "| old init 1.0/0.0 |" in table and "| new init 0.5/0.5 |" in table and "2/2" in table
@@ -50,7 +41,7 @@ def test_quick_gate_init_rows_give_a_table(data_root: Path, tmp_path: Path) -> N
     # repeating the command reuses the finished runs (no training: fast, same table)
     again = _ablate("--table", "gate_init", "--quick", "--seeds", "2", "--out", str(tmp_path),
                     "--rows", "old init 1.0/0.0", "new init 0.5/0.5", "--",
-                    "DATASETS.ROOT_DIR", str(data_root), *TINY_REID)
+                    "DATASETS.ROOT_DIR", str(tiny_rgbnt_root), *TINY_REID)
     assert again.returncode == 0 and "===" not in again.stdout
     assert (tmp_path / "gate_init" / "gate_init.md").read_text() == table
 
@@ -67,7 +58,7 @@ def test_quick_sap_scale_rows(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_failing_row_is_marked_and_the_others_still_run(data_root: Path, tmp_path: Path) -> None:
+def test_a_failing_row_is_marked_and_the_others_still_run(tiny_rgbnt_root: Path, tmp_path: Path) -> None:
     spec = {"script": "train_net.py", "columns": ["mAP"], "rows": [
         {"label": "broken", "config": "configs/synthetic/DeMo_SDTPS_tiny.yml", "overrides": ["MODEL.NAME", "Nope"]},
         {"label": "fine", "config": "configs/synthetic/DeMo_SDTPS_tiny.yml"},
@@ -75,7 +66,7 @@ def test_a_failing_row_is_marked_and_the_others_still_run(data_root: Path, tmp_p
     path = tmp_path / "toy.yaml"
     path.write_text(yaml.safe_dump(spec))
     res = _ablate("--table", str(path), "--seeds", "1", "--out", str(tmp_path / "out"), "--",
-                  "DATASETS.ROOT_DIR", str(data_root), *TINY_REID)
+                  "DATASETS.ROOT_DIR", str(tiny_rgbnt_root), *TINY_REID)
     assert res.returncode == 1
     table = (tmp_path / "out" / "toy" / "toy.md").read_text()
     assert "failed: seed 0: error: not implemented yet: model 'Nope'" in table

@@ -29,28 +29,18 @@ def _overrides(data: Path, out: Path, epochs: int = 2) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A very small synthetic RGBNT set (8 train ids, 4 test ids, 2 cameras)."""
-    root = tmp_path_factory.mktemp("data")
-    cmd = [sys.executable, "-m", "datasets.synthetic", "--kind", "rgbnt", "--out", str(root / "synthetic_rgbnt"),
-           "--num-train-ids", "8", "--num-test-ids", "4", "--num-cams", "2", "--images-per-id-cam", "2"]
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
-    return root
-
-
 def _train(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "train_net.py", "--config_file", str(TINY), *args], cwd=REPO,
                           capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
 
 
 @pytest.mark.slow
-def test_train_evaluate_resume_and_eval_only(tiny_data: Path, tmp_path: Path) -> None:
+def test_train_evaluate_resume_and_eval_only(tiny_rgbnt_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    first = _train(*_overrides(tiny_data, out, epochs=1))
+    first = _train(*_overrides(tiny_rgbnt_root, out, epochs=1))
     assert first.returncode == 0, first.stderr[-3000:]
     # continue the same run to 2 epochs: resume restores the step counter and appends metrics
-    cont = _train("--resume", *_overrides(tiny_data, out, epochs=2))
+    cont = _train("--resume", *_overrides(tiny_rgbnt_root, out, epochs=2))
     assert cont.returncode == 0, cont.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     for key in ("mAP", "rank1", "rank5", "rank10", "mINP"):
@@ -65,9 +55,9 @@ def test_train_evaluate_resume_and_eval_only(tiny_data: Path, tmp_path: Path) ->
     assert any("train/model/sdtps/kept_ratio" in r for r in rows)
     assert (out / "top10_retrievals.png").stat().st_size > 0 and (out / "kept_tokens.png").stat().st_size > 0
     # a finished run is protected; --eval-only re-evaluates it, here with only RGB + NI at test time
-    again = _train(*_overrides(tiny_data, out))
+    again = _train(*_overrides(tiny_rgbnt_root, out))
     assert again.returncode == 2 and "finished run" in again.stderr
-    ev = _train("--eval-only", *_overrides(tiny_data, out), "TEST.MISS", "rn")
+    ev = _train("--eval-only", *_overrides(tiny_rgbnt_root, out), "TEST.MISS", "rn")
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert (out / "results_eval_rn.json").is_file()
 
