@@ -119,6 +119,11 @@ _C.DATASETS.ALLOW_MISSING_MODALITY = False
 _C.DATASETS.SKIP_CORRUPT = False
 # Open every image once while parsing (slow on big sets; catches corrupt files before training).
 _C.DATASETS.VERIFY_IMAGES = False
+# Generator settings of the synthetic sets (used only by synthetic_rgbnt): a preset ("" = small,
+# "gpu") and the probability that a sample's NI or TI file is missing (< 0: the preset's, 0).
+_C.DATASETS.SYNTHETIC = CN()
+_C.DATASETS.SYNTHETIC.PRESET = ""
+_C.DATASETS.SYNTHETIC.MISSING_MODALITY_PROB = -1.0
 
 _C.DATALOADER = CN()
 _C.DATALOADER.NUM_WORKERS = -1  # -1: CPUs available / local ranks, at most 8
@@ -173,6 +178,10 @@ _C.LOSS.SDM.ANNEAL_EPOCHS = 10.0  # epochs from INIT to FINAL temperature
 _C.LOSS.SDM.FALLBACK_STEPS = 100  # steps at the fallback temperature after a non-finite SDM loss
 _C.LOSS.SDM.MIN_TEMPERATURE = 0.15
 _C.LOSS.SDM.MAX_TEMPERATURE = 0.5
+# fixed (symmetric KL, seed 002) | legacy (the pre-fix ce - h formula; ablation only: can go negative)
+_C.LOSS.SDM.FORMULA = "fixed"
+# exclude missing modalities' placeholder features from SDM (seed 002 v2); False = ablation row
+_C.LOSS.SDM.USE_MASKS = True
 
 # Feature-norm band regulariser on the BN-neck features (seed 002; v2 raises WEIGHT to 1e-2).
 _C.LOSS.FEAT_NORM = CN()

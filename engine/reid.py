@@ -45,6 +45,19 @@ def check_names(cfg: CN, family: tuple[str, ...]) -> None:
         raise ConfigError(f"DATASETS.NAMES '{name}' is not a dataset of this task (expected one of {family})")
 
 
+def synthetic_kwargs(cfg: CN) -> dict[str, Any]:
+    """Generator arguments for ``synthetic_rgbnt`` from ``DATASETS.SYNTHETIC`` (none for real sets)."""
+    if cfg.DATASETS.NAMES != "synthetic_rgbnt":
+        return {}
+    syn = cfg.DATASETS.SYNTHETIC
+    kwargs: dict[str, Any] = {}
+    if syn.PRESET:
+        kwargs["preset"] = syn.PRESET
+    if syn.MISSING_MODALITY_PROB >= 0:
+        kwargs["missing_modality_prob"] = syn.MISSING_MODALITY_PROB
+    return kwargs
+
+
 def _num_workers(cfg: CN) -> int | None:
     return None if cfg.DATALOADER.NUM_WORKERS < 0 else cfg.DATALOADER.NUM_WORKERS
 
@@ -214,7 +227,7 @@ def run_reid(cfg: CN, args: argparse.Namespace) -> dict[str, Any]:
     # ---- data
     data = datasets.build_dataset(
         cfg.DATASETS.NAMES, cfg.DATASETS.ROOT_DIR, allow_missing_modality=cfg.DATASETS.ALLOW_MISSING_MODALITY,
-        skip_corrupt=cfg.DATASETS.SKIP_CORRUPT, verify_images=cfg.DATASETS.VERIFY_IMAGES,
+        skip_corrupt=cfg.DATASETS.SKIP_CORRUPT, verify_images=cfg.DATASETS.VERIFY_IMAGES, **synthetic_kwargs(cfg),
     )
     test_loader = datasets.build_reid_test_loader(
         data.query + data.gallery, batch_size=cfg.TEST.IMS_PER_BATCH, size=cfg.INPUT.SIZE_TEST,

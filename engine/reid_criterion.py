@@ -8,6 +8,7 @@ the conditional-entropy module) so the trainer can checkpoint them.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 from losses.conditional_entropy import GatedAttentionCEM
 from losses.feature_norm import feature_norm_loss
 from losses.id_loss import id_loss
-from losses.sdm_loss import SDMTemperature, sdm_multimodal
+from losses.sdm_loss import SDMTemperature, sdm_loss_legacy, sdm_multimodal
 from losses.triplet_loss import triplet_loss
 
 MODALITY_ORDER = ("RGB", "NI", "TI")
@@ -42,6 +43,10 @@ class ReIDCriterion(nn.Module):
         self.soft_margin = loss.TRIPLET_SOFT_MARGIN
         self.sdm_enabled = loss.SDM.ENABLED
         self.sdm_weight = loss.SDM.WEIGHT
+        if loss.SDM.FORMULA not in ("fixed", "legacy"):
+            raise ValueError(f"LOSS.SDM.FORMULA must be 'fixed' or 'legacy', got '{loss.SDM.FORMULA}'")
+        self.sdm_formula = loss.SDM.FORMULA
+        self.sdm_use_masks = loss.SDM.USE_MASKS
         self.sdm_temperature = SDMTemperature(
             init=loss.SDM.INIT_TEMPERATURE,
             final=loss.SDM.FINAL_TEMPERATURE,
@@ -91,8 +96,14 @@ class ReIDCriterion(nn.Module):
             order = [m for m in MODALITY_ORDER if m in feats]
             mask = None if modality_mask is None else modality_mask[:, [MODALITY_ORDER.index(m) for m in order]]
             self.sdm_temperature.set_epoch(epoch)
-            l_sdm, _ = sdm_multimodal(feats, pids, mask, order, temperature=self.sdm_temperature.value(),
-                                      host_stats=False)
+            tau = self.sdm_temperature.value()
+            if self.sdm_formula == "legacy":  # ablation: the pre-fix formula, which has no masks
+                pairs = [sdm_loss_legacy(feats[m], feats[n], pids, tau, host_stats=False)[0]
+                         for m, n in itertools.combinations(order, 2)]
+                l_sdm = torch.stack(pairs).mean()
+            else:
+                l_sdm, _ = sdm_multimodal(feats, pids, mask if self.sdm_use_masks else None, order,
+                                          temperature=tau, host_stats=False)
             terms["sdm"] = self.sdm_weight * l_sdm
         bn_feats = outputs.get("bn_feats")
         if self.feat_norm.ENABLED and bn_feats is not None:

@@ -194,6 +194,40 @@ def sdm_loss(
 LOSS_REGISTRY.register("sdm")(sdm_loss)
 
 
+def sdm_loss_legacy(
+    feat_a: torch.Tensor,
+    feat_b: torch.Tensor,
+    pids: torch.Tensor,
+    temperature: float | torch.Tensor = 0.2,
+    host_stats: bool = True,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The pre-fix formula of seed 002, kept only for the ablation that shows why it was replaced.
+
+    ``ce - h`` with ``ce = -sum_j P_j log max(q_j, eps)`` and ``h = -sum_j P_j log P_j`` against
+    the eps-clamped label distribution: not a KL divergence (q is not renormalised after the
+    clamp), so it goes negative near convergence; it has no masks, so placeholder features
+    of missing modalities are aligned like real ones. Do not train with it except to
+    reproduce that ablation row (``LOSS.SDM.FORMULA legacy``).
+    """
+    eps = 1e-6
+    with torch.autocast(device_type=feat_a.device.type, enabled=False):
+        a = F.normalize(feat_a.float(), dim=1, eps=eps)
+        b = F.normalize(feat_b.float(), dim=1, eps=eps)
+        s = a @ b.t() / temperature
+        y = (pids.reshape(-1, 1) == pids.reshape(1, -1)).float()
+
+        def one_direction(s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            p, log_p = F.softmax(s, dim=1), F.log_softmax(s, dim=1)
+            q = (y / y.sum(1, keepdim=True).clamp_min(1)).clamp_min(eps)
+            return (-(p * torch.log(q)).sum(1) + (p * log_p).sum(1)).mean()
+
+        loss = 0.5 * (one_direction(s, y) + one_direction(s.t(), y.t()))
+    return loss, finish_stats({"sdm": loss.detach()}, host_stats)
+
+
+LOSS_REGISTRY.register("sdm_legacy")(sdm_loss_legacy)
+
+
 def sdm_multimodal(
     features: Mapping[str, torch.Tensor],
     pids: torch.Tensor,

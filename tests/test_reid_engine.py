@@ -96,3 +96,32 @@ def test_criterion_terms_sum_to_total_and_mask_sdm() -> None:
     total.backward()
     assert feats["TI"].grad is None or torch.count_nonzero(feats["TI"].grad) == 0
     assert torch.count_nonzero(feats["RGB"].grad) > 0
+
+
+def test_sdm_ablation_switches() -> None:
+    """LOSS.SDM.USE_MASKS False aligns missing modalities too; FORMULA legacy uses the old formula."""
+    g = torch.Generator().manual_seed(1)
+    pids = torch.tensor([0, 0, 1, 1])
+    feats = {m: torch.randn(4, 6, generator=g, requires_grad=True) for m in ("RGB", "NI", "TI")}
+    outputs = {"branches": [], "modality_feats": feats}
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    mask[:, 2] = False  # TI missing everywhere
+    for overrides, ti_gets_grad in (([], False), (["LOSS.SDM.USE_MASKS", "False"], True),
+                                    (["LOSS.SDM.FORMULA", "legacy"], True)):
+        crit = ReIDCriterion(load_config(None, ["LOSS.FEAT_NORM.ENABLED", "False", *overrides]))
+        for f in feats.values():
+            f.grad = None
+        total, terms = crit(outputs, pids, mask, epoch=0.0)
+        total.backward()
+        got = feats["TI"].grad is not None and bool(torch.count_nonzero(feats["TI"].grad))
+        assert got is ti_gets_grad, overrides
+    with pytest.raises(ValueError, match="LOSS.SDM.FORMULA"):
+        ReIDCriterion(load_config(None, ["LOSS.SDM.FORMULA", "buggy"]))
+
+
+def test_synthetic_generator_settings_reach_only_the_synthetic_set() -> None:
+    from engine.reid import synthetic_kwargs
+
+    cfg = load_config(None, ["DATASETS.NAMES", "synthetic_rgbnt", "DATASETS.SYNTHETIC.MISSING_MODALITY_PROB", "0.3"])
+    assert synthetic_kwargs(cfg) == {"missing_modality_prob": 0.3}
+    assert synthetic_kwargs(load_config(None, ["DATASETS.NAMES", "RGBNT201"])) == {}

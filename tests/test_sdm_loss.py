@@ -334,3 +334,29 @@ def test_shape_errors_are_clear() -> None:
         sdm_loss(torch.randn(4, 3), torch.randn(5, 3), torch.arange(4))
     with pytest.raises(ValueError, match="pids"):
         sdm_loss(torch.randn(4, 3), torch.randn(4, 3), torch.arange(3))
+
+
+def test_legacy_formula_matches_the_seed_note_and_goes_negative() -> None:
+    """``sdm_loss_legacy`` (ablation only) equals the test's own transcription of the old code."""
+    from losses.sdm_loss import sdm_loss_legacy
+
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(12, 8, generator=g), torch.randn(12, 8, generator=g)
+    pids = torch.arange(6).repeat_interleave(2)
+    eps = 1e-6
+    s = F.normalize(a, dim=1, eps=eps) @ F.normalize(b, dim=1, eps=eps).t() / 0.2
+    y = (pids[:, None] == pids[None, :]).float()
+    expected = 0.0
+    for mat, lab in ((s, y), (s.t(), y.t())):
+        p = F.softmax(mat, dim=1)
+        q = (lab / lab.sum(1, keepdim=True)).clamp_min(eps)
+        expected += 0.5 * ((-(p * q.log()).sum(1)) - (-(p * F.log_softmax(mat, dim=1)).sum(1))).mean().item()
+    loss, stats = sdm_loss_legacy(a, b, pids, 0.2)
+    assert loss.item() == pytest.approx(expected, rel=1e-5) and stats["sdm"] == pytest.approx(expected, rel=1e-5)
+    # aligned features at a sharp temperature: the old formula is below zero, the fixed one is not
+    x = F.one_hot(torch.arange(12), 12).float()
+    pids = torch.arange(12)
+    assert sdm_loss_legacy(x, x, pids, 0.05)[0].item() < 0
+    from losses.sdm_loss import sdm_loss
+
+    assert sdm_loss(x, x, pids, 0.05)[0].item() >= 0

@@ -85,13 +85,21 @@ def run_command(spec: dict[str, Any], row: dict[str, Any], seed: int, run_dir: P
     cmd = [sys.executable, spec["script"], "--config_file", config, *map(str, row.get("args", []))]
     if (run_dir / "last_checkpoint").is_file() and not (run_dir / "summary.json").is_file():
         cmd.append("--resume")  # before the KEY VALUE pairs
-    cmd += [str(x) for x in row.get("overrides", [])]
+    cmd += _flat(row.get("overrides", []))
     if quick:
         cmd += [str(x) for x in spec.get("quick", [])]
     cmd += list(extra)
     cmd += ["SEED", str(seed), "OUTPUT_DIR", str(run_dir), "WANDB.MODE", wandb_mode,
             "WANDB.GROUP", f"ablation-{spec['_name']}", "WANDB.NAME", f"{slug(row['label'])}-seed{seed}"]
     return cmd
+
+
+def _flat(items: list[Any]) -> list[str]:
+    """Overrides as strings; nested lists (YAML anchors shared by several rows) are spliced in."""
+    out: list[str] = []
+    for item in items:
+        out += _flat(item) if isinstance(item, list) else [str(item)]
+    return out
 
 
 def aggregate(values: list[float]) -> tuple[float, float]:

@@ -27,9 +27,8 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from losses.sdm_loss import sdm_loss  # noqa: E402
+from losses.sdm_loss import sdm_loss, sdm_loss_legacy  # noqa: E402
 from verify.harness import report, run  # noqa: E402
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
@@ -37,27 +36,11 @@ INJECTED: set[str] = set()
 
 
 def old_buggy_sdm(feat_a, feat_b, pids, temperature=0.2, mask_a=None, mask_b=None):
-    """The seed note's pre-fix formula: ``ce - h`` against the eps-clamped label distribution.
+    """The seed note's pre-fix formula (``losses.sdm_loss.sdm_loss_legacy``); ignores masks.
 
-    ``sum_j P_j log P_j - sum_j P_j log max(q_j, eps)``: a "KL" against an unnormalised q,
-    which is negative when the prediction is close to q (near convergence). Used only
-    to show that this script catches it. Ignores masks (the old code had none).
+    Used only to show that this script catches it.
     """
-    eps = 1e-6
-    a = F.normalize(feat_a.float(), dim=1, eps=eps)
-    b = F.normalize(feat_b.float(), dim=1, eps=eps)
-    s = a @ b.t() / temperature
-    y = (pids.reshape(-1, 1) == pids.reshape(1, -1)).float()
-
-    def one(s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        p, log_p = F.softmax(s, dim=1), F.log_softmax(s, dim=1)
-        q = (y / y.sum(1, keepdim=True).clamp_min(1)).clamp_min(eps)
-        ce = -(p * torch.log(q)).sum(1)
-        h = -(p * log_p).sum(1)
-        return (ce - h).mean()
-
-    loss = 0.5 * (one(s, y) + one(s.t(), y.t()))
-    return loss, {"sdm": float(loss)}
+    return sdm_loss_legacy(feat_a, feat_b, pids, temperature)
 
 
 def reference_sdm(a, b, pids, tau, mask_a=None, mask_b=None) -> float:
