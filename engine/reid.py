@@ -62,14 +62,33 @@ def _num_workers(cfg: CN) -> int | None:
     return None if cfg.DATALOADER.NUM_WORKERS < 0 else cfg.DATALOADER.NUM_WORKERS
 
 
-def build_reid_model(cfg: CN, data: datasets.ReIDData) -> torch.nn.Module:
-    """The configured model with the class and camera counts of ``data``'s train split."""
+def build_reid_model(cfg: CN, num_classes: int, num_cameras: int) -> torch.nn.Module:
+    """The configured model with ``num_classes`` identities and ``num_cameras`` SIE rows."""
     model_cfg = cfg.clone()
     model_cfg.defrost()
-    model_cfg.MODEL.NUM_CLASSES = data.num_train_pids
-    model_cfg.MODEL.NUM_CAMERAS = max(data.num_train_cams, 1)
+    model_cfg.MODEL.NUM_CLASSES = num_classes
+    model_cfg.MODEL.NUM_CAMERAS = max(num_cameras, 1)
     model_cfg.freeze()
     return build_model(model_cfg)
+
+
+def build_reid_optimizer(
+    cfg: CN, model: torch.nn.Module, criterion: ReIDCriterion
+) -> tuple[torch.optim.Optimizer, list[torch.nn.Parameter]]:
+    """Optimizer over the model's groups (backbone at ``SOLVER.BACKBONE_LR``, new modules at
+    ``SOLVER.BASE_LR``) and the criterion's own; also returns the flat parameter list to clip."""
+    backbone_lr = cfg.SOLVER.BACKBONE_LR if cfg.SOLVER.BACKBONE_LR > 0 else cfg.SOLVER.BASE_LR
+    groups = unwrap(model).param_groups(backbone_lr, cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY)
+    groups += criterion.param_groups(cfg.SOLVER.WEIGHT_DECAY)
+    optimizer = build_optimizer(groups, cfg.SOLVER.OPTIMIZER, lr=cfg.SOLVER.BASE_LR,
+                                weight_decay=cfg.SOLVER.WEIGHT_DECAY, momentum=cfg.SOLVER.MOMENTUM,
+                                nesterov=cfg.SOLVER.NESTEROV)
+    return optimizer, [p for g in optimizer.param_groups for p in g["params"]]
+
+
+def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """``torch.compile`` with a ``MODEL.COMPILE`` mode name (``default`` = torch's default mode)."""
+    return torch.compile(model, mode=None if mode in ("", "default") else mode)
 
 
 def resolve_test_modalities(cfg: CN) -> tuple[str, ...]:
@@ -237,7 +256,7 @@ def run_reid(cfg: CN, args: argparse.Namespace) -> dict[str, Any]:
     num_query = len(data.query)
 
     # ---- model and objective
-    model = build_reid_model(cfg, data).to(device)
+    model = build_reid_model(cfg, data.num_train_pids, data.num_train_cams).to(device)
     criterion = ReIDCriterion(cfg, bn_feat_dim=getattr(model, "bn_feat_dim", None)).to(device)
     ckpt = Checkpointer(out_dir)
     metrics = MetricsLogger(
@@ -271,14 +290,8 @@ def run_reid(cfg: CN, args: argparse.Namespace) -> dict[str, Any]:
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise ValueError(f"the train split gives no P x K batch of {cfg.SOLVER.IMS_PER_BATCH}; lower SOLVER.IMS_PER_BATCH")
-    backbone_lr = cfg.SOLVER.BACKBONE_LR if cfg.SOLVER.BACKBONE_LR > 0 else cfg.SOLVER.BASE_LR
-    groups = unwrap(model).param_groups(backbone_lr, cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY)
-    groups += criterion.param_groups(cfg.SOLVER.WEIGHT_DECAY)
-    optimizer = build_optimizer(groups, cfg.SOLVER.OPTIMIZER, lr=cfg.SOLVER.BASE_LR,
-                                weight_decay=cfg.SOLVER.WEIGHT_DECAY, momentum=cfg.SOLVER.MOMENTUM,
-                                nesterov=cfg.SOLVER.NESTEROV)
+    optimizer, params = build_reid_optimizer(cfg, model, criterion)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     m = cfg.MONITOR
     spikes = SpikeDetector(m.SPIKE_WINDOW, m.SPIKE_WARMUP, m.SPIKE_MAD_FLOOR, m.SPIKE_REL_FLOOR, m.SPIKE_SIGMAS)
     guard = NonFiniteGuard(m.MAX_NONFINITE_STEPS)
@@ -293,7 +306,7 @@ def run_reid(cfg: CN, args: argparse.Namespace) -> dict[str, Any]:
         best = extra["best"]
     train_model = wrap_ddp(model, device)
     if cfg.MODEL.COMPILE:
-        train_model = torch.compile(train_model, mode=None if cfg.MODEL.COMPILE == "default" else cfg.MODEL.COMPILE)
+        train_model = compile_model(train_model, cfg.MODEL.COMPILE)
 
     def checkpoint_extra() -> dict[str, Any]:
         return {"criterion": criterion.state(), "spikes": spikes.state_dict(), "guard": guard.state_dict(),

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-MODALITY_ORDER = ("RGB", "NI", "TI")
+from engine.reid_criterion import MODALITY_ORDER
 
 
 def _pyplot() -> Any:

@@ -32,11 +32,9 @@ import torch  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.device import build_amp_policy, resolve_device  # noqa: E402
 from engine.monitor import NonFiniteGuard, SpikeDetector  # noqa: E402
-from engine.reid import train_step  # noqa: E402
+from engine.reid import build_reid_model, build_reid_optimizer, compile_model, train_step  # noqa: E402
 from engine.reid_criterion import MODALITY_ORDER, ReIDCriterion  # noqa: E402
 from engine.seed import seed_everything  # noqa: E402
-from engine.solver import build_optimizer  # noqa: E402
-from modeling import build_model  # noqa: E402
 
 # Dense bf16/fp16 tensor-core peak (FLOP/s) by device name fragment, for model FLOP utilisation.
 PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
@@ -65,36 +63,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _model_cfg(cfg, num_classes: int, num_cams: int):
-    c = cfg.clone()
-    c.defrost()
-    c.MODEL.NUM_CLASSES = num_classes
-    c.MODEL.NUM_CAMERAS = num_cams
-    c.freeze()
-    return c
+def _setup(cfg, precision: str, device: torch.device, args: argparse.Namespace, compiled: bool) -> tuple:
+    """Fresh model (seed 0), objective, optimizer and step state for one measurement, as the trainer builds them."""
+    seed_everything(0)
+    amp = build_amp_policy(precision, device)
+    model = build_reid_model(cfg, args.num_classes, args.num_cameras).to(device)
+    criterion = ReIDCriterion(cfg, bn_feat_dim=getattr(model, "bn_feat_dim", None)).to(device)
+    optimizer, params = build_reid_optimizer(cfg, model, criterion)
+    run_model = compile_model(model, cfg.MODEL.COMPILE) if compiled else model
+    batch = _batch(cfg, device, args.num_classes, args.num_cameras, cfg.SOLVER.IMS_PER_BATCH)
+
+    def step(net: torch.nn.Module = run_model) -> None:
+        train_step(net, criterion, optimizer, amp, params, batch, 0.0, cfg.SOLVER.GRAD_CLIP, guard, spikes)
+
+    guard, spikes = NonFiniteGuard(10**9), SpikeDetector()
+    return model, run_model, amp, guard, step
 
 
 def bench_precision(cfg, precision: str, device: torch.device, args: argparse.Namespace) -> dict[str, float]:
     """Train and eval throughput of one precision (fresh model and optimizer)."""
-    seed_everything(0)
-    amp = build_amp_policy(precision, device)
-    model = build_model(_model_cfg(cfg, args.num_classes, args.num_cameras)).to(device)
-    criterion = ReIDCriterion(cfg, bn_feat_dim=getattr(model, "bn_feat_dim", None)).to(device)
-    groups = model.param_groups(cfg.SOLVER.BACKBONE_LR if cfg.SOLVER.BACKBONE_LR > 0 else cfg.SOLVER.BASE_LR,
-                                cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY)
-    optimizer = build_optimizer(groups, cfg.SOLVER.OPTIMIZER, lr=cfg.SOLVER.BASE_LR,
-                                weight_decay=cfg.SOLVER.WEIGHT_DECAY)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    mode = cfg.MODEL.COMPILE if cfg.MODEL.COMPILE not in ("", "default") else None
-    run_model = torch.compile(model, mode=mode) if args.compile else model
-    batch = _batch(cfg, device, args.num_classes, args.num_cameras, cfg.SOLVER.IMS_PER_BATCH)
-    guard, spikes = NonFiniteGuard(10**9), SpikeDetector()
+    model, run_model, amp, guard, step = _setup(cfg, precision, device, args, args.compile)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-
-    def step() -> None:
-        train_step(run_model, criterion, optimizer, amp, params, batch, 0.0, cfg.SOLVER.GRAD_CLIP, guard, spikes)
 
     run_model.train()
     for _ in range(args.warmup):
@@ -113,7 +104,7 @@ def bench_precision(cfg, precision: str, device: torch.device, args: argparse.Na
 
         counter = FlopCounterMode(display=False)
         with counter:
-            train_step(model, criterion, optimizer, amp, params, batch, 0.0, cfg.SOLVER.GRAD_CLIP, guard, spikes)
+            step(model)  # eager: the counter needs the aten ops
         flops = float(counter.get_total_flops())
     peak_flops = _peak_flops(device)
     mfu = flops / train_time / peak_flops if peak_flops and math.isfinite(flops) else math.nan
@@ -146,26 +137,15 @@ def profile_steps(cfg, precision: str, device: torch.device, args: argparse.Name
     """torch.profiler table (top ops by device time, then by CPU time) over ``steps`` training steps."""
     from torch.profiler import ProfilerActivity, profile
 
-    seed_everything(0)
-    amp = build_amp_policy(precision, device)
-    model = build_model(_model_cfg(cfg, args.num_classes, args.num_cameras)).to(device)
-    criterion = ReIDCriterion(cfg, bn_feat_dim=getattr(model, "bn_feat_dim", None)).to(device)
-    groups = model.param_groups(cfg.SOLVER.BASE_LR, cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY)
-    optimizer = build_optimizer(groups, cfg.SOLVER.OPTIMIZER, lr=cfg.SOLVER.BASE_LR)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    batch = _batch(cfg, device, args.num_classes, args.num_cameras, cfg.SOLVER.IMS_PER_BATCH)
-    guard, spikes = NonFiniteGuard(10**9), SpikeDetector()
-    model.train()
-    if args.compile:
-        mode = cfg.MODEL.COMPILE if cfg.MODEL.COMPILE not in ("", "default") else None
-        model = torch.compile(model, mode=mode)
+    _, run_model, _, _, step = _setup(cfg, precision, device, args, args.compile)
+    run_model.train()
     for _ in range(3):
-        train_step(model, criterion, optimizer, amp, params, batch, 0.0, cfg.SOLVER.GRAD_CLIP, guard, spikes)
+        step()
     _sync(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            train_step(model, criterion, optimizer, amp, params, batch, 0.0, cfg.SOLVER.GRAD_CLIP, guard, spikes)
+            step()
         _sync(device)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=40)
