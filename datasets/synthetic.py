@@ -64,6 +64,8 @@ JPEG_QUALITY = 92
 RGBNT_PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(num_train_ids=40, num_test_ids=20, num_cams=4, images_per_id_cam=4, size=(128, 64)),
     "gpu": dict(num_train_ids=300, num_test_ids=100, num_cams=4, images_per_id_cam=6, size=(256, 128)),
+    # GPU ablation tables: many short runs side by side, so small images (cheap to decode)
+    "ablation": dict(num_train_ids=100, num_test_ids=60, num_cams=4, images_per_id_cam=4, size=(128, 64)),
 }
 FEWSHOT_PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(num_classes=(64, 16, 20), images_per_class=30, size=84),
@@ -805,8 +807,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m datasets.synthetic", description=__doc__.split("\n\n")[0])
     parser.add_argument("--kind", choices=("rgbnt", "fewshot"), required=True)
     parser.add_argument("--out", required=True, help="output folder (written atomically)")
-    parser.add_argument("--preset", choices=("small", "gpu"), default="small",
-                        help="small: CPU tests (default); gpu: hundreds of ids / 600 images per class")
+    parser.add_argument("--preset", choices=sorted({*RGBNT_PRESETS, *FEWSHOT_PRESETS}), default="small",
+                        help="small: CPU tests (default); gpu: hundreds of ids / 600 images per class; "
+                             "ablation (rgbnt): 100/60 ids at 128x64 for many short GPU runs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=_parse_size, default=None, help="HxW for rgbnt (128x64), side for fewshot (84)")
     parser.add_argument("--num-train-ids", type=int)
@@ -820,6 +823,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="regenerate even if an identical set exists")
     args = parser.parse_args(argv)
 
+    presets = RGBNT_PRESETS if args.kind == "rgbnt" else FEWSHOT_PRESETS
+    if args.preset not in presets:
+        parser.error(f"--preset {args.preset} is not a {args.kind} preset (choose from {sorted(presets)})")
     start = time.perf_counter()
     if args.kind == "rgbnt":
         kw = dict(RGBNT_PRESETS[args.preset])

@@ -72,7 +72,8 @@ _C.MODEL.SDTPS.RENORMALIZE_ATTN = False
 # Gate scale and bias are clamped to [-bound, bound] in the forward (seed 003: at most [-5, 5]).
 _C.MODEL.SDTPS.GATE_PARAM_BOUND = 5.0
 
-# ReID (DeMo, DeMo_SDTPS). MODEL.BACKBONE "" means clip_vit_b16; clip_vit_tiny is the CPU test tower.
+# ReID (DeMo, DeMo_SDTPS). MODEL.BACKBONE "" means clip_vit_b16; clip_vit_tiny is the CPU test tower,
+# clip_vit_small the GPU-ablation tower (random init).
 # The patch grid follows INPUT.SIZE_TRAIN (256x128 -> 16x8 patches of 16 px).
 _C.MODEL.NUM_CLASSES = 0  # training identities; 0 = set by the trainer from the dataset
 _C.MODEL.NUM_CAMERAS = 0  # rows of the SIE table; 0 = set by the trainer from the dataset
@@ -120,7 +121,7 @@ _C.DATASETS.SKIP_CORRUPT = False
 # Open every image once while parsing (slow on big sets; catches corrupt files before training).
 _C.DATASETS.VERIFY_IMAGES = False
 # Generator settings of the synthetic sets (used only by synthetic_rgbnt): a preset ("" = small,
-# "gpu") and the probability that a sample's NI or TI file is missing (< 0: the preset's, 0).
+# "gpu", "ablation"; see datasets.synthetic.RGBNT_PRESETS) and the probability that a sample's NI or TI file is missing (< 0: the preset's, 0).
 _C.DATASETS.SYNTHETIC = CN()
 _C.DATASETS.SYNTHETIC.PRESET = ""
 _C.DATASETS.SYNTHETIC.MISSING_MODALITY_PROB = -1.0

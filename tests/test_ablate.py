@@ -26,24 +26,24 @@ def _ablate(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_quick_gate_init_rows_give_a_table(tiny_rgbnt_root: Path, tmp_path: Path) -> None:
-    res = _ablate("--table", "gate_init", "--quick", "--seeds", "2", "--out", str(tmp_path),
+    res = _ablate("--table", "gate_init", "--quick", "--seeds", "2", "--jobs", "2", "--out", str(tmp_path),
                   "--rows", "old init 1.0/0.0", "new init 0.5/0.5", "--",
                   "DATASETS.ROOT_DIR", str(tiny_rgbnt_root), *TINY_REID)
     assert res.returncode == 0, res.stderr[-3000:]
-    table = (tmp_path / "gate_init" / "gate_init.md").read_text()
+    table = (tmp_path / "gate_init-quick" / "gate_init.md").read_text()
     assert "| old init 1.0/0.0 |" in table and "| new init 0.5/0.5 |" in table and "2/2" in table
-    rows = (tmp_path / "gate_init" / "gate_init.csv").read_text().splitlines()
+    rows = (tmp_path / "gate_init-quick" / "gate_init.csv").read_text().splitlines()
     assert rows[0].startswith("row,mAP_mean") and len(rows) == 3
-    assert (tmp_path / "gate_init" / "gate_init.png").stat().st_size > 0
+    assert (tmp_path / "gate_init-quick" / "gate_init.png").stat().st_size > 0
     # the runs used the flags of their row
-    cfg = yaml.safe_load((tmp_path / "gate_init" / "old_init_1.0_0.0" / "seed1" / "config.yaml").read_text())
+    cfg = yaml.safe_load((tmp_path / "gate_init-quick" / "old_init_1.0_0.0" / "seed1" / "config.yaml").read_text())
     assert cfg["MODEL"]["SDTPS"]["GATE_INIT_SCALE"] == 1.0 and cfg["SEED"] == 1
     # repeating the command reuses the finished runs (no training: fast, same table)
     again = _ablate("--table", "gate_init", "--quick", "--seeds", "2", "--out", str(tmp_path),
                     "--rows", "old init 1.0/0.0", "new init 0.5/0.5", "--",
                     "DATASETS.ROOT_DIR", str(tiny_rgbnt_root), *TINY_REID)
     assert again.returncode == 0 and "===" not in again.stdout
-    assert (tmp_path / "gate_init" / "gate_init.md").read_text() == table
+    assert (tmp_path / "gate_init-quick" / "gate_init.md").read_text() == table
 
 
 @pytest.mark.slow
@@ -53,7 +53,7 @@ def test_quick_sap_scale_rows(tmp_path: Path) -> None:
                   "DATASETS.ROOT_DIR", str(tmp_path / "data"), "SOLVER.MAX_EPOCHS", "1",
                   "FEWSHOT.PRETRAIN.EPOCHS", "1")
     assert res.returncode == 0, res.stderr[-3000:]
-    table = (tmp_path / "out" / "sap_scale" / "sap_scale.md").read_text()
+    table = (tmp_path / "out" / "sap_scale-quick" / "sap_scale.md").read_text()
     assert "| learnable, decayed |" in table and "1/1" in table
 
 
@@ -71,6 +71,26 @@ def test_a_failing_row_is_marked_and_the_others_still_run(tiny_rgbnt_root: Path,
     table = (tmp_path / "out" / "toy" / "toy.md").read_text()
     assert "failed: seed 0: error: not implemented yet: model 'Nope'" in table
     assert "| fine |" in table and "| fine | – |" not in table  # the good row ran and has a value
+
+
+def test_cpu_slots_are_disjoint_shares(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ablate.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    slots = ablate.cpu_slots(5)
+    assert len(slots) == 5 and all(len(s) == 3 for s in slots)
+    assert len(set().union(*slots)) == 15  # disjoint
+    assert ablate.cpu_slots(1) == [None]  # one job keeps every CPU
+    monkeypatch.setattr(ablate.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert ablate.cpu_slots(2) == [None, None]  # fewer CPUs than jobs: no pinning
+
+
+def test_quick_and_full_tables_use_separate_folders(tmp_path: Path) -> None:
+    quick = _ablate("--table", "sdm", "--quick", "--seeds", "1", "--dry-run", "--out", str(tmp_path)).stdout
+    full = _ablate("--table", "sdm", "--seeds", "1", "--dry-run", "--out", str(tmp_path)).stdout
+    assert str(tmp_path / "sdm-quick" / "no_SDM" / "seed0") in quick
+    assert str(tmp_path / "sdm" / "no_SDM" / "seed0") in full
+    # the quick runs read the small missing-modality set, the full runs the ablation-preset one
+    assert quick.splitlines()[0].split("DATASETS.ROOT_DIR")[-1].split()[0] == "data/missing30"
+    assert "configs/synthetic/DeMo_SDTPS_small.yml" in full and "data/ablation_missing30" in full
 
 
 def test_unknown_table_is_a_clear_error() -> None:

@@ -42,6 +42,15 @@ def test_registered_tiny_backbone_shapes() -> None:
     assert not any(isinstance(m, nn.MultiheadAttention) for m in bb.modules())
 
 
+def test_registered_small_backbone_sees_the_vit_b16_grid_at_half_size() -> None:
+    # patch 8 at 128x64 gives ViT-B/16's 16x8 grid at 256x128: what the GPU ablation tables rely on
+    bb = BACKBONE_REGISTRY.build("clip_vit_small", image_size=(128, 64), num_cameras=4)
+    assert bb.patch_grid == (16, 8) and bb.num_patches == 128 and bb.embed_dim == 256 and bb.width == 256
+    assert sum(isinstance(m, nn.LayerNorm) for m in bb.modules()) >= 2 * 4  # 4 residual blocks
+    out = bb(torch.randn(2, 3, 128, 64), torch.tensor([0, 3]))
+    assert out.shape == (2, 129, 256) and torch.isfinite(out).all()
+
+
 def test_attention_runs_through_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
     bb = CLIPVisionBackbone("ViT-tiny", (64, 32))
     calls = {"n": 0}

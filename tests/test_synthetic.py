@@ -154,3 +154,16 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def test_cli_presets_belong_to_their_kind(tmp_path, capsys):
+    # "ablation" is an RGBNT preset (short GPU runs); asking for it as a few-shot set is a usage error
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--kind", "fewshot", "--out", str(tmp_path / "f"), "--preset", "ablation"])
+    assert exit_info.value.code == 2
+    assert "not a fewshot preset" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()
+    assert main(["--kind", "rgbnt", "--out", str(tmp_path / "r"), "--preset", "ablation", "--num-train-ids", "2",
+                 "--num-test-ids", "1", "--num-cams", "2", "--images-per-id-cam", "1", "--workers", "1"]) == 0
+    marker = read_marker(tmp_path / "r")
+    assert marker is not None and marker["size"] == [128, 64]  # the preset's image size was kept

@@ -2,7 +2,7 @@
 """Reproduce an ablation table from one small YAML: rows x seeds, mean +- std, Markdown/CSV/PNG.
 
     python tools/ablate.py --table gate_init [--seeds 3] [--quick] [--real] [--out outputs/ablations]
-        [--wandb-mode disabled|offline|online] [--rows LABEL ...] [--dry-run] [-- KEY VALUE ...]
+        [--jobs N] [--wandb-mode disabled|offline|online] [--rows LABEL ...] [--dry-run] [-- KEY VALUE ...]
 
 A table file (``configs/ablations/<name>.yaml``) names the training script, the columns
 (keys of each run's ``summary.json``) and the rows::
@@ -18,7 +18,7 @@ A table file (``configs/ablations/<name>.yaml``) names the training script, the 
         args: [--init_scale, "1.0", --init_bias, "0.0"]
         overrides: []
 
-Every (row, seed) runs in its own folder ``<out>/<table>/<row>/seed<k>``; a finished run
+Every (row, seed) runs in its own folder ``<out>/<table>[-quick|-real]/<row>/seed<k>``; a finished run
 (``summary.json`` present) is kept, an interrupted one resumed, so the command can be
 repeated after a crash. A row whose runs fail is marked ``failed: <reason>`` and the
 others still run. Outputs: ``<table>.md``, ``<table>.csv``, ``<table>.png`` and, with
@@ -33,9 +33,13 @@ import io
 import json
 import math
 import os
+import queue
 import statistics
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +156,66 @@ def plot(spec: dict[str, Any], results: list[dict[str, Any]], path: Path) -> Non
     plt.close(fig)
 
 
+def cpu_slots(jobs: int) -> list[set[int] | None]:
+    """Split this process's CPUs into ``jobs`` disjoint sets (``None`` each when there are too few).
+
+    A run pinned to its set sees only those CPUs, so its data-loader default
+    (``DATALOADER.NUM_WORKERS -1``) and thread pools size themselves to its share.
+    """
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return [None] * jobs
+    if jobs <= 1 or len(cpus) < jobs:
+        return [None] * jobs
+    k = len(cpus) // jobs
+    return [set(cpus[i * k:(i + 1) * k]) for i in range(jobs)]
+
+
+def execute(cmd: list[str], cpus: set[int] | None) -> str | None:
+    """Run one training command (pinned to ``cpus``); ``None`` on success, else its last error line."""
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    if cpus:
+        env["OMP_NUM_THREADS"] = str(len(cpus))
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None  # a syscall only: safe after fork
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, preexec_fn=pin)
+    if proc.returncode == 0:
+        return None
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else f"exit {proc.returncode}"
+
+
+def run_all(tasks: list[tuple[int, int, list[str], Path]], jobs: int) -> dict[tuple[int, int], str]:
+    """Run the (row, seed, command, folder) tasks, ``jobs`` at a time; errors by (row, seed)."""
+    errors: dict[tuple[int, int], str] = {}
+    slots: queue.Queue = queue.Queue()
+    for cpus in cpu_slots(jobs):
+        slots.put(cpus)
+    done = 0
+    lock = threading.Lock()
+
+    def one(task: tuple[int, int, list[str], Path]) -> None:
+        nonlocal done
+        row, seed, cmd, _ = task
+        cpus = slots.get()
+        start = time.perf_counter()
+        try:
+            err = execute(cmd, cpus)
+        finally:
+            slots.put(cpus)
+        with lock:
+            done += 1
+            if err is not None:
+                errors[(row, seed)] = err
+            state = "ok" if err is None else f"FAILED: {err}"
+            print(f"[{done}/{len(tasks)}] row {row} seed {seed}: {state} ({time.perf_counter() - start:.0f} s)",
+                  flush=True)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(one, tasks))
+    return errors
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--table", required=True, help="name in configs/ablations/ or a YAML path")
@@ -160,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real", action="store_true", help="use each row's real_config (real benchmarks)")
     parser.add_argument("--rows", nargs="*", default=None, help="only these row labels")
     parser.add_argument("--out", default="outputs/ablations")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs side by side (e.g. several small runs on one GPU), each pinned to its share "
+                             "of the CPUs")
     parser.add_argument("--wandb-mode", default="disabled", choices=("disabled", "offline", "online"))
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("overrides", nargs="*", help="KEY VALUE config overrides added to every run")
@@ -169,32 +236,41 @@ def main(argv: list[str] | None = None) -> int:
     except AblationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     rows = [r for r in spec["rows"] if args.rows is None or r["label"] in args.rows]
-    out = Path(args.out) / spec["_name"]
-    results = []
-    for row in rows:
-        result = {"label": row["label"], "values": {c: [] for c in spec["columns"]}, "errors": []}
+    # quick, synthetic and real runs of one table never share (or reuse) each other's folders
+    out = Path(args.out) / (spec["_name"] + ("-quick" if args.quick else "-real" if args.real else ""))
+    tasks = []
+    for i, row in enumerate(rows):
         for seed in range(args.seeds):
             run_dir = out / slug(row["label"]) / f"seed{seed}"
             cmd = run_command(spec, row, seed, run_dir, args.quick, args.real, args.wandb_mode, args.overrides)
             if args.dry_run:
                 print(" ".join(cmd))
+            elif not (run_dir / "summary.json").is_file():
+                tasks.append((i, seed, cmd, run_dir))
+    if args.dry_run:
+        return 0
+    for i, seed, _, _ in tasks:
+        print(f"=== row {i} ({rows[i]['label']}) seed {seed}", flush=True)
+    errors = run_all(tasks, args.jobs)
+    results = []
+    for i, row in enumerate(rows):
+        result = {"label": row["label"], "values": {c: [] for c in spec["columns"]}, "errors": []}
+        for seed in range(args.seeds):
+            if (i, seed) in errors:
+                result["errors"].append(f"seed {seed}: {errors[(i, seed)]}")
                 continue
-            if not (run_dir / "summary.json").is_file():
-                print(f"=== {row['label']} seed {seed}", flush=True)
-                proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                                      env={**os.environ, "TQDM_DISABLE": "1"})
-                if proc.returncode != 0:
-                    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-                    result["errors"].append(f"seed {seed}: {lines[-1] if lines else f'exit {proc.returncode}'}")
-                    continue
-            summary = json.loads((run_dir / "summary.json").read_text())
+            summary_path = out / slug(row["label"]) / f"seed{seed}" / "summary.json"
+            if not summary_path.is_file():
+                result["errors"].append(f"seed {seed}: finished without {summary_path.name}")
+                continue
+            summary = json.loads(summary_path.read_text())
             for c in spec["columns"]:
                 if c in summary:
                     result["values"][c].append(float(summary[c]))
         results.append(result)
-    if args.dry_run:
-        return 0
     md, csv_text = render(spec, results, args.seeds)
     atomic_write_text(out / f"{spec['_name']}.md", f"### {spec['_name']}\n\n{md}")
     atomic_write_text(out / f"{spec['_name']}.csv", csv_text)

@@ -1,7 +1,7 @@
 """Measure the throughput of the ReID training loader (decode + shared augmentation + collate).
 
     python tools/bench_loader.py [--dataset synthetic_rgbnt --root data --batch-size 64 --num-instance 8
-                                  --num-workers N --batches 40 --warmup 5]
+                                  --num-workers N --batches 40 --warmup 5 --size 256 128]
 
 Prints samples/s (one sample = one identity sighting, all modalities) and images/s (one
 image per modality file) per worker count. The default data set is the synthetic one,
@@ -21,10 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datasets import build_dataset, build_reid_train_loader, default_num_workers  # noqa: E402
 
 
-def bench(items, *, batch_size: int, num_instance: int, num_workers: int, batches: int, warmup: int) -> tuple[float, float]:
+def bench(items, *, batch_size: int, num_instance: int, num_workers: int, batches: int, warmup: int,
+          size: tuple[int, int] = (256, 128)) -> tuple[float, float]:
     """``(samples_per_s, images_per_s)`` over ``batches`` batches after ``warmup`` batches."""
     loader = build_reid_train_loader(items, batch_size=batch_size, num_instance=num_instance,
-                                     num_workers=num_workers)
+                                     num_workers=num_workers, size=size)
     samples = images = 0
     done = 0
     epoch = 0
@@ -55,15 +56,18 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"worker counts to try (default: 0 and {default_num_workers(1)})")
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--size", type=int, nargs=2, default=(256, 128), metavar=("H", "W"),
+                        help="training image size (INPUT.SIZE_TRAIN)")
     args = parser.parse_args(argv)
 
     data = build_dataset(args.dataset, args.root, verbose=False)
     workers = args.num_workers if args.num_workers is not None else sorted({0, default_num_workers(1)})
     print(f"{args.dataset}: {len(data.train)} train samples, batch {args.batch_size} "
-          f"(P={args.batch_size // args.num_instance} x K={args.num_instance}), 256x128, {os.cpu_count()} CPUs")
+          f"(P={args.batch_size // args.num_instance} x K={args.num_instance}), {args.size[0]}x{args.size[1]}, "
+          f"{os.cpu_count()} CPUs")
     for w in workers:
         sps, ips = bench(data.train, batch_size=args.batch_size, num_instance=args.num_instance, num_workers=w,
-                         batches=args.batches, warmup=args.warmup)
+                         batches=args.batches, warmup=args.warmup, size=args.size)
         print(f"  num_workers={w}: {sps:8.1f} samples/s  {ips:8.1f} images/s")
     return 0
 
