@@ -185,8 +185,8 @@ def execute(cmd: list[str], cpus: set[int] | None) -> str | None:
     return lines[-1] if lines else f"exit {proc.returncode}"
 
 
-def run_all(tasks: list[tuple[int, int, list[str], Path]], jobs: int) -> dict[tuple[int, int], str]:
-    """Run the (row, seed, command, folder) tasks, ``jobs`` at a time; errors by (row, seed)."""
+def run_all(tasks: list[tuple[int, int, str, list[str]]], jobs: int) -> dict[tuple[int, int], str]:
+    """Run the (row, seed, label, command) tasks, ``jobs`` at a time; errors by (row, seed)."""
     errors: dict[tuple[int, int], str] = {}
     slots: queue.Queue = queue.Queue()
     for cpus in cpu_slots(jobs):
@@ -194,10 +194,12 @@ def run_all(tasks: list[tuple[int, int, list[str], Path]], jobs: int) -> dict[tu
     done = 0
     lock = threading.Lock()
 
-    def one(task: tuple[int, int, list[str], Path]) -> None:
+    def one(task: tuple[int, int, str, list[str]]) -> None:
         nonlocal done
-        row, seed, cmd, _ = task
+        row, seed, label, cmd = task
         cpus = slots.get()
+        with lock:
+            print(f"=== row {row} ({label}) seed {seed}", flush=True)
         start = time.perf_counter()
         try:
             err = execute(cmd, cpus)
@@ -249,11 +251,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.dry_run:
                 print(" ".join(cmd))
             elif not (run_dir / "summary.json").is_file():
-                tasks.append((i, seed, cmd, run_dir))
+                tasks.append((i, seed, row["label"], cmd))
     if args.dry_run:
         return 0
-    for i, seed, _, _ in tasks:
-        print(f"=== row {i} ({rows[i]['label']}) seed {seed}", flush=True)
     errors = run_all(tasks, args.jobs)
     results = []
     for i, row in enumerate(rows):
