@@ -121,7 +121,8 @@ _C.DATASETS.SKIP_CORRUPT = False
 # Open every image once while parsing (slow on big sets; catches corrupt files before training).
 _C.DATASETS.VERIFY_IMAGES = False
 # Generator settings of the synthetic sets (used only by synthetic_rgbnt): a preset ("" = small,
-# "gpu", "ablation"; see datasets.synthetic.RGBNT_PRESETS) and the probability that a sample's NI or TI file is missing (< 0: the preset's, 0).
+# "gpu", "ablation"; see datasets.synthetic.RGBNT_PRESETS) and the probability that a sample's
+# NI or TI file is missing (< 0: the preset's, 0).
 _C.DATASETS.SYNTHETIC = CN()
 _C.DATASETS.SYNTHETIC.PRESET = ""
 _C.DATASETS.SYNTHETIC.MISSING_MODALITY_PROB = -1.0

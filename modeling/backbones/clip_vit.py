@@ -51,7 +51,8 @@ logger = logging.getLogger(__name__)
 #: open_clip model configs (the ``model_configs/*.json`` format) of the towers we build.
 #: ``ViT-B-16`` is open_clip's own; ``ViT-tiny`` is a 2-layer, width-64, 4-head tower for CPU tests;
 #: ``ViT-small-8`` (4 layers, width 256, patch 8) trains from random init in GPU minutes: at 128x64 it
-#: sees the same 16x8 patch grid as ViT-B/16 at 256x128, at a quarter of the decode cost.
+#: sees the same 16x8 patch grid as ViT-B/16 at 256x128, for less than half the loader cost
+#: (766 vs 324 samples/s per core, BENCHMARKS.md).
 CLIP_VIT_CONFIGS: dict[str, dict[str, Any]] = {
     "ViT-B-16": {
         "embed_dim": 512,
