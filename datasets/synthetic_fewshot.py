@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datasets.mini_imagenet import MiniImageNetLayout
 from datasets.registry import DATASET_REGISTRY
-from datasets.synthetic_rgbnt import ensure_generated, synthetic_dir
+from datasets.synthetic_rgbnt import ensure_generated, requested_args, synthetic_dir
 
 
 @DATASET_REGISTRY.register("synthetic_fewshot")
@@ -41,13 +41,8 @@ class SyntheticFewShot(MiniImageNetLayout):
         """
         from datasets.synthetic import FEWSHOT_PRESETS, generate_fewshot
 
-        if preset is not None and preset not in FEWSHOT_PRESETS:
-            raise ValueError(f"unknown synthetic_fewshot preset '{preset}' (choose from {sorted(FEWSHOT_PRESETS)})")
-
         overrides = dict(num_classes=num_classes, images_per_class=images_per_class, size=size, seed=seed)
-        explicit = preset is not None or any(v is not None for v in overrides.values())
-        requested = dict(FEWSHOT_PRESETS[preset or "small"], seed=0)
-        requested.update({k: v for k, v in overrides.items() if v is not None})
+        requested, explicit = requested_args(self.dataset_name, FEWSHOT_PRESETS, preset, overrides, seed=0)
         base = synthetic_dir(root, self.dataset_name)
         ensure_generated(base, "fewshot", requested, explicit, generate, generate_fewshot)
         super().__init__(str(base), verify_images=verify_images, skip_corrupt=skip_corrupt, verbose=verbose)

@@ -30,6 +30,19 @@ def synthetic_dir(root: str, default_name: str) -> Path:
     return root_path / default_name
 
 
+def requested_args(
+    name: str, presets: dict[str, dict], preset: str | None, overrides: dict, **defaults: object
+) -> tuple[dict, bool]:
+    """Generator arguments of a synthetic set: the ``preset``'s (``'small'`` if ``None``), then
+    ``defaults``, then the ``overrides`` that are not ``None``; and whether any was given explicitly."""
+    if preset is not None and preset not in presets:
+        raise ValueError(f"unknown {name} preset '{preset}' (choose from {sorted(presets)})")
+    explicit = preset is not None or any(v is not None for v in overrides.values())
+    requested = dict(presets[preset or "small"], **defaults)
+    requested.update({k: v for k, v in overrides.items() if v is not None})
+    return requested, explicit
+
+
 def ensure_generated(
     base: Path, kind: str, requested: dict, explicit: bool, generate: bool, fn: Callable[..., bool]
 ) -> None:
@@ -93,15 +106,11 @@ class SyntheticRGBNT(RGBNT201Layout):
         """
         from datasets.synthetic import RGBNT_PRESETS, generate_rgbnt
 
-        if preset is not None and preset not in RGBNT_PRESETS:
-            raise ValueError(f"unknown synthetic_rgbnt preset '{preset}' (choose from {sorted(RGBNT_PRESETS)})")
-
         overrides = dict(num_train_ids=num_train_ids, num_test_ids=num_test_ids, num_cams=num_cams,
                          images_per_id_cam=images_per_id_cam, size=size, seed=seed,
                          missing_modality_prob=missing_modality_prob)
-        explicit = preset is not None or any(v is not None for v in overrides.values())
-        requested = dict(RGBNT_PRESETS[preset or "small"], seed=0, missing_modality_prob=0.0)
-        requested.update({k: v for k, v in overrides.items() if v is not None})
+        requested, explicit = requested_args(self.dataset_name, RGBNT_PRESETS, preset, overrides,
+                                             seed=0, missing_modality_prob=0.0)
         base = synthetic_dir(root, self.dataset_name)
         ensure_generated(base, "rgbnt", requested, explicit, generate, generate_rgbnt)
         super().__init__(str(base), allow_missing_modality=allow_missing_modality, verify_images=verify_images,
