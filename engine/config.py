@@ -30,6 +30,13 @@ class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names key and source."""
 
 
+#: Keys that no longer exist, with where their setting lives now; an old file naming one gets this text.
+MOVED_KEYS: dict[str, str] = {
+    "MODEL.QUICK_GELU": "MODEL.CLIP_ACTIVATION (auto | quick_gelu | gelu; auto reads the activation from the "
+                        "weights file and is right for OpenAI's ViT-B-16.pt)",
+}
+
+
 def get_default_config() -> CN:
     """Return a fresh, mutable copy of every key with its default value."""
     return _C.clone()
@@ -56,6 +63,9 @@ _C.MODEL.BACKBONE = ""
 _C.MODEL.PRETRAIN_PATH = ""
 # Local path to CLIP weights whose text tower gives SAP's semantic anchors; "" = no text tower.
 _C.MODEL.CLIP_WEIGHTS = ""
+# Activation both CLIP towers are built with: auto (read from the weights file: QuickGELU for OpenAI's
+# files, an open_clip_config.json's quick_gelu; QuickGELU at random init) | quick_gelu | gelu.
+_C.MODEL.CLIP_ACTIVATION = "auto"
 # Weights to evaluate with --eval-only when no --resume checkpoint is given.
 _C.MODEL.WEIGHTS = ""
 # torch.compile the training model: "" (eager) | default | max-autotune-no-cudagraphs | reduce-overhead
@@ -80,7 +90,6 @@ _C.MODEL.NUM_CAMERAS = 0  # rows of the SIE table; 0 = set by the trainer from t
 _C.MODEL.SIE_CAMERA = True  # learnable camera embedding (SIE) added to the tokens
 _C.MODEL.SIE_COE = 1.0  # SIE coefficient (DeMo's RGBNT201/RGBNT100/MSVR310 configs: 1.0)
 _C.MODEL.SIE_TOKENS = "cls"  # cls (DeMo, CLIP-ReID) | all (TransReID style)
-_C.MODEL.QUICK_GELU = True  # OpenAI CLIP weights need QuickGELU; False for nn.GELU checkpoints (e.g. LAION)
 _C.MODEL.DEMO = CN()
 _C.MODEL.DEMO.GLOBAL_LOCAL = True  # [CLS, mean(patches)] -> LN -> Linear(2D, D) -> QuickGELU per modality
 _C.MODEL.DEMO.HDM = True  # seven subset queries (R, N, T, RN, RT, NT, RNT)
@@ -327,6 +336,8 @@ def merge_dict(cfg: CN, data: dict[str, Any], source: str, prefix: str = "") -> 
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in cfg:
+            if full in MOVED_KEYS:
+                raise ConfigError(f"{source}: config key '{full}' has moved: use {MOVED_KEYS[full]}")
             hint = difflib.get_close_matches(key, list(cfg.keys()), n=1)
             extra = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
             raise ConfigError(f"{source}: unknown config key '{full}'{extra}")

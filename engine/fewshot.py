@@ -281,7 +281,7 @@ def install_anchors(cfg: CN, model: torch.nn.Module, data: Any, device: torch.de
     s = cfg.MODEL.SAP
     if anchors.mode == "text":
         emb = encode_class_names(data.class_names, s.CLIP_MODEL, cfg.MODEL.CLIP_WEIGHTS, s.PROMPT_TEMPLATE,
-                                 s.ANCHOR_CACHE_DIR)
+                                 s.ANCHOR_CACHE_DIR, activation=cfg.MODEL.CLIP_ACTIVATION)
         anchors.set_class_embeddings(emb.to(device))
     elif anchors.mode == "words":
         train_ids = sorted({lab for _, lab in data.splits[cfg.FEWSHOT.TRAIN_SPLIT]})

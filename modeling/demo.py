@@ -296,7 +296,7 @@ def _build(cfg: Any, use_sdtps: bool, num_classes: int | None, num_cameras: int 
         num_cameras=n_cams if mc.SIE_CAMERA else 0,
         sie_coe=mc.SIE_COE,
         sie_tokens=mc.SIE_TOKENS,
-        quick_gelu=mc.QUICK_GELU,
+        activation=mc.CLIP_ACTIVATION,
         pretrain_path=mc.PRETRAIN_PATH,
     )
     sdtps = None

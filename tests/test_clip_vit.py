@@ -135,9 +135,11 @@ def test_resize_pos_embed_against_bilinear_formula() -> None:
 
 
 def _openai_style_state_dict(image_size: int = 64) -> dict[str, torch.Tensor]:
-    """Keys as in OpenAI's ViT-B-16.pt (``visual.*`` plus text-tower keys), fp16 like the release."""
+    """Keys as in OpenAI's ViT-B-16.pt (``visual.*``, text-tower keys and its three scalar entries), fp16."""
     model = _open_clip_tiny(image_size)
-    return {k: v.half() for k, v in model.state_dict().items()}
+    extra = {"input_resolution": torch.tensor(image_size), "context_length": torch.tensor(4),
+             "vocab_size": torch.tensor(10)}
+    return {**{k: v.half() for k, v in model.state_dict().items()}, **extra}
 
 
 def test_load_openai_style_state_dict(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -197,7 +199,7 @@ def test_bad_weight_files_fail_clearly(tmp_path: Path, caplog: pytest.LogCapture
         CLIPVisionBackbone("ViT-tiny", (64, 32), pretrain_path=str(tmp_path / "nope.pt"))
     other = tmp_path / "other.pt"
     torch.save({"fc.weight": torch.zeros(2, 2)}, other)
-    with pytest.raises(RuntimeError, match="no tensor of a CLIP image tower"):
+    with pytest.raises(RuntimeError, match="holds no CLIP tensors"):
         CLIPVisionBackbone("ViT-tiny", (64, 32), pretrain_path=str(other))
     wrong = tmp_path / "wrong.pt"
     torch.save(_openai_style_state_dict(), wrong)

@@ -213,9 +213,10 @@ def test_text_anchors_from_a_local_tiny_clip_with_disk_cache(tmp_path, monkeypat
     torch.manual_seed(0)
     clip = open_clip.CLIP(**TINY_CLIP).eval()
     weights = tmp_path / "tiny_clip.pt"
-    torch.save(clip.state_dict(), weights)
+    torch.save(clip.state_dict(), weights)  # open_clip's default activation, GELU; the file cannot say so
     names = ["red striped triangle", "blue dotted circle"]
-    emb = encode_class_names(names, str(cfg_file), str(weights), "a photo of a {}.", tmp_path / "cache")
+    emb = encode_class_names(names, str(cfg_file), str(weights), "a photo of a {}.", tmp_path / "cache",
+                             activation="gelu")
     with torch.no_grad():
         ref = clip.encode_text(open_clip.tokenize([f"a photo of a {n}." for n in names]))
     ref = ref / ref.norm(dim=1, keepdim=True)
@@ -224,11 +225,11 @@ def test_text_anchors_from_a_local_tiny_clip_with_disk_cache(tmp_path, monkeypat
     # cached: the text tower is not loaded again for known names
     monkeypatch.setattr(sa, "load_clip_text_encoder", lambda *a, **k: pytest.fail("text tower reloaded"))
     again = encode_class_names(list(reversed(names)), str(cfg_file), str(weights), "a photo of a {}.",
-                               tmp_path / "cache")
+                               tmp_path / "cache", activation="gelu")
     assert torch.equal(again, emb.flip(0))
     monkeypatch.undo()
     # another template is another cache entry
-    encode_class_names(names, str(cfg_file), str(weights), "{}", tmp_path / "cache")
+    encode_class_names(names, str(cfg_file), str(weights), "{}", tmp_path / "cache", activation="gelu")
     assert len(list((tmp_path / "cache").glob("clip_text_*.pt"))) == 2
     with pytest.raises(FileNotFoundError, match="CLIP_WEIGHTS"):
         encode_class_names(["x"], str(cfg_file), str(tmp_path / "missing.pt"), "{}", tmp_path / "c2")

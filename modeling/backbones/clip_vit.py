@@ -24,8 +24,10 @@ differ from a stock CLIP image encoder, as in CLIP-ReID / DeMo:
 ``(B, 1 + N, embed_dim)`` (DeMo uses the projected 512-d tokens of ViT-B/16).
 
 Weights come only from a local file (``MODEL.PRETRAIN_PATH``): the OpenAI ``ViT-B-16.pt``
-(a TorchScript archive with fp16 weights), a plain state dict, or an open_clip training
-checkpoint (``{'state_dict': {'module.visual....': ...}}``). Without a path the tower keeps
+(a TorchScript archive with fp16 weights), a plain state dict, ``.safetensors``, or an open_clip
+training checkpoint (``{'state_dict': {'module.visual....': ...}}``), read by
+:mod:`modeling.clip_checkpoint`, which also decides the activation the tower is built with
+(QuickGELU for OpenAI's files; ``MODEL.CLIP_ACTIVATION``). Without a path the tower keeps
 open_clip's random initialisation and a warning is logged. Nothing is downloaded.
 """
 
@@ -36,7 +38,6 @@ import copy
 import logging
 import math
 import os
-import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -44,7 +45,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modeling.clip_checkpoint import (
+    inspect_clip_file,
+    log_choice,
+    read_clip_state_dict,
+    resolve_quick_gelu,
+)
 from modeling.registry import BACKBONE_REGISTRY
+
+__all__ = ["CLIPVisionBackbone", "load_clip_visual_weights", "read_clip_state_dict", "resize_pos_embed"]
 
 logger = logging.getLogger(__name__)
 
@@ -159,59 +168,16 @@ def resize_pos_embed(
     return torch.cat([cls_tok, g], dim=0)
 
 
-def _is_torchscript_archive(path: str) -> bool:
-    """True for a TorchScript zip (the OpenAI ``ViT-B-16.pt``): it holds ``code/`` and ``constants.pkl``."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        names = zf.namelist()
-    return any(n.endswith("constants.pkl") for n in names) and any("/code/" in n for n in names)
-
-
-def read_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a CLIP checkpoint from a local file and return a flat ``{key: tensor}`` dict.
-
-    Accepts a TorchScript archive (OpenAI), a plain state dict, or a dict with ``state_dict``
-    / ``model`` / ``module`` inside (open_clip and other training checkpoints). Tensors only;
-    pickled Python objects are refused (``weights_only=True``).
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"MODEL.PRETRAIN_PATH '{path}' does not exist; give the local CLIP ViT-B-16 weights "
-            f"(OpenAI ViT-B-16.pt or an open_clip checkpoint), or '' for random initialisation"
-        )
-    if _is_torchscript_archive(path):
-        state = torch.jit.load(path, map_location="cpu").state_dict()
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # re-raised with the path and what was expected
-            raise RuntimeError(f"could not read CLIP weights from '{path}': {err}") from err
-    for key in ("state_dict", "model", "module"):
-        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
-            state = state[key]
-    if not isinstance(state, Mapping):
-        raise RuntimeError(f"'{path}' holds a {type(state).__name__}, not a state dict")
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
 def visual_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
-    """Strip ``module.`` / ``_orig_mod.`` and keep the image tower (``visual.`` keys, stripped).
+    """Keep the image tower of a CLIP state dict (``visual.`` keys, stripped).
 
     A state dict with no ``visual.`` key is taken to be an image tower already. Returns the
     tower's dict and the number of other (e.g. text-tower) tensors dropped.
     """
-    cleaned: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        cleaned[key] = value
-    if not any(k.startswith("visual.") for k in cleaned):
-        return cleaned, 0
-    visual = {k[len("visual."):]: v for k, v in cleaned.items() if k.startswith("visual.")}
-    return visual, len(cleaned) - len(visual)
+    if not any(k.startswith("visual.") for k in state):
+        return dict(state), 0
+    visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+    return visual, len(state) - len(visual)
 
 
 def load_clip_visual_weights(visual: nn.Module, path: str | os.PathLike) -> tuple[list[str], list[str]]:
@@ -270,7 +236,8 @@ class CLIPVisionBackbone(nn.Module):
         num_cameras: rows of the SIE table; 0 disables SIE.
         sie_coe: SIE coefficient (DeMo's RGBNT201/RGBNT100/MSVR310 configs use 1.0).
         sie_tokens: ``'cls'`` (DeMo, CLIP-ReID) or ``'all'`` tokens receive the camera embedding.
-        quick_gelu: QuickGELU activations (True for OpenAI weights).
+        activation: ``auto`` (from the weights file; QuickGELU at random init) | ``quick_gelu`` |
+            ``gelu`` (``MODEL.CLIP_ACTIVATION``, see :mod:`modeling.clip_checkpoint`).
         pretrain_path: local checkpoint; ``''`` keeps random init (with a logged warning).
 
     Attributes: ``width`` (transformer width), ``embed_dim`` (output dim), ``patch_grid``
@@ -285,7 +252,7 @@ class CLIPVisionBackbone(nn.Module):
         num_cameras: int = 0,
         sie_coe: float = 1.0,
         sie_tokens: str = "cls",
-        quick_gelu: bool = True,
+        activation: str = "auto",
         pretrain_path: str = "",
     ) -> None:
         super().__init__()
@@ -297,6 +264,18 @@ class CLIPVisionBackbone(nn.Module):
             model_cfg = arch
         if sie_tokens not in SIE_TOKENS:
             raise ValueError(f"sie_tokens must be one of {SIE_TOKENS}, got '{sie_tokens}'")
+        arch_name = arch if isinstance(arch, str) else "custom config"
+        info = None
+        if pretrain_path:
+            if not os.path.isfile(pretrain_path):
+                raise FileNotFoundError(
+                    f"MODEL.PRETRAIN_PATH '{pretrain_path}' does not exist; give the local CLIP ViT-B-16 weights "
+                    f"(OpenAI ViT-B-16.pt or an open_clip checkpoint), or '' for random initialisation"
+                )
+            info = inspect_clip_file(pretrain_path)
+        quick_gelu = resolve_quick_gelu(activation, info)
+        log_choice(logger, "image tower", arch_name, info, quick_gelu, activation)
+        self.quick_gelu = quick_gelu
         self.visual = create_open_clip_visual(model_cfg, image_size, quick_gelu=quick_gelu)
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.width = int(self.visual.conv1.out_channels)
@@ -315,8 +294,7 @@ class CLIPVisionBackbone(nn.Module):
             load_clip_visual_weights(self.visual, pretrain_path)
         else:
             logger.warning(
-                "MODEL.PRETRAIN_PATH is empty: the CLIP image tower (%s) starts from random initialisation",
-                arch if isinstance(arch, str) else "custom config",
+                "MODEL.PRETRAIN_PATH is empty: the CLIP image tower (%s) starts from random initialisation", arch_name
             )
 
     def forward(self, images: torch.Tensor, cam_ids: torch.Tensor | None = None) -> torch.Tensor:

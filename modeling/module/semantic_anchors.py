@@ -6,10 +6,12 @@ Three modes (``MODEL.SAP.ANCHOR_MODE``):
     class-name embeddings from an open_clip text tower, prompt ``MODEL.SAP.PROMPT_TEMPLATE``
     (``"a photo of a {}."``). The tower is built with ``pretrained=None`` (nothing is ever
     downloaded) and its weights are read from the local file ``MODEL.CLIP_WEIGHTS`` (an
-    OpenAI TorchScript archive such as ``ViT-B-16.pt``, an open_clip checkpoint, or
-    ``.safetensors``). Embeddings are computed once per class name by
-    :func:`encode_class_names` and cached on disk (atomic write), keyed by the architecture,
-    the weights file (path, size, mtime) and the template. Without weights the mode falls
+    OpenAI TorchScript archive such as ``ViT-B-16.pt``, an OpenAI or open_clip state dict, or
+    ``.safetensors``) by :mod:`modeling.clip_checkpoint`, which decides the activation the tower
+    is built with (QuickGELU for OpenAI's files; ``MODEL.CLIP_ACTIVATION``). Embeddings are
+    computed once per class name by :func:`encode_class_names` and cached on disk (atomic
+    write), keyed by the architecture, the weights file (path, size, mtime), the activation
+    and the template. Without weights the mode falls
     back to ``MODEL.SAP.ANCHOR_FALLBACK`` (``prototype``, ``learned``, or ``error``), and the
     choice is logged (:func:`resolve_anchor_mode`): never a silently random text tower.
 ``learned``
@@ -42,6 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modeling.clip_checkpoint import (
+    activation_name,
+    inspect_clip_file,
+    log_choice,
+    read_clip_state_dict,
+    resolve_quick_gelu,
+)
 from utils.io import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -95,40 +104,27 @@ def clip_embed_dim(clip_model: str) -> int:
     return int(clip_model_config(clip_model)["embed_dim"])
 
 
-def _read_clip_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # OpenAI's files are TorchScript archives
-            state = torch.jit.load(str(path), map_location="cpu").state_dict()
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    for key in ("input_resolution", "context_length", "vocab_size"):
-        state.pop(key, None)
-    return state
-
-
-def load_clip_text_encoder(clip_model: str, weights: str) -> tuple[nn.Module, object]:
+def load_clip_text_encoder(clip_model: str, weights: str, activation: str = "auto") -> tuple[nn.Module, object]:
     """Build the CLIP model with random init, load ``weights`` from disk; return ``(model, tokenizer)``.
 
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` when the file lacks
-    text-tower tensors. Never downloads: ``pretrained=None`` and no tower pretraining flags.
+    The activation follows the file (OpenAI's formats: QuickGELU) unless ``activation``
+    (``MODEL.CLIP_ACTIVATION``) names one. Raises ``FileNotFoundError`` for a missing file and
+    ``ValueError`` when the file lacks text-tower tensors. Never downloads: ``pretrained=None``.
     """
     import open_clip
 
     path = Path(weights).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"MODEL.CLIP_WEIGHTS: file not found: {path}")
+    info = inspect_clip_file(path)
+    quick_gelu = resolve_quick_gelu(activation, info)
     cfg = clip_model_config(clip_model)
-    model = open_clip.CLIP(**cfg) if clip_model.endswith(".json") else open_clip.create_model(
-        clip_model, pretrained=None, pretrained_image=False, pretrained_text=False)
-    state = _read_clip_state_dict(path)
-    result = model.load_state_dict(state, strict=False)
+    if clip_model.endswith(".json"):
+        model = open_clip.CLIP(**{**cfg, "quick_gelu": quick_gelu})
+    else:
+        model = open_clip.create_model(clip_model, pretrained=None, pretrained_image=False, pretrained_text=False,
+                                       quick_gelu=quick_gelu)
+    result = model.load_state_dict(read_clip_state_dict(path), strict=False)
     text_missing = [k for k in result.missing_keys if not k.startswith("visual.")]
     if text_missing:
         raise ValueError(f"MODEL.CLIP_WEIGHTS {path} does not fit the text tower of {clip_model}: missing "
@@ -136,15 +132,17 @@ def load_clip_text_encoder(clip_model: str, weights: str) -> tuple[nn.Module, ob
     context_length = int(cfg.get("text_cfg", {}).get("context_length", 77))
     tokenizer = open_clip.SimpleTokenizer(context_length=context_length)
     model.eval()
-    logger.info("CLIP text tower %s loaded from %s", clip_model, path)
+    log_choice(logger, "text tower", clip_model, info, quick_gelu, activation)
     return model, tokenizer
 
 
-def embedding_cache_file(cache_dir: str | Path, clip_model: str, weights: str, template: str) -> Path:
-    """Cache file of one (architecture, weights file, template): the key hashes all three."""
+def embedding_cache_file(cache_dir: str | Path, clip_model: str, weights: str, template: str,
+                         quick_gelu: bool = True) -> Path:
+    """Cache file of one (architecture, weights file, activation, template): the key hashes all four."""
     path = Path(weights).expanduser()
     st = path.stat()
-    ident = json.dumps([clip_model, str(path.resolve()), st.st_size, st.st_mtime_ns, template])
+    ident = json.dumps([clip_model, str(path.resolve()), st.st_size, st.st_mtime_ns, activation_name(quick_gelu),
+                        template])
     return Path(cache_dir) / f"clip_text_{hashlib.sha1(ident.encode()).hexdigest()[:16]}.pt"
 
 
@@ -154,17 +152,21 @@ def encode_class_names(
     weights: str,
     template: str = "a photo of a {}.",
     cache_dir: str | Path = "outputs/cache/semantic_anchors",
+    activation: str = "auto",
 ) -> torch.Tensor:
     """Unit-norm text embeddings (C, E) of ``template.format(name)`` for each class name.
 
-    Names already in the cache file are not re-encoded; new ones are added and the file is
-    rewritten atomically. The text tower is only loaded when some name is missing.
+    ``activation`` is ``MODEL.CLIP_ACTIVATION`` (``auto``: from the file, see
+    :mod:`modeling.clip_checkpoint`). Names already in the cache file are not re-encoded; new
+    ones are added and the file is rewritten atomically. The text tower is only loaded when
+    some name is missing.
     """
     if "{}" not in template:
         raise ValueError(f"MODEL.SAP.PROMPT_TEMPLATE must contain '{{}}', got {template!r}")
     if not Path(weights).expanduser().is_file():
         raise FileNotFoundError(f"MODEL.CLIP_WEIGHTS: file not found: {Path(weights).expanduser()}")
-    cache_file = embedding_cache_file(cache_dir, clip_model, weights, template)
+    quick_gelu = resolve_quick_gelu(activation, inspect_clip_file(weights))
+    cache_file = embedding_cache_file(cache_dir, clip_model, weights, template, quick_gelu)
     cache: dict[str, torch.Tensor] = {}
     if cache_file.is_file():
         try:
@@ -174,14 +176,15 @@ def encode_class_names(
             cache = {}
     missing = sorted({n for n in class_names if n not in cache})
     if missing:
-        model, tokenizer = load_clip_text_encoder(clip_model, weights)
+        model, tokenizer = load_clip_text_encoder(clip_model, weights, activation)
         with torch.no_grad():
             for start in range(0, len(missing), TEXT_BATCH):
                 names = missing[start:start + TEXT_BATCH]
                 tokens = tokenizer([template.format(n) for n in names])
                 emb = F.normalize(model.encode_text(tokens).float(), dim=-1)
                 cache.update({n: e.clone() for n, e in zip(names, emb)})
-        payload = {"clip_model": clip_model, "weights": str(weights), "template": template, "embeddings": cache}
+        payload = {"clip_model": clip_model, "weights": str(weights), "activation": activation_name(quick_gelu),
+                   "template": template, "embeddings": cache}
         atomic_write(cache_file, lambda handle: torch.save(payload, handle))
         logger.info("encoded %d class names with CLIP (%d cached in %s)", len(missing), len(cache), cache_file)
     return torch.stack([cache[n] for n in class_names])
