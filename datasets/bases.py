@@ -12,14 +12,13 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from datasets.image_io import ArrayStore, ImageReadError, read_image
+from utils.modalities import MODALITIES  # noqa: F401  (importable from here too)
 
 logger = logging.getLogger(__name__)
 
-#: Fixed modality order of masks and stacked tensors: visible, near infrared, thermal infrared.
-MODALITIES: tuple[str, ...] = ("RGB", "NI", "TI")
 
 ReIDItem = tuple[dict[str, str], int, int, int]
 FewShotItem = tuple[str, int]
@@ -110,6 +109,10 @@ class ReIDData:
     ``paths`` keyed by modality (``'RGB'``, ``'NI'``, ``'TI'``); a modality missing on disk
     (only with ``allow_missing_modality=True``) is simply absent from ``paths``.
     """
+
+    #: how a query's gallery is filtered: ``camera`` drops same-id same-camera items (RGBNT201,
+    #: RGBNT100); ``scene`` drops same-id same-scene items (MSVR310's protocol; the scene is the trackid)
+    eval_protocol: ClassVar[str] = "camera"
 
     name: str
     root: str

@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from datasets.bases import MODALITIES, FewShotItem, ReIDItem
+from datasets.bases import FewShotItem, ReIDItem
 from datasets.image_io import ArrayStore, ImageReadError, read_image
 from datasets.transforms import MultiModalTransform
+from utils.modalities import MODALITIES
 
 logger = logging.getLogger(__name__)
 

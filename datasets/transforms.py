@@ -22,7 +22,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
-from datasets.bases import MODALITIES
+from utils.modalities import MODALITIES
 
 #: CLIP's normalisation (open_clip OPENAI_DATASET_MEAN / STD), the default for the ViT-B/16 ReID backbone.
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)

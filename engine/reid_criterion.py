@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from datasets.bases import MODALITIES
 from losses.conditional_entropy import GatedAttentionCEM
 from losses.feature_norm import feature_norm_loss
 from losses.id_loss import id_loss
 from losses.sdm_loss import SDMTemperature, sdm_loss_legacy, sdm_multimodal
 from losses.triplet_loss import triplet_loss
+from utils.modalities import MODALITIES
 
 MODALITY_ORDER = MODALITIES  # column order of the batch's modality mask
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODALITIES: tuple[str, ...] = ("RGB", "NI", "TI")
+from utils.modalities import MODALITIES
 
 #: Renormalisation epsilon of the note: ``attn_gated / (attn_gated.sum(-1, keepdim=True) + 1e-8)``.
 RENORM_EPS = 1e-8
