@@ -12,8 +12,10 @@ Layout read, as in the public DeMo / TOP-ReID loaders (924973292/DeMo and
 and ``th`` (thermal) hold the same file names. File-name grammar, by character position
 as in the public code: ``name[0:4]`` vehicle id, ``name[6:9]`` scene id, ``name[11]``
 camera id (already 0-based, 0..7), e.g. ``0013_s021_v2_004.jpg`` -> vid 13, scene 21,
-camid 2. The scene id is used as ``trackid``. Train ids are relabelled 0..N-1 in ascending
-order of the vehicle folders; query from ``query3/``, gallery from ``bounding_box_test/``.
+camid 2. The scene id is used as ``trackid``, and evaluation follows MSVR310's protocol as DeMo
+runs it: a query's gallery loses the items of its id in its scene (not only its camera). Train
+ids are relabelled 0..N-1 in ascending order of the vehicle folders; query from ``query3/``,
+gallery from ``bounding_box_test/``.
 Statistics reported in the papers (not checked against the release here): 155 train / 155
 test vehicles, 2,087 image triplets in all.
 """
@@ -53,6 +55,7 @@ class MSVR310(ReIDData):
     """The MSVR310 release (see the module docstring for the layout and name grammar)."""
 
     splits = {"train": "bounding_box_train", "query": "query3", "gallery": "bounding_box_test"}
+    eval_protocol = "scene"
 
     def __init__(
         self,

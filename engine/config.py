@@ -66,7 +66,8 @@ _C.MODEL.CLIP_WEIGHTS = ""
 # Activation both CLIP towers are built with: auto (read from the weights file: QuickGELU for OpenAI's
 # files, an open_clip_config.json's quick_gelu; QuickGELU at random init) | quick_gelu | gelu.
 _C.MODEL.CLIP_ACTIVATION = "auto"
-# Weights to evaluate with --eval-only when no --resume checkpoint is given.
+# A checkpoint of this repository (or one tools/convert_demo_checkpoint.py wrote): evaluated by --eval-only
+# when no --resume checkpoint is given; the starting weights of a training run (fine-tuning) otherwise.
 _C.MODEL.WEIGHTS = ""
 # torch.compile the training model: "" (eager) | default | max-autotune-no-cudagraphs | reduce-overhead
 _C.MODEL.COMPILE = ""
@@ -275,8 +276,9 @@ _C.TEST.FEAT_NORM = True  # L2-normalise retrieval features before distances
 _C.TEST.METRIC = "euclidean"  # euclidean | cosine
 _C.TEST.RE_RANKING = False
 _C.TEST.MAX_RANK = 50
-# Missing-modality test setting: "" (all present) or the modalities kept, e.g. "r", "rn", "nt".
-_C.TEST.MISS = ""
+# Missing-modality test setting, DeMo's meaning: the letters name the modalities MISSING at test time
+# (r = RGB, n = NI, t = TI: "r", "n", "t", "rn", "rt", "nt"); "nothing" (or "") = all present.
+_C.TEST.MISS = "nothing"
 # What a missing test modality becomes: "mask" (null token, excluded from fusion) or "zero" (DeMo's zero image).
 _C.TEST.MISS_MODE = "mask"
 _C.TEST.VIS_QUERIES = 4  # queries drawn in the top-10 retrieval figure
@@ -310,9 +312,56 @@ def load_config(
         for path, data in _yaml_chain(Path(config_file), seen=()):
             merge_dict(cfg, data, source=str(path))
     merge_overrides(cfg, overrides)
+    validate(cfg)
     if freeze:
         cfg.freeze()
     return cfg
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    """Keys whose value is one of a few names, with those names (owned by the code that reads them)."""
+    from engine.logger import WANDB_MODES
+    from modeling.clip_checkpoint import CLIP_ACTIVATIONS
+    from modeling.module.semantic_anchor_purification import SCALE_MODES
+    from modeling.module.semantic_anchors import ANCHOR_FALLBACKS, ANCHOR_MODES
+
+    return {
+        "TEST.MISS_MODE": ("mask", "zero"),
+        "TEST.METRIC": ("euclidean", "cosine"),
+        "MODEL.CLIP_ACTIVATION": CLIP_ACTIVATIONS,
+        "MODEL.SIE_TOKENS": ("cls", "all"),
+        "MODEL.SAP.SCALE_MODE": SCALE_MODES,
+        "MODEL.SAP.ANCHOR_MODE": ANCHOR_MODES,
+        "MODEL.SAP.ANCHOR_FALLBACK": ANCHOR_FALLBACKS,
+        "SOLVER.SCHEDULER": ("cosine", "step"),
+        "LOSS.SDM.FORMULA": ("fixed", "legacy"),
+        "FEWSHOT.TEST_CHECKPOINT": ("last", "best"),
+        "WANDB.MODE": WANDB_MODES,
+    }
+
+
+def validate(cfg: CN) -> None:
+    """Refuse, before anything runs, values that can only be wrong: an unknown name for a key
+    that takes one of a few names, and a ``TEST.MISS`` that is not a missing-modality setting."""
+    from engine.missing import missing_modalities
+
+    for key, allowed in _choices().items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            hint = difflib.get_close_matches(str(value), allowed, n=1)
+            extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got '{value}'{extra}")
+    try:
+        missing_modalities(cfg.TEST.MISS)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _get(cfg: CN, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
 
 
 def merge_overrides(cfg: CN, overrides: Sequence[str], source: str = "command line") -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from engine.device import AmpPolicy, build_amp_policy, resolve_device
 from engine.evaluation import evaluate_reid, evaluate_reid_features, pairwise_distance, re_ranking
 from engine.launch import wrap_ddp
 from engine.logger import MetricsLogger, progress
+from engine.missing import canonical, missing_modalities, present_modalities
 from engine.monitor import NonFiniteGuard, SpikeDetector
 from engine.reid_criterion import MODALITY_ORDER, ReIDCriterion
 from engine.solver import build_optimizer, build_scheduler
@@ -32,8 +34,6 @@ from utils.distributed import barrier, is_main_process
 from utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
-
-_MISS_LETTERS = {"r": "RGB", "n": "NI", "t": "TI"}
 
 
 def check_names(cfg: CN, family: tuple[str, ...]) -> None:
@@ -92,27 +92,23 @@ def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
 
 
 def resolve_test_modalities(cfg: CN) -> tuple[str, ...]:
-    """Modalities present at test time from ``TEST.MISS`` ("" = all; "rn" = RGB + NI)."""
-    if not cfg.TEST.MISS:
-        return MODALITY_ORDER
-    unknown = set(cfg.TEST.MISS.lower()) - set(_MISS_LETTERS)
-    if unknown:
-        raise ValueError(f"TEST.MISS '{cfg.TEST.MISS}' may only contain r, n, t (got {sorted(unknown)})")
-    return tuple(m for letter, m in _MISS_LETTERS.items() if letter in cfg.TEST.MISS.lower())
+    """Modalities present at test time under ``TEST.MISS`` (DeMo's meaning: the letters name the missing)."""
+    return present_modalities(cfg.TEST.MISS)
 
 
 @torch.no_grad()
 def extract_features(
     model: torch.nn.Module, loader: Any, device: torch.device, amp: AmpPolicy, keep: tuple[str, ...], miss_mode: str
 ) -> dict[str, Any]:
-    """Run ``model`` (eval mode) over ``loader``; returns features by name, ids, cameras, kept indices."""
+    """Run ``model`` (eval mode) over ``loader`` with only the ``keep`` modalities; returns features by
+    name, ids, cameras, track/scene ids and kept token indices."""
     model.eval()
     feats: dict[str, list[torch.Tensor]] = {}
     keep_idx: dict[str, list[torch.Tensor]] = {}
-    pids, camids = [], []
-    for images, pid, camid, _, mask in progress(loader, desc="extract features"):
+    pids, camids, trackids = [], [], []
+    for images, pid, camid, trackid, mask in progress(loader, desc="extract features"):
         images = {m: x.to(device, non_blocking=True) for m, x in images.items()}
-        mask = mask.to(device, non_blocking=True)
+        mask = mask.to(device, non_blocking=True).clone()  # the batch itself is not changed
         for col, m in enumerate(MODALITY_ORDER):
             if m not in keep:
                 if miss_mode == "zero":
@@ -129,26 +125,43 @@ def extract_features(
                 keep_idx.setdefault(m, []).append(idx.cpu())
         pids.append(pid)
         camids.append(camid)
+        trackids.append(torch.as_tensor(trackid))
     return {
         "feats": {k: torch.cat(v) for k, v in feats.items()},
         "pids": torch.cat(pids),
         "camids": torch.cat(camids),
+        "trackids": torch.cat(trackids),
         "keep_indices": {k: torch.cat(v) for k, v in keep_idx.items()},
     }
 
 
 def evaluate(
-    model: torch.nn.Module, loader: Any, num_query: int, cfg: CN, device: torch.device, amp: AmpPolicy
+    model: torch.nn.Module, loader: Any, num_query: int, cfg: CN, device: torch.device, amp: AmpPolicy,
+    miss: str | None = None, protocol: str = "camera",
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Metrics for every retrieval feature the model offers; also returns the extracted features."""
-    ext = extract_features(model, loader, device, amp, resolve_test_modalities(cfg), cfg.TEST.MISS_MODE)
-    pids, camids = ext["pids"].to(device), ext["camids"].to(device)
+    """Metrics for every retrieval feature the model offers; also returns the extracted features.
+
+    ``miss`` is a ``TEST.MISS`` setting (default: the config's): the modalities it names are
+    absent, and their own features are not scored. ``protocol`` ``camera`` removes same-id
+    same-camera gallery items per query; ``scene`` (MSVR310, as DeMo evaluates it) same-id
+    same-scene items.
+    """
+    code = cfg.TEST.MISS if miss is None else miss
+    missing = missing_modalities(code)
+    if missing:
+        logger.info("evaluating with %s missing (TEST.MISS %s, TEST.MISS_MODE %s)", " + ".join(missing),
+                    canonical(code), cfg.TEST.MISS_MODE)
+    ext = extract_features(model, loader, device, amp, present_modalities(code), cfg.TEST.MISS_MODE)
+    pids = ext["pids"].to(device)
+    groups = (ext["trackids"] if protocol == "scene" else ext["camids"]).to(device)
     results: dict[str, dict[str, Any]] = {}
     for name, feat in ext["feats"].items():
+        if name in missing:  # a modality's own feature is not a result when that modality is absent
+            continue
         if cfg.TEST.FEAT_NORM:
             feat = torch.nn.functional.normalize(feat, dim=1)
         qf, gf = feat[:num_query], feat[num_query:]
-        args = (pids[:num_query], pids[num_query:], camids[:num_query], camids[num_query:])
+        args = (pids[:num_query], pids[num_query:], groups[:num_query], groups[num_query:])
         if cfg.TEST.RE_RANKING:
             results[name] = evaluate_reid(re_ranking(qf, gf), *args, max_rank=cfg.TEST.MAX_RANK)
         else:
@@ -236,14 +249,28 @@ def train_step(
     return host[0], term_values, host[1], outputs
 
 
-def run_reid(cfg: CN, args: argparse.Namespace) -> dict[str, Any]:
-    """Train (or with ``--eval-only`` evaluate) the configured ReID model; returns the final metrics."""
-    out_dir = Path(cfg.OUTPUT_DIR)
+@dataclass
+class ReIDSetup:
+    """What training and evaluation share: the data, the test loader and the model on its device."""
+
+    data: Any
+    test_loader: Any
+    num_query: int
+    model: torch.nn.Module
+    device: torch.device
+    amp: AmpPolicy
+
+    def evaluate(self, cfg: CN, miss: str | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+        """:func:`evaluate` of the model on the test split under ``TEST.MISS`` ``miss`` (default: the config's)."""
+        return evaluate(self.model, self.test_loader, self.num_query, cfg, self.device, self.amp, miss=miss,
+                        protocol=self.data.eval_protocol)
+
+
+def build_reid_setup(cfg: CN) -> ReIDSetup:
+    """Parse the data set, build the test loader and the model (``MODEL.PRETRAIN_PATH`` loaded) on the device."""
     check_names(cfg, datasets.REID_DATASETS)
     device = resolve_device(cfg.DEVICE.NAME)
     amp = build_amp_policy(cfg.DEVICE.PRECISION, device)
-
-    # ---- data
     data = datasets.build_dataset(
         cfg.DATASETS.NAMES, cfg.DATASETS.ROOT_DIR, allow_missing_modality=cfg.DATASETS.ALLOW_MISSING_MODALITY,
         skip_corrupt=cfg.DATASETS.SKIP_CORRUPT, verify_images=cfg.DATASETS.VERIFY_IMAGES, **synthetic_kwargs(cfg),
@@ -253,10 +280,30 @@ def run_reid(cfg: CN, args: argparse.Namespace) -> dict[str, Any]:
         mean=cfg.INPUT.PIXEL_MEAN, std=cfg.INPUT.PIXEL_STD, skip_corrupt=cfg.DATASETS.SKIP_CORRUPT,
         num_workers=_num_workers(cfg),
     )
-    num_query = len(data.query)
-
-    # ---- model and objective
     model = build_reid_model(cfg, data.num_train_pids, data.num_train_cams).to(device)
+    return ReIDSetup(data, test_loader, len(data.query), model, device, amp)
+
+
+def eval_weights(cfg: CN, ckpt: Checkpointer, resume_path: Path | None) -> Path:
+    """The checkpoint ``--eval-only`` evaluates: ``--resume PATH``, else ``MODEL.WEIGHTS``, else the run's newest."""
+    weights = resume_path or (Path(cfg.MODEL.WEIGHTS) if cfg.MODEL.WEIGHTS else ckpt.latest())
+    if weights is None:
+        raise FileNotFoundError("--eval-only needs --resume PATH, MODEL.WEIGHTS, or a checkpoint in OUTPUT_DIR")
+    return weights
+
+
+def missing_record(cfg: CN, miss: str | None = None) -> dict[str, Any]:
+    """How a result was evaluated, for the results files: the missing modalities and how they were removed."""
+    code = cfg.TEST.MISS if miss is None else miss
+    return {"missing_modalities": list(missing_modalities(code)), "miss_mode": cfg.TEST.MISS_MODE}
+
+
+def run_reid(cfg: CN, args: argparse.Namespace) -> dict[str, Any]:
+    """Train (or with ``--eval-only`` evaluate) the configured ReID model; returns the final metrics."""
+    out_dir = Path(cfg.OUTPUT_DIR)
+    setup = build_reid_setup(cfg)
+    data, test_loader, num_query, model, device, amp = (
+        setup.data, setup.test_loader, setup.num_query, setup.model, setup.device, setup.amp)
     criterion = ReIDCriterion(cfg, bn_feat_dim=getattr(model, "bn_feat_dim", None)).to(device)
     ckpt = Checkpointer(out_dir)
     metrics = MetricsLogger(
@@ -266,15 +313,14 @@ def run_reid(cfg: CN, args: argparse.Namespace) -> dict[str, Any]:
     resume_path = _resolve_resume(args, ckpt, cfg)
 
     if args.eval_only:
-        weights = resume_path or (Path(cfg.MODEL.WEIGHTS) if cfg.MODEL.WEIGHTS else ckpt.latest())
-        if weights is None:
-            raise FileNotFoundError("--eval-only needs --resume PATH, MODEL.WEIGHTS, or a checkpoint in OUTPUT_DIR")
+        weights = eval_weights(cfg, ckpt, resume_path)
         state = ckpt.load(weights, model=model, restore_rng=False)
-        results, ext = evaluate(model, test_loader, num_query, cfg, device, amp)
+        results, ext = setup.evaluate(cfg)
         for name, r in results.items():
             logger.info(_summary_line(name, r))
-        tag = f"eval_{cfg.TEST.MISS or 'all'}"
-        _write_results(out_dir, results, tag, {"checkpoint": str(weights), "epoch": state["epoch"]})
+        tag = "eval_all" if not missing_modalities(cfg.TEST.MISS) else f"eval_miss_{canonical(cfg.TEST.MISS)}"
+        _write_results(out_dir, results, tag, {"checkpoint": str(weights), "epoch": state["epoch"],
+                                               **missing_record(cfg)})
         _make_figures(out_dir, data, ext, num_query, cfg, model)
         metrics.log(_scalar_metrics(results), step=state["step"], prefix="test")
         metrics.close()
@@ -296,6 +342,9 @@ def run_reid(cfg: CN, args: argparse.Namespace) -> dict[str, Any]:
     spikes = SpikeDetector(m.SPIKE_WINDOW, m.SPIKE_WARMUP, m.SPIKE_MAD_FLOOR, m.SPIKE_REL_FLOOR, m.SPIKE_SIGMAS)
     guard = NonFiniteGuard(m.MAX_NONFINITE_STEPS)
     start_epoch, step, best = 0, 0, {"mAP": -1.0, "epoch": -1}
+    if resume_path is None and cfg.MODEL.WEIGHTS:  # fine-tune: start from these weights, a fresh schedule
+        ckpt.load(Path(cfg.MODEL.WEIGHTS), model=model, restore_rng=False)
+        logger.info("starting from the weights of %s (MODEL.WEIGHTS)", cfg.MODEL.WEIGHTS)
     if resume_path is not None:
         state = ckpt.load(resume_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=amp.scaler)
         start_epoch, step = state["epoch"], state["step"]
@@ -338,7 +387,7 @@ def run_reid(cfg: CN, args: argparse.Namespace) -> dict[str, Any]:
         if (epoch + 1) % cfg.SOLVER.EVAL_PERIOD == 0 and not last:  # the last epoch is evaluated below
             if is_main_process():
                 best = _evaluate_and_track(model, test_loader, num_query, cfg, device, amp, metrics, ckpt, best,
-                                           epoch + 1, step)[2]
+                                           epoch + 1, step, data.eval_protocol)[2]
             barrier()
         if (epoch + 1) % cfg.SOLVER.CHECKPOINT_PERIOD == 0 or last:
             ckpt.save(f"epoch{epoch + 1:04d}", model=model, optimizer=optimizer, scheduler=scheduler,
@@ -347,8 +396,8 @@ def run_reid(cfg: CN, args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     if is_main_process():
         results, ext, best = _evaluate_and_track(model, test_loader, num_query, cfg, device, amp, metrics, ckpt,
-                                                 best, max_epochs, step)
-        _write_results(out_dir, results, "final", {"epochs": max_epochs, "best": best})
+                                                 best, max_epochs, step, data.eval_protocol)
+        _write_results(out_dir, results, "final", {"epochs": max_epochs, "best": best, **missing_record(cfg)})
         _make_figures(out_dir, data, ext, num_query, cfg, unwrap(model))
         summary = {**_scalar_metrics(results), "best_mAP": best["mAP"], "best_epoch": best["epoch"],
                    "steps": step, "stability": spikes.stability, "skipped_steps": float(guard.skipped)}
@@ -359,10 +408,10 @@ def run_reid(cfg: CN, args: argparse.Namespace) -> dict[str, Any]:
 
 def _evaluate_and_track(
     model: torch.nn.Module, loader: Any, num_query: int, cfg: CN, device: torch.device, amp: AmpPolicy,
-    metrics: MetricsLogger, ckpt: Checkpointer, best: dict[str, Any], epoch: int, step: int,
+    metrics: MetricsLogger, ckpt: Checkpointer, best: dict[str, Any], epoch: int, step: int, protocol: str,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, Any]]:
     """Evaluate, log, and save ``checkpoint_best.pth`` when the main feature's mAP improved."""
-    results, ext = evaluate(unwrap(model), loader, num_query, cfg, device, amp)
+    results, ext = evaluate(unwrap(model), loader, num_query, cfg, device, amp, protocol=protocol)
     for name, r in results.items():
         logger.info("epoch %d %s", epoch, _summary_line(name, r))
     metrics.log(_scalar_metrics(results), step=step, prefix="test")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import load_config
+from engine.config import ConfigError, load_config
 from engine.reid import resolve_test_modalities
 from engine.reid_criterion import ReIDCriterion
 
@@ -54,20 +54,28 @@ def test_train_evaluate_resume_and_eval_only(tiny_rgbnt_root: Path, tmp_path: Pa
     assert all(math.isfinite(r["train/loss/total"]) for r in rows if "train/loss/total" in r)
     assert any("train/model/sdtps/kept_ratio" in r for r in rows)
     assert (out / "top10_retrievals.png").stat().st_size > 0 and (out / "kept_tokens.png").stat().st_size > 0
-    # a finished run is protected; --eval-only re-evaluates it, here with only RGB + NI at test time
+    assert json.loads((out / "results_final.json").read_text())["missing_modalities"] == []
+    # a finished run is protected; --eval-only re-evaluates it, here with RGB and NI missing (DeMo's "rn")
     again = _train(*_overrides(tiny_rgbnt_root, out))
     assert again.returncode == 2 and "finished run" in again.stderr
     ev = _train("--eval-only", *_overrides(tiny_rgbnt_root, out), "TEST.MISS", "rn")
     assert ev.returncode == 0, ev.stderr[-3000:]
-    assert (out / "results_eval_rn.json").is_file()
+    evaluated = json.loads((out / "results_eval_miss_rn.json").read_text())
+    assert evaluated["missing_modalities"] == ["RGB", "NI"] and evaluated["miss_mode"] == "mask"
+    assert "TI" in evaluated["metrics"] and not {"RGB", "NI"} & set(evaluated["metrics"])
+    printed = ev.stdout + ev.stderr
+    assert "RGB: mAP" not in printed and "NI: mAP" not in printed and "TI: mAP" in printed
+    assert "evaluating with RGB + NI missing" in printed
 
 
 def test_test_modalities_parsing() -> None:
+    # TEST.MISS names the MISSING modalities, as in DeMo
     cfg = load_config(None, ["TEST.MISS", "rt"])
-    assert resolve_test_modalities(cfg) == ("RGB", "TI")
+    assert resolve_test_modalities(cfg) == ("NI",)
     assert resolve_test_modalities(load_config(None)) == ("RGB", "NI", "TI")
-    with pytest.raises(ValueError, match="TEST.MISS"):
-        resolve_test_modalities(load_config(None, ["TEST.MISS", "rx"]))
+    assert resolve_test_modalities(load_config(None, ["TEST.MISS", ""])) == ("RGB", "NI", "TI")
+    with pytest.raises(ConfigError, match="TEST.MISS"):
+        load_config(None, ["TEST.MISS", "rx"])
 
 
 def test_criterion_terms_sum_to_total_and_mask_sdm() -> None:
