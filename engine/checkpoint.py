@@ -8,6 +8,7 @@ renamed into place, so a crash mid-write leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,27 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def checkpoint_state(
+    model: Mapping[str, torch.Tensor],
+    *,
+    optimizer: dict[str, Any] | None = None,
+    scheduler: dict[str, Any] | None = None,
+    scaler: dict[str, Any] | None = None,
+    epoch: int = 0,
+    step: int = 0,
+    rng: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The one layout of a checkpoint file (what :meth:`Checkpointer.load` reads)."""
+    return {"format_version": FORMAT_VERSION, "model": dict(model), "optimizer": optimizer, "scheduler": scheduler,
+            "scaler": scaler, "epoch": int(epoch), "step": int(step), "rng": rng, "extra": extra or {}}
+
+
+def write_weights(path: str | Path, model: Mapping[str, torch.Tensor], extra: dict[str, Any] | None = None) -> None:
+    """Write a weights-only checkpoint (epoch 0, no optimizer state) atomically: for ``MODEL.WEIGHTS``."""
+    atomic_write(path, lambda handle: torch.save(checkpoint_state(model, extra=extra), handle))
 
 
 class Checkpointer:
@@ -79,17 +101,13 @@ class Checkpointer:
         """
         if not is_main_process():
             return None
-        state = {
-            "format_version": FORMAT_VERSION,
-            "model": unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-            "epoch": int(epoch),
-            "step": int(step),
-            "rng": get_rng_state(),
-            "extra": extra or {},
-        }
+        state = checkpoint_state(
+            unwrap(model).state_dict(),
+            optimizer=optimizer.state_dict() if optimizer is not None else None,
+            scheduler=scheduler.state_dict() if scheduler is not None else None,
+            scaler=scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+            epoch=epoch, step=step, rng=get_rng_state(), extra=extra,
+        )
         path = self.path_for(tag)
         atomic_write(path, lambda handle: torch.save(state, handle))
         if resumable:

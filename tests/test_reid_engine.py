@@ -133,3 +133,24 @@ def test_synthetic_generator_settings_reach_only_the_synthetic_set() -> None:
     cfg = load_config(None, ["DATASETS.NAMES", "synthetic_rgbnt", "DATASETS.SYNTHETIC.MISSING_MODALITY_PROB", "0.3"])
     assert synthetic_kwargs(cfg) == {"missing_modality_prob": 0.3}
     assert synthetic_kwargs(load_config(None, ["DATASETS.NAMES", "RGBNT201"])) == {}
+
+
+@pytest.mark.slow
+def test_training_starts_from_model_weights(tiny_rgbnt_root: Path, tmp_path: Path) -> None:
+    from engine.checkpoint import Checkpointer
+    from engine.reid import build_reid_model
+
+    cfg = load_config(TINY, _overrides(tiny_rgbnt_root, tmp_path / "unused"))
+    torch.manual_seed(123)
+    start = build_reid_model(cfg, 8, 2)
+    weights = Checkpointer(tmp_path / "pretrained").save("epoch0003", model=start, epoch=3)
+    out = tmp_path / "finetune"
+    # learning rate 0: the parameters the run ends with are the ones it started from
+    run = _train(*_overrides(tiny_rgbnt_root, out, epochs=1), "MODEL.WEIGHTS", str(weights),
+                 "SOLVER.BASE_LR", "0.0", "SOLVER.BACKBONE_LR", "0.0", "LOSS.CEM.LR", "0.0")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "starting from the weights of" in run.stdout + run.stderr
+    final = torch.load(out / "checkpoint_epoch0001.pth", weights_only=True)["model"]
+    for name, value in start.state_dict().items():
+        if "running_" not in name and "num_batches" not in name:
+            assert torch.equal(final[name], value), name
