@@ -36,6 +36,39 @@ MOVED_KEYS: dict[str, str] = {
                         "weights file and is right for OpenAI's ViT-B-16.pt)",
 }
 
+#: Keys of the published DeMo code that live under another name here (README, "Coming from DeMo"). Keys
+#: with DeMo's name and meaning (INPUT.PROB, TEST.MISS, DATALOADER.NUM_INSTANCE, ...) are not listed.
+DEMO_KEYS: dict[str, str] = {
+    "MODEL.HEAD": "MODEL.DEMO.HEAD",
+    "MODEL.DIRECT": "MODEL.DEMO.DIRECT (True / False for DeMo's 1 / 0)",
+    "MODEL.GLOBAL_LOCAL": "MODEL.DEMO.GLOBAL_LOCAL",
+    "MODEL.HDM": "MODEL.DEMO.HDM",
+    "MODEL.ATM": "MODEL.DEMO.ATM",
+    "MODEL.ID_LOSS_WEIGHT": "LOSS.ID_WEIGHT",
+    "MODEL.TRIPLET_LOSS_WEIGHT": "LOSS.TRIPLET_WEIGHT",
+    "MODEL.NO_MARGIN": "LOSS.TRIPLET_SOFT_MARGIN",
+    "MODEL.IF_LABELSMOOTH": "LOSS.ID_LABEL_SMOOTHING (the epsilon: 0.1 for DeMo's 'on', 0.0 for 'off')",
+    "MODEL.PRETRAIN_PATH_T": "MODEL.PRETRAIN_PATH (the local CLIP weights file)",
+    "MODEL.TRANSFORMER_TYPE": "MODEL.BACKBONE (clip_vit_b16 for DeMo's ViT-B-16)",
+    "MODEL.DEVICE": "DEVICE.NAME",
+    "MODEL.DEVICE_ID": "no key: set CUDA_VISIBLE_DEVICES in the environment",
+    "MODEL.STRIDE_SIZE": "no key: the patch stride is the patch size, 16, as in every DeMo config",
+    "MODEL.NECK": "no key: the BNNeck is always on, as in DeMo (whose code ignores MODEL.NECK)",
+    "MODEL.METRIC_LOSS_TYPE": "no key: ID + triplet always, as in every DeMo config",
+    "SOLVER.OPTIMIZER_NAME": "SOLVER.OPTIMIZER",
+    "SOLVER.WARMUP_ITERS": "SOLVER.WARMUP_EPOCHS (DeMo counts its warm-up in epochs too)",
+    "SOLVER.WARMUP_METHOD": "no key: the warm-up is linear, as DeMo's",
+    "SOLVER.SEED": "SEED",
+    "SOLVER.MARGIN": "LOSS.TRIPLET_MARGIN (used when LOSS.TRIPLET_SOFT_MARGIN is False)",
+    "SOLVER.BIAS_LR_FACTOR": "no key: biases train at their group's learning rate without weight decay",
+    "SOLVER.WEIGHT_DECAY_BIAS": "no key: biases train at their group's learning rate without weight decay",
+    "SOLVER.LARGE_FC_LR": "no key: classifiers train at SOLVER.BASE_LR",
+    "TEST.NECK_FEAT": "no key: the test feature is taken before the BNNeck, which is what DeMo's code does "
+                      "whatever TEST.NECK_FEAT says",
+    "TEST.WEIGHT": "MODEL.WEIGHTS",
+    "DATALOADER.SAMPLER": "no key: training samples P x K identities (DeMo's softmax_triplet)",
+}
+
 
 def get_default_config() -> CN:
     """Return a fresh, mutable copy of every key with its default value."""
@@ -387,6 +420,10 @@ def merge_dict(cfg: CN, data: dict[str, Any], source: str, prefix: str = "") -> 
         if key not in cfg:
             if full in MOVED_KEYS:
                 raise ConfigError(f"{source}: config key '{full}' has moved: use {MOVED_KEYS[full]}")
+            if full in DEMO_KEYS:
+                place = DEMO_KEYS[full]
+                where = f"has {place}" if place.startswith("no key") else f"is {place} here"
+                raise ConfigError(f"{source}: DeMo's config key '{full}' {where}")
             hint = difflib.get_close_matches(key, list(cfg.keys()), n=1)
             extra = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
             raise ConfigError(f"{source}: unknown config key '{full}'{extra}")
@@ -413,6 +450,8 @@ def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:  # DeMo's 'yes' / 'no', 'on' / 'off'
+            return _BOOL_WORDS[value.lower()]
         raise fail()
     if isinstance(default, int):
         if isinstance(value, int) and not isinstance(value, bool):
@@ -436,6 +475,9 @@ def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
             return type(default)(value)
         raise fail()
     raise fail()
+
+
+_BOOL_WORDS = {"yes": True, "no": False, "on": True, "off": False, "true": True, "false": False}
 
 
 def _parse_literal(raw: str) -> Any:

@@ -130,3 +130,23 @@ def test_key_equals_value_tokens_as_wandb_writes_them() -> None:
     cfg = load_config(None, overrides_from_args(args))
     assert cfg.MODEL.SAP.SCALE_MODE == "fixed" and cfg.MODEL.SAP.SCALE_NO_DECAY is False
     assert cfg.OUTPUT_DIR == "out/run"
+
+
+@pytest.mark.parametrize(("demo_key", "here"), [
+    ("MODEL.HEAD", "is MODEL.DEMO.HEAD here"),
+    ("MODEL.DIRECT", "is MODEL.DEMO.DIRECT"),
+    ("SOLVER.WARMUP_ITERS", "is SOLVER.WARMUP_EPOCHS"),
+    ("SOLVER.OPTIMIZER_NAME", "is SOLVER.OPTIMIZER here"),
+    ("TEST.NECK_FEAT", "has no key: the test feature is taken before the BNNeck"),
+    ("TEST.WEIGHT", "is MODEL.WEIGHTS here"),
+])
+def test_demos_keys_name_their_place_here(demo_key: str, here: str) -> None:
+    with pytest.raises(ConfigError, match=f"DeMo's config key '{demo_key}' {here}"):
+        load_config(None, [demo_key, "1"])
+
+
+def test_demos_yes_no_booleans() -> None:
+    cfg = load_config(None, ["TEST.FEAT_NORM", "no", "TEST.RE_RANKING", "yes"])
+    assert cfg.TEST.FEAT_NORM is False and cfg.TEST.RE_RANKING is True
+    with pytest.raises(ConfigError, match="TEST.FEAT_NORM"):
+        load_config(None, ["TEST.FEAT_NORM", "maybe"])
