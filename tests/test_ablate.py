@@ -102,3 +102,22 @@ def test_render_mean_and_std_in_percent() -> None:
     spec = {"columns": ["mAP"], "_name": "t"}
     md, _ = ablate.render(spec, [{"label": "a", "values": {"mAP": [0.1, 0.2, 0.3]}, "errors": []}], 3)
     assert "| a | 20.00 ± 10.00 | 3/3 |" in md
+
+
+@pytest.mark.slow
+def test_rows_that_train_the_same_model_share_runs_and_score_their_feature(tiny_rgbnt_root: Path,
+                                                                           tmp_path: Path) -> None:
+    res = _ablate("--table", "demo_paper", "--quick", "--seeds", "1", "--out", str(tmp_path),
+                  "--rows", "D + ATMoE (MoE feature)", "E full DeMo", "--",
+                  "DATASETS.ROOT_DIR", str(tiny_rgbnt_root), *TINY_REID)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("=== row") == 1 and "reads the runs of row 0" in res.stdout
+    summary = yaml.safe_load((tmp_path / "demo_paper-quick" / "D___ATMoE__MoE_feature" / "seed0" /
+                              "summary.json").read_text())
+    rows = {line.split(",")[0]: line.split(",") for line in
+            (tmp_path / "demo_paper-quick" / "demo_paper.csv").read_text().splitlines()[1:]}
+    assert float(rows["D + ATMoE (MoE feature)"][1]) == pytest.approx(summary["moe/mAP"])
+    assert float(rows["E full DeMo"][1]) == pytest.approx(summary["mAP"])
+    config = yaml.safe_load((tmp_path / "demo_paper-quick" / "D___ATMoE__MoE_feature" / "seed0" /
+                             "config.yaml").read_text())
+    assert config["MODEL"]["NAME"] == "DeMo" and config["LOSS"]["SDM"]["ENABLED"] is False

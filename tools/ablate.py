@@ -17,10 +17,13 @@ A table file (``configs/ablations/<name>.yaml``) names the training script, the 
         quick_config: ...                # optional, used with --quick
         args: [--init_scale, "1.0", --init_bias, "0.0"]
         overrides: []
+        feature: moe                     # optional: score this retrieval feature (summary key moe/mAP ...)
 
 Every (row, seed) runs in its own folder ``<out>/<table>[-quick|-real]/<row>/seed<k>``; a finished run
 (``summary.json`` present) is kept, an interrupted one resumed, so the command can be
-repeated after a crash. A row whose runs fail is marked ``failed: <reason>`` and the
+repeated after a crash. A row that trains exactly what an earlier row trains (same config, args and
+overrides; e.g. the same model scored by another ``feature``) reads that row's runs instead of
+training again. A row whose runs fail is marked ``failed: <reason>`` and the
 others still run. Outputs: ``<table>.md``, ``<table>.csv``, ``<table>.png`` and, with
 W&B on, a ``wandb.Table``.
 """
@@ -79,13 +82,22 @@ def slug(label: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in label).strip("_")[:80]
 
 
+def row_config(row: dict[str, Any], quick: bool, real: bool) -> str:
+    """The config file a row trains with in this mode."""
+    if real:
+        return row.get("real_config", row["config"])
+    return row.get("quick_config", row["config"]) if quick else row["config"]
+
+
+def run_identity(row: dict[str, Any], quick: bool, real: bool) -> tuple[str, ...]:
+    """What a row trains: its config, arguments and overrides (rows with equal identities share runs)."""
+    return (row_config(row, quick, real), *map(str, row.get("args", [])), "|", *_flat(row.get("overrides", [])))
+
+
 def run_command(spec: dict[str, Any], row: dict[str, Any], seed: int, run_dir: Path, quick: bool, real: bool,
                 wandb_mode: str, extra: list[str] = ()) -> list[str]:
     """The training command of one (row, seed)."""
-    if real:
-        config = row.get("real_config", row["config"])
-    else:
-        config = row.get("quick_config", row["config"]) if quick else row["config"]
+    config = row_config(row, quick, real)
     cmd = [sys.executable, spec["script"], "--config_file", config, *map(str, row.get("args", []))]
     if (run_dir / "last_checkpoint").is_file() and not (run_dir / "summary.json").is_file():
         cmd.append("--resume")  # before the KEY VALUE pairs
@@ -244,7 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     # quick, synthetic and real runs of one table never share (or reuse) each other's folders
     out = Path(args.out) / (spec["_name"] + ("-quick" if args.quick else "-real" if args.real else ""))
     tasks = []
+    trained_by: dict[tuple[str, ...], int] = {}  # run identity -> the first row that trains it
+    run_row = []  # for each row, the row whose runs it reads
     for i, row in enumerate(rows):
+        owner = trained_by.setdefault(run_identity(row, args.quick, args.real), i)
+        run_row.append(owner)
+        if owner != i:
+            print(f"row {i} ({row['label']}) reads the runs of row {owner} ({rows[owner]['label']})")
+            continue
         for seed in range(args.seeds):
             run_dir = out / slug(row["label"]) / f"seed{seed}"
             cmd = run_command(spec, row, seed, run_dir, args.quick, args.real, args.wandb_mode, args.overrides)
@@ -258,18 +277,22 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for i, row in enumerate(rows):
         result = {"label": row["label"], "values": {c: [] for c in spec["columns"]}, "errors": []}
+        owner = run_row[i]
+        prefix = f"{row['feature']}/" if row.get("feature") else ""
         for seed in range(args.seeds):
-            if (i, seed) in errors:
-                result["errors"].append(f"seed {seed}: {errors[(i, seed)]}")
+            if (owner, seed) in errors:
+                result["errors"].append(f"seed {seed}: {errors[(owner, seed)]}")
                 continue
-            summary_path = out / slug(row["label"]) / f"seed{seed}" / "summary.json"
+            summary_path = out / slug(rows[owner]["label"]) / f"seed{seed}" / "summary.json"
             if not summary_path.is_file():
                 result["errors"].append(f"seed {seed}: finished without {summary_path.name}")
                 continue
             summary = json.loads(summary_path.read_text())
             for c in spec["columns"]:
-                if c in summary:
-                    result["values"][c].append(float(summary[c]))
+                if prefix + c in summary:
+                    result["values"][c].append(float(summary[prefix + c]))
+                elif prefix:
+                    result["errors"].append(f"seed {seed}: no '{prefix + c}' in {summary_path}")
         results.append(result)
     md, csv_text = render(spec, results, args.seeds)
     atomic_write_text(out / f"{spec['_name']}.md", f"### {spec['_name']}\n\n{md}")
