@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from engine.config import load_config
+from engine.defaults import default_argument_parser, overrides_from_args, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
@@ -24,6 +29,11 @@ def test_gate_init_dry_run_lists_the_full_grid() -> None:
     assert len(lines) == 3 * 3 * 2 * 2
     assert "--init_scale=1.0 --init_bias=0.0 --use_gate_norm=False --renormalize_attn=False" in lines[0]
     assert all("OUTPUT_DIR" in ln and "WANDB.MODE offline" in ln for ln in lines)
+    # options after the file, and overrides after --, as the sweep files' headers write them
+    res = subprocess.run([sys.executable, "tools/sweep.py", "configs/sweeps/gate_init.yaml", "--dry-run", "--",
+                          "SOLVER.MAX_EPOCHS", "1"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert all("SOLVER.MAX_EPOCHS 1" in ln for ln in res.stdout.splitlines() if ln.startswith("  "))
 
 
 def test_random_method_is_seeded_and_needs_max_runs() -> None:
@@ -73,3 +83,63 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_runs(tmp_path: Pat
     assert "best (maximize test/mAP)" in table and "0.3000" in table
     rows = (out / "toy" / "summary.csv").read_text().splitlines()
     assert len(rows) == 4 and json.loads((out / "toy" / "002-x=3.0" / "summary.json").read_text())["mAP"] == 0.3
+
+
+# -------------------------------------------------------------------------------------------------
+# Every shipped sweep file: dry-run size and the config each run trains
+# -------------------------------------------------------------------------------------------------
+SWEEP_FILES = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
+#: entry script -> whether its parser has the cosine-gate flags (as in train_net.py / train_b1_improvement.py)
+GATE_FLAGS = {"train_net.py": True, "train_b1_improvement.py": False}
+
+
+def _expected_runs(spec: dict) -> int:
+    """Grid size counted from the file: the product of each parameter's number of values."""
+    assert spec["method"] == "grid", "a random sweep has no fixed size; give this test its --max-runs"
+    return math.prod(len(p["values"]) if "values" in p else 1 for p in spec["parameters"].values())
+
+
+def _dry_run_commands(sweep_file: Path) -> list[list[str]]:
+    res = subprocess.run([sys.executable, "tools/sweep.py", "--dry-run", str(sweep_file.relative_to(REPO))],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return [shlex.split(ln.split(": ", 1)[1]) for ln in res.stdout.splitlines() if ln.startswith("  ")]
+
+
+@pytest.mark.parametrize("sweep_file", SWEEP_FILES, ids=lambda p: p.name)
+def test_sweep_file_dry_run_size_and_every_run_config_loads(sweep_file: Path) -> None:
+    spec = yaml.safe_load(sweep_file.read_text())
+    commands = _dry_run_commands(sweep_file)
+    assert len(commands) == _expected_runs(spec)
+    program = spec["program"]
+    parser = default_argument_parser("sweep test", gate_flags=GATE_FLAGS[program])
+    configs = set()
+    for command in commands:
+        args = parse_args(parser, command[command.index(program) + 1:])
+        config = REPO / args.config_file
+        assert args.config_file and config.is_file(), f"{sweep_file.name}: no config file {args.config_file!r}"
+        cfg = load_config(config, overrides_from_args(args)).clone()  # the file plus this run's values
+        assert Path(cfg.OUTPUT_DIR).parent == Path("outputs/sweeps") / sweep_file.stem
+        cfg.defrost()
+        cfg.OUTPUT_DIR = ""
+        configs.add(cfg.dump())
+    assert len(configs) == len(commands)  # every swept value reaches the config
+
+
+def _config_file(spec: dict) -> str:
+    return spec["command"][spec["command"].index("--config_file") + 1]
+
+
+def test_real_benchmark_sweeps_repeat_the_synthetic_grid() -> None:
+    """``<name>_<benchmark>.yaml`` differs from ``<name>.yaml`` only in the config file it trains."""
+    stems = {p.stem: p for p in SWEEP_FILES}
+    pairs = [(stems[base], path) for path in SWEEP_FILES for base in stems if path.stem.startswith(base + "_")]
+    assert {real.stem for _, real in pairs} >= {"gate_init_RGBNT201", "sap_scale_miniImageNet"}
+    for synthetic_file, real_file in pairs:
+        synthetic, real = (yaml.safe_load(p.read_text()) for p in (synthetic_file, real_file))
+        for key in ("program", "method", "metric", "parameters"):
+            assert real[key] == synthetic[key], f"{real_file.name}: '{key}' differs from {synthetic_file.name}"
+        assert _config_file(synthetic).startswith("configs/synthetic/")
+        assert not _config_file(real).startswith("configs/synthetic/")
+        assert [t for t in real["command"] if t != _config_file(real)] == \
+            [t for t in synthetic["command"] if t != _config_file(synthetic)]

@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wandb-mode", default="offline", choices=("offline", "disabled"))
     parser.add_argument("--seed", type=int, default=0, help="seed of the random method's draws")
     parser.add_argument("overrides", nargs="*", help="KEY VALUE config overrides appended to every run")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may follow the file: FILE --dry-run -- KEY VALUE
     try:
         spec = load_sweep(args.sweep_file)
         runs_params = expand(spec, args.max_runs, args.seed)
