@@ -1,11 +1,11 @@
-"""Class-conditional entropy regularisers (seed 004): gated-attention CEM and its GMM reference.
+"""Class-conditional entropy regularisers: gated-attention CEM and its GMM reference.
 
 Both estimate how spread out the features of each class are (a surrogate of H(Z|Y))
 and return a penalty that grows with it; the trainer adds ``lambda * loss`` (the sign
-and strength of the defence are the trainer's choice, as in the seed).
+and strength of the defence against model inversion are the trainer's choice).
 
 * :class:`GatedAttentionCEM` — per mini-batch, end to end, with its own learnable
-  parameters (seed 004 steps 1-7), vectorised over the classes of the batch.
+  parameters (steps 1-7 of its docstring), vectorised over the classes of the batch.
 * :class:`GMMConditionalEntropy` — the baseline estimate (per class KMeans-initialised
   full-covariance GMM, ``sum_k pi_k * max(0, logdet Sigma_k - log tau)``), run offline
   on collected features (e.g. at epoch end), not differentiable.
@@ -15,12 +15,12 @@ compares each dimension's ``log var`` with ``log tau``; the GMM version compares
 ``logdet Sigma`` (a sum over D eigen-directions) with ``D * log tau`` (set
 ``tau_per_dim=False`` to use ``log tau`` literally).
 
-Caveat (inherent to the seed's design, kept as specified): the module's own parameters
-are trained on the penalty they compute, so they are pulled towards configurations
-that report a smaller penalty (peaked attention weights give a smaller weighted
-variance; closed gates give a smaller sum). Give its parameter group a small learning
-rate (:meth:`GatedAttentionCEM.param_groups`) and watch ``cem_dim_gate`` and
-``cem_alpha_max`` in the logged stats.
+Caveat (inherent to an estimator that learns from its own output): the module's own
+parameters are trained on the penalty they compute, so they are pulled towards
+configurations that report a smaller penalty (peaked attention weights give a
+smaller weighted variance; closed gates give a smaller sum). Give its parameter
+group a small learning rate (:meth:`GatedAttentionCEM.param_groups`) and watch
+``cem_dim_gate`` and ``cem_alpha_max`` in the logged stats.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from .registry import LOSS_REGISTRY
 
 
 class GatedAttentionCEM(nn.Module):
-    """Per-batch learnable class-conditional entropy penalty (seed 004).
+    """Per-batch learnable class-conditional entropy penalty.
 
     For each class c of the batch, with M_c samples out of B:
 
@@ -57,7 +57,7 @@ class GatedAttentionCEM(nn.Module):
        ``loss = loss_scale * warmup_factor(epoch) * surrogate``.
 
     Warm-up: with ``warmup_ramp_epochs == 0`` the factor is 0 before ``warmup_epochs``
-    and 1 after (seed: "the first 5 epochs train classification only"); with a ramp it
+    and 1 after (the first ``warmup_epochs`` train classification only); with a ramp it
     rises linearly from 0 at ``warmup_epochs`` to 1 at ``warmup_epochs + ramp``. During
     warm-up the surrogate is still computed (and logged), and the returned 0 keeps the
     graph, so ``backward()`` works and yields zero gradients. ``epoch=None`` means
@@ -69,7 +69,7 @@ class GatedAttentionCEM(nn.Module):
         gate_hidden: hidden width of the dimension-gate MLP (default ``max(16, D // 4)``).
         tau, margin, softplus_beta, snr_thresh, snr_sharp, class_gate_a, class_gate_b,
         slot_power, loss_scale, warmup_epochs, warmup_ramp_epochs, min_class_samples,
-        eps: as in the steps above (seed defaults: loss scale 0.1, warm-up 5,
+        eps: as in the steps above (defaults: loss scale 0.1, warm-up 5,
             a/b 10/0.05, snr 0.3/10, beta/margin 1.0/0.1, slot power 2.0).
         input_norm: apply step 1 (True).
     """
@@ -135,7 +135,7 @@ class GatedAttentionCEM(nn.Module):
         return 1.0 if epoch >= self.warmup_epochs else 0.0
 
     def param_groups(self, lr: float | None = None, weight_decay: float | None = None) -> list[dict[str, Any]]:
-        """This module's parameters as their own optimizer group (seed step 7).
+        """This module's parameters as their own optimizer group (give it a small learning rate).
 
         ``lr`` / ``weight_decay`` are set on the group only when given (else the
         optimizer's defaults apply); the group is named ``"cem"`` for logging.

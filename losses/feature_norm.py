@@ -1,11 +1,11 @@
-"""Feature-norm band regulariser (seed 002): keep BN-feature norms inside a tolerance band.
+"""Feature-norm band regulariser: keep BN-feature norms inside a tolerance band.
 
 Only the part of a norm outside ``[target - band, target + band]`` is penalised, with a
 **squared hinge**: ``weight * mean_i relu(| ||f_i|| - target | - band)^2``. Squared
 rather than linear so the penalty and its gradient are 0 at the band edge (no kink
 for the optimiser to chatter on) and the pull grows with the distance: a norm of 20
-(the note's symptom, 10 past the upper edge) is pulled 10x harder than one just 1
-outside.
+(as seen in unstable ReID runs, 10 past the upper edge) is pulled 10x harder than one
+just 1 outside.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def feature_norm_loss(
         features: (B, D) features (any float dtype; norms in float32).
         target: centre of the band (8.0).
         band: half-width of the tolerance band (2.0): norms in [6, 10] cost nothing.
-        weight: multiplier (5e-3; seed 002 v2 raises it to 1e-2), already applied.
+        weight: multiplier (5e-3; 1e-2 is the stricter setting), already applied.
         mask: optional (B,) booleans, True for rows to include (e.g. real modalities).
 
     Returns:

@@ -1,4 +1,4 @@
-"""Similarity distribution matching (SDM), corrected (seed 002), with modality masks.
+"""Similarity distribution matching (SDM) as a symmetric KL divergence, with modality masks.
 
 SDM (from IRRA) aligns two sets of features of the same B samples (two modalities, or
 two views) by matching, row by row, the softmax of their scaled cosine-similarity
@@ -38,13 +38,12 @@ leak NaN into the loss or its gradients.
 **Precision.** Normalisation, similarity, softmax and KL run in float32 with autocast
 disabled, whatever the input dtype (fp16/bf16 features are upcast).
 
-**Temperature.** :class:`SDMTemperature` gives the schedule of seed 002 (0.20 -> 0.18,
-fallback 0.25 after a non-finite loss, clamped to [0.15, 0.5]). The note's "adaptive
-temperature from the feature norm" is deliberately omitted: computed on the
-*normalised* features it is ``tau * 1.0``, a no-op; computed on the
-pre-normalisation norm (about 8 with the feature-norm regulariser's target) it is
-``0.2 * 8 = 1.6``, which the clamp pins to 0.5 on every step, i.e. a constant that
-silently overrides the schedule.
+**Temperature.** :class:`SDMTemperature` gives the schedule (0.20 -> 0.18, fallback 0.25
+after a non-finite loss, clamped to [0.15, 0.5]). An "adaptive temperature from the
+feature norm" is deliberately not offered: computed on the *normalised* features it is
+``tau * 1.0``, a no-op; computed on the pre-normalisation norm (about 8 with the
+feature-norm regulariser's target) it is ``0.2 * 8 = 1.6``, which the clamp pins to 0.5
+on every step, i.e. a constant that silently overrides the schedule.
 """
 
 from __future__ import annotations
@@ -201,13 +200,14 @@ def sdm_loss_legacy(
     temperature: float | torch.Tensor = 0.2,
     host_stats: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The pre-fix formula of seed 002, kept only for the ablation that shows why it was replaced.
+    """The ``ce - h`` formula that :func:`sdm_loss` corrects, for the ablation rows only.
 
     ``ce - h`` with ``ce = -sum_j P_j log max(q_j, eps)`` and ``h = -sum_j P_j log P_j`` against
     the eps-clamped label distribution: not a KL divergence (q is not renormalised after the
     clamp), so it goes negative near convergence; it has no masks, so placeholder features
     of missing modalities are aligned like real ones. Do not train with it except to
-    reproduce that ablation row (``LOSS.SDM.FORMULA legacy``).
+    reproduce the ablation rows labelled "old formula" (``LOSS.SDM.FORMULA legacy``;
+    docs/decisions.md).
     """
     eps = 1e-6
     with torch.autocast(device_type=feat_a.device.type, enabled=False):
@@ -286,7 +286,7 @@ LOSS_REGISTRY.register("sdm_multimodal")(sdm_multimodal)
 
 
 class SDMTemperature:
-    """Temperature schedule for SDM (seed 002): init -> final, fallback after a non-finite loss.
+    """Temperature schedule for SDM: init -> final, fallback after a non-finite loss.
 
     ``value(epoch)`` interpolates linearly from ``init`` (epoch 0) to ``final`` (epoch
     ``anneal_epochs`` and after). After :meth:`observe` sees a non-finite SDM loss, the

@@ -13,7 +13,7 @@ With ``MODEL.SAP.ENABLED False`` the SAP step is skipped (a cosine prototype cla
 The pre-training head is a linear classifier over the training classes (the published
 recipes pre-train, then meta-train); it is used by ``forward(images)`` without labels.
 
-``get_parameters()`` gives SGD two groups (seed 000): every trainable parameter except SAP's
+``get_parameters()`` gives SGD two groups: every trainable parameter except SAP's
 ``logit_scale_log`` with the default weight decay, and ``logit_scale_log`` alone with
 ``weight_decay`` 0.0, so decay does not pull the log-scale to 0 (the scale to 1).
 """
@@ -50,7 +50,7 @@ class ExpB1Model(nn.Module):
         anchors: the anchor builder (needed when ``sap`` is given).
         metric_scale: initial scale of the episode's cosine logits.
         metric_scale_learnable: learn that scale (log-parameterised, ceiling 100).
-        scale_no_decay: put SAP's ``logit_scale_log`` in a weight-decay-free group (seed 000);
+        scale_no_decay: put SAP's ``logit_scale_log`` in a weight-decay-free group;
             False only for the ablation "learnable scale, decayed like everything else".
     """
 

@@ -1,4 +1,4 @@
-"""SDTPS: token selection scored by a cosine-gated cross-modal attention (seed 001).
+"""SDTPS: token selection scored by a cosine-gated cross-modal attention.
 
 Each modality m in (RGB, NI, TI) has a class token ``g_m`` (B, D) and patch tokens
 ``P_m`` (B, N, D). For every ordered pair (q, p) a :class:`CrossModalAttention` lets ``g_q``
@@ -12,7 +12,7 @@ keeps the top ``ceil(keep_ratio * N)`` patches (``keep_policy = indices[:, :num_
 merges the rest into one extra token, their score-weighted mean, so no patch is dropped
 outright. :class:`SDTPS` runs the nine attentions and the selection for all modalities.
 
-Three documented configurations of the gate (seed 001):
+Three configurations of the gate:
 
 * default: ``use_gate_norm=False, renormalize_attn=False`` (fixed N, ranking only);
 * stable: ``use_gate_norm=True`` (LayerNorm of the gate logits over heads; variable N);
@@ -35,7 +35,7 @@ from torch import nn
 
 from utils.modalities import MODALITIES
 
-#: Renormalisation epsilon of the note: ``attn_gated / (attn_gated.sum(-1, keepdim=True) + 1e-8)``.
+#: Renormalisation epsilon: ``attn_gated / (attn_gated.sum(-1, keepdim=True) + 1e-8)``.
 RENORM_EPS = 1e-8
 
 
@@ -58,11 +58,13 @@ class CrossModalAttention(nn.Module):
     both token sets through it, and reach ``gate_scale``, ``gate_bias`` and the Q/K projections.
 
     ``gate_scale`` and ``gate_bias`` are plain per-head ``nn.Parameter`` s (init 0.5 / 0.5, so
-    the gate starts in [sigmoid(0), sigmoid(1)] = [0.50, 0.73]; the old 1.0 / 0.0 gave
-    [0.27, 0.73]), clamped in the forward to ``[-param_bound, param_bound]`` (default 5, the
-    widest range seed 003 allows). Why not the shared ``BoundedScale``: (1) the gate cannot
-    cause seed 003's failure -- it multiplies a bounded cosine and its sigmoid output only
-    attenuates softmax weights that are already computed, so a large scale saturates the
+    the gate starts in [sigmoid(0), sigmoid(1)] = [0.50, 0.73] and does not suppress unrelated
+    patches before anything is learned, as 1.0 / 0.0 would with [0.27, 0.73]; see
+    docs/decisions.md), clamped in the forward to ``[-param_bound, param_bound]`` (default 5:
+    past it the sigmoid's derivative p(1 - p) is below 0.007). Why not the shared
+    ``BoundedScale``: (1) the gate cannot run the softmax into saturation, the failure
+    ``BoundedScale`` guards against -- it multiplies a bounded cosine and its sigmoid output
+    only attenuates softmax weights that are already computed, so a large scale saturates the
     sigmoid (which the clamp prevents) but never sharpens the softmax; (2) the values may
     legitimately be negative (an inverted gate) or cross zero, which ``BoundedScale``'s log /
     positive parameterisations exclude; (3) ``BoundedScale.forward`` mutates counters on every

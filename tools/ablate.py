@@ -11,7 +11,7 @@ A table file (``configs/ablations/<name>.yaml``) names the training script, the 
     columns: [mAP, rank1, mINP]
     quick: [SOLVER.MAX_EPOCHS, "4"]      # overrides added by --quick (CPU minutes)
     rows:
-      - label: old init (1.0 / 0.0)
+      - label: gate init 1.0/0.0
         config: configs/synthetic/DeMo_SDTPS_tiny.yml
         real_config: configs/RGBNT201/DeMo_SDTPS_DGAF_ablation.yml   # used with --real
         quick_config: ...                # optional, used with --quick

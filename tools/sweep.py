@@ -7,7 +7,7 @@
 The file is a standard W&B sweep configuration (``program``, ``method``, ``metric``,
 ``parameters``, ``command``), so the same file also works with ``wandb sweep`` +
 ``wandb agent`` for a logged-in user. wandb 0.31 ships no local sweep controller
-(the old ``wandb.controller(..., local=True)`` needs a server too), hence this runner.
+(``wandb.controller(..., local=True)`` needs a server too), hence this runner.
 
 Supported: ``method`` grid (Cartesian product of every ``values`` list, in file order)
 and random (``--max-runs`` draws, seeded; ``values``, ``value``, ``distribution``

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Executable invariants of the conditional-entropy regularisers (seed 004). Exit 1 on the first broken one.
+"""Executable invariants of the conditional-entropy regularisers. Exit 1 on the first broken one.
 
     python verify/verify_cem.py                              # all checks, exit 0
     python verify/verify_cem.py --inject-bug detach_input    # CEM cut off from the encoder: exits 1

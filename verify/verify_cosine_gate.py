@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""Executable invariants of the cosine-gated cross-modal attention and TokenSparse (seed 001).
+"""Executable invariants of the cosine-gated cross-modal attention and TokenSparse.
 
     python verify/verify_cosine_gate.py                        # all checks, exit 0
-    python verify/verify_cosine_gate.py --inject-bug old_init  # a regression: exits 1
+    python verify/verify_cosine_gate.py --inject-bug old_init  # defaults 1.0/0.0: exits 1
 
 Checks, each printed with its measured value; exit 1 on the first failure:
-  1. the gate table of the note (old init 1.0/0.0 vs new 0.5/0.5 at cos -1, -0.5, 0, 0.5, 1,
-     two decimals), computed by ``CrossModalAttention.gate_from_cosine`` of real modules;
+  1. the gate table of docs/decisions.md (gate at scale/bias 1.0/0.0, column "old gate", and
+     at the default 0.5/0.5, column "new gate", for cos -1, -0.5, 0, 0.5, 1, two decimals),
+     computed by ``CrossModalAttention.gate_from_cosine`` of real modules;
   2. at the default init every gate of a forward on random tokens lies in
      [sigmoid(0), sigmoid(1)] = [0.50, 0.73], and cos = -1 / +1 reach the two ends;
   3. ``renormalize_attn=True``: every gated row sums to 1 (without it: sum = sum(attn * gate) < 1);
@@ -17,7 +18,7 @@ Checks, each printed with its measured value; exit 1 on the first failure:
      the score-weighted mean of the complement (float64 reference).
 
 ``--inject-bug`` patches the library in memory to show each check can fail:
-``old_init`` (defaults back to 1.0/0.0), ``no_renorm`` (renormalisation ignored),
+``old_init`` (defaults set to 1.0/0.0), ``no_renorm`` (renormalisation ignored),
 ``detach_gate`` (no gradient through the gate), ``merge_mean`` (unweighted merge),
 ``bottom_k`` (keeps the lowest scores).
 """
@@ -41,11 +42,12 @@ from modeling.sdtps import CrossModalAttention, TokenSparse  # noqa: E402
 from verify.harness import report, run  # noqa: E402
 
 COSINES = (-1.0, -0.5, 0.0, 0.5, 1.0)
-#: The note's table: cosine -> (old gate, new gate), two decimals.
+#: The published gate table (docs/decisions.md): cosine -> (gate at scale/bias 1.0/0.0, gate at 0.5/0.5),
+#: two decimals, printed as the columns "old gate" and "new gate".
 GATE_TABLE = {-1.0: ("0.27", "0.50"), -0.5: ("0.38", "0.56"), 0.0: ("0.50", "0.62"),
               0.5: ("0.62", "0.69"), 1.0: ("0.73", "0.73")}
-#: Cells where the note is wrong, with the value the formula gives: sigmoid(0.5 * 0.5 + 0.5) =
-#: sigmoid(0.75) = 0.6792, i.e. 0.68 (the note's 0.69, and its "+0.07" difference, are off by 0.01).
+#: Cells where the published table is wrong, with the value the formula gives: sigmoid(0.5 * 0.5 + 0.5) =
+#: sigmoid(0.75) = 0.6792, i.e. 0.68 (the table's 0.69, and its "+0.07" difference, are off by 0.01).
 ERRATA = {(0.5, "new"): "0.68"}
 BUGS = ("old_init", "no_renorm", "detach_gate", "merge_mean", "bottom_k")
 
@@ -59,8 +61,8 @@ def gate_row(module: CrossModalAttention) -> list[float]:
 
 def check_table() -> None:
     old = gate_row(CrossModalAttention(16, 4, init_scale=1.0, init_bias=0.0))
-    new = gate_row(CrossModalAttention(16, 4))  # the defaults must be the new init
-    print("    cosine  old gate  new gate")
+    new = gate_row(CrossModalAttention(16, 4))  # the defaults must be 0.5/0.5
+    print("    cosine  old gate  new gate")  # old gate: init 1.0/0.0; new gate: default 0.5/0.5
     rows_ok, formula_err, errata = True, 0.0, []
     for c, o, n in zip(COSINES, old, new):
         formula_err = max(formula_err, abs(o - 1 / (1 + math.exp(-c))), abs(n - 1 / (1 + math.exp(-(0.5 * c + 0.5)))))
@@ -70,11 +72,11 @@ def check_table() -> None:
             expected = ERRATA.get((c, col), want[col])
             rows_ok &= got[col] == expected
             if (c, col) in ERRATA:
-                errata.append(f"cos {c:+.1f} {col}: note {want[col]}, formula {got[col]}")
+                errata.append(f"cos {c:+.1f} {col}: table {want[col]}, formula {got[col]}")
         print(f"    {c:+5.1f}   {got['old']}      {got['new']}")
-    report("gates equal sigmoid(scale * cos + bias) (old 1.0/0.0, default init)", formula_err < 1e-6,
+    report("gates equal sigmoid(scale * cos + bias) (init 1.0/0.0 and default 0.5/0.5)", formula_err < 1e-6,
            f"max error {formula_err:.1e}")
-    report("gate table (two decimals) matches the note", rows_ok,
+    report("gate table (two decimals) matches the published table", rows_ok,
            "5 rows" + (f"; erratum kept: {'; '.join(errata)} (sigmoid(0.75) = 0.6792)" if errata else ""))
 
 

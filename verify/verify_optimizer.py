@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Executable invariants of ExpB1's optimizer parameter groups (seed 000). Exit 1 if any breaks.
+"""Executable invariants of ExpB1's optimizer parameter groups. Exit 1 if any breaks.
 
     python verify/verify_optimizer.py                          # all checks on a fresh ExpB1 model
-    python verify/verify_optimizer.py --inject-bug one_group   # the old list(model.parameters()): exits 1
+    python verify/verify_optimizer.py --inject-bug one_group   # one group, list(model.parameters()): exits 1
     python verify/verify_optimizer.py --inject-bug duplicate   # the scale in both groups: exits 1
 
 ``model.get_parameters()`` must return exactly
@@ -106,7 +106,7 @@ def run_checks(model: nn.Module, cfg: Any) -> list[Check]:
 
 def inject_bug(model: nn.Module, bug: str) -> None:
     """Replace ``get_parameters`` with a wrong version (to show the checks catch it)."""
-    if bug == "one_group":  # the old code: one group, uniform weight decay
+    if bug == "one_group":  # a single group: the default weight decay also acts on the log-scale
         model.get_parameters = lambda: [{"params": list(model.parameters())}]
     elif bug == "decay_on_scale":
         good = model.get_parameters

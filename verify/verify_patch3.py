@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""Executable invariants of SAP's learnable, bounded logit scale ("Patch 3", seed 000). Exit 1 if any breaks.
+"""Executable invariants of SAP's learnable, bounded logit scale. Exit 1 if any breaks.
 
     python verify/verify_patch3.py                              # all checks on a fresh ExpB1 model
     python verify/verify_patch3.py --inject-bug no_clamp        # SAP without the ceiling: exits 1
-    python verify/verify_patch3.py --inject-bug temperature     # the old fixed temperature: exits 1
+    python verify/verify_patch3.py --inject-bug temperature     # a fixed temperature sqrt(phy_dim): exits 1
 
 The model is built by ``modeling.build_model`` from ``configs/Base-FewShot.yml`` (ResNet-12,
 640-d, SAP defaults; no data, no weights). Checks, each printed with its measured value:
@@ -164,11 +164,11 @@ def run_checks(model: nn.Module) -> list[Check]:
 
 
 def inject_bug(model: nn.Module, bug: str) -> None:
-    """Break ``model`` the way an old or wrong version would (to show the checks catch it)."""
+    """Break ``model`` in the way ``bug`` names (to show the checks catch it)."""
     sap = model.sap
     if bug == "no_clamp":  # a log-scale with no ceiling
         sap.logit_scale = BoundedScale(EXPECTED_INIT, max_value=None, parameterization="log", constraint="none")
-    elif bug == "temperature":  # the old code: cosine / sqrt(phy_dim), a fixed attribute
+    elif bug == "temperature":  # cosine / sqrt(phy_dim) with a fixed ``temperature`` attribute
         sap.logit_scale = BoundedScale(1 / math.sqrt(sap.phy_dim), max_value=EXPECTED_MAX, learnable=False)
         sap.temperature = math.sqrt(sap.phy_dim)
     elif bug == "init":

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Executable invariants of bounded learnable scales (seed 003). Exit 1 on the first broken one.
+"""Executable invariants of bounded learnable scales (BoundedScale). Exit 1 on the first broken one.
 
     python verify/verify_scale_bounds.py                       # all checks, exit 0
     python verify/verify_scale_bounds.py --inject-bug no_clamp # 'clamp' silently unbounded: exits 1

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Executable invariants of the corrected SDM loss (seed 002). Exit 1 on the first broken one.
+"""Executable invariants of the SDM loss (symmetric KL, masked). Exit 1 on the first broken one.
 
     python verify/verify_sdm.py                          # all checks, exit 0
-    python verify/verify_sdm.py --inject-bug old_formula # the seed's buggy `ce - h`: exits 1
+    python verify/verify_sdm.py --inject-bug old_formula # the `ce - h` formula (sdm_loss_legacy): exits 1
 
 Checks, each printed with its measured value:
   1. non-negativity on 1,000 random batches (Gaussian, near-converged clustered and
@@ -36,7 +36,7 @@ INJECTED: set[str] = set()
 
 
 def old_buggy_sdm(feat_a, feat_b, pids, temperature=0.2, mask_a=None, mask_b=None):
-    """The seed note's pre-fix formula (``losses.sdm_loss.sdm_loss_legacy``); ignores masks.
+    """The ``ce - h`` formula that ``sdm_loss`` corrects (``losses.sdm_loss.sdm_loss_legacy``); ignores masks.
 
     Used only to show that this script catches it.
     """
@@ -191,7 +191,7 @@ def check_no_valid_pair(loss_fn: LossFn) -> None:
 
 
 def loss_under_test(*args, **kwargs) -> tuple[torch.Tensor, dict[str, float]]:
-    """``sdm_loss``, or the seed's buggy formula under ``--inject-bug old_formula``."""
+    """``sdm_loss``, or the ``ce - h`` formula under ``--inject-bug old_formula``."""
     loss_fn: LossFn = old_buggy_sdm if "old_formula" in INJECTED else sdm_loss
     return loss_fn(*args, **kwargs)
 

@@ -1,4 +1,4 @@
-"""Attention bias from similarity weights with a bounded learnable scale (seed 003).
+"""Attention bias from similarity weights with a bounded learnable scale.
 
 ``bias = clamp(weights * scale, -bias_clip, bias_clip)`` for weights in [-1, 1]
 (e.g. cosine similarities). The scale is a :class:`BoundedScale` (default: log

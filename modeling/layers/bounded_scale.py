@@ -1,10 +1,10 @@
 """A learnable scale that cannot run away: the one layer behind every learnable scale in the repo.
 
-Seed 003: a scale multiplying attention logits (or an attention bias) tends to grow
-(2.5 -> 5.8 -> 12.3 -> 45.7 over epochs) until softmax saturates and its gradient
-vanishes (the two-way softmax derivative p(1 - p) is 0.25 at a logit gap of 0, 0.007
-at 5, ~0 at 10). ``BoundedScale`` owns the parameter and enforces a range in one of
-four ways, chosen by ``constraint``:
+Why: an unbounded scale multiplying attention logits (or an attention bias) tends to
+grow (2.5 -> 5.8 -> 12.3 -> 45.7 over epochs; docs/decisions.md) until softmax
+saturates and its gradient vanishes (the two-way softmax derivative p(1 - p) is 0.25
+at a logit gap of 0, 0.007 at 5, ~0 at 10). ``BoundedScale`` owns the parameter and
+enforces a range in one of four ways, chosen by ``constraint``:
 
 ``clamp``
     forward returns ``value.clamp(min, max)``. Simplest; the gradient is zero once

@@ -1,4 +1,4 @@
-"""SAP (Semantic Anchor Purification) with a learnable, bounded logit scale ("Patch 3", seed 000).
+"""SAP (Semantic Anchor Purification) with a learnable, bounded logit scale.
 
 Every feature of an episode cross-attends over the episode's N class anchors and is
 "purified" by a residual mix with the anchor it attends to:
@@ -14,18 +14,19 @@ Every feature of an episode cross-attends over the episode's N class anchors and
 False drops them), ``lam`` is the purification weight in [0, 1] (a sigmoid-bounded
 :class:`BoundedScale`, init 0.5).
 
-The old code divided the cosine logits by a fixed ``temperature = sqrt(phy_dim)`` (25.3 for
-640), which made the attention nearly uniform ("sprinkling sugar evenly"). Now the logits
-are *multiplied* by a learnable scale initialised at 25 with CLIP's ceiling of 100, kept in
-log space by the shared :class:`~modeling.layers.BoundedScale` (so it stays positive), and
-exposed as ``logit_scale_log`` (the very same ``nn.Parameter``) for the optimizer, which must
-not apply weight decay to it (decay would pull log-scale to 0, i.e. the scale to 1).
+The cosine logits are *multiplied* by a learnable scale, because dividing them by a fixed
+``temperature = sqrt(phy_dim)`` (25.3 for 640) leaves them within +-0.04 and the attention
+nearly uniform ("sprinkling sugar evenly"; docs/decisions.md). The scale is initialised at
+25 with CLIP's ceiling of 100, kept in log space by the shared
+:class:`~modeling.layers.BoundedScale` (so it stays positive), and exposed as
+``logit_scale_log`` (the very same ``nn.Parameter``) for the optimizer, which must not apply
+weight decay to it (decay would pull log-scale to 0, i.e. the scale to 1).
 
 ``scale_mode`` selects the ablation:
 
 * ``learnable`` (default): the bounded learnable scale above;
-* ``fixed``: the old behaviour, a constant multiplier ``1 / sqrt(phy_dim)`` (logits divided
-  by the old temperature), not a parameter;
+* ``fixed``: a constant multiplier ``1 / sqrt(phy_dim)`` (logits divided by the fixed
+  temperature ``sqrt(phy_dim)``), not a parameter;
 * ``constant``: a constant multiplier equal to ``logit_scale_init`` (25), not a parameter.
 
 There is deliberately no ``temperature`` attribute.
@@ -51,7 +52,7 @@ class SemanticAnchorPurification(nn.Module):
         phy_dim: feature dimension D of features and anchors (640 for ResNet-12).
         logit_scale_init: initial logit scale (25.0).
         logit_scale_max: ceiling of the logit scale (100.0, CLIP's).
-        scale_mode: ``learnable`` | ``fixed`` (old: 1 / sqrt(phy_dim)) | ``constant`` (init, frozen).
+        scale_mode: ``learnable`` | ``fixed`` (1 / sqrt(phy_dim), frozen) | ``constant`` (init, frozen).
         purify_init: initial residual weight ``lam`` of the attended anchor, in (0, 1).
         projections: learn D x D query/key/value maps (identity init); False: plain cosine.
     """
