@@ -1,15 +1,16 @@
 """``synthetic_fewshot``: the procedurally drawn few-shot set, read with the miniImageNet parser.
 
-The folder is written by :func:`datasets.synthetic.generate_fewshot` (coloured, patterned
-shapes; class names such as ``red striped triangle``) in the miniImageNet CSV layout, and
-generated on the spot when absent or incomplete.
+The folder is written by :func:`datasets.synthetic_generators.generate_fewshot` (coloured,
+patterned shapes drawn by :mod:`datasets.synthetic_shapes`; class names such as ``red striped
+triangle``) in the miniImageNet CSV layout, and generated on the spot when absent or incomplete.
 """
 
 from __future__ import annotations
 
 from datasets.mini_imagenet import MiniImageNetLayout
 from datasets.registry import DATASET_REGISTRY
-from datasets.synthetic_rgbnt import ensure_generated, requested_args, synthetic_dir
+from datasets.synthetic_folder import ensure_generated, requested_args, synthetic_dir
+from datasets.synthetic_generators import FEWSHOT_PRESETS, generate_fewshot
 
 
 @DATASET_REGISTRY.register("synthetic_fewshot")
@@ -39,8 +40,6 @@ class SyntheticFewShot(MiniImageNetLayout):
         Generator arguments left ``None`` take the ``preset`` values (``'small'``: 64/16/20
         classes of 30 images at 84x84; ``'gpu'``: 600 images per class).
         """
-        from datasets.synthetic import FEWSHOT_PRESETS, generate_fewshot
-
         overrides = dict(num_classes=num_classes, images_per_class=images_per_class, size=size, seed=seed)
         requested, explicit = requested_args(self.dataset_name, FEWSHOT_PRESETS, preset, overrides, seed=0)
         base = synthetic_dir(root, self.dataset_name)

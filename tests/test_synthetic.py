@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +19,11 @@ from datasets import (
     build_fewshot_loader,
     build_reid_test_loader,
     build_reid_train_loader,
+    synthetic,
 )
 from datasets.synthetic import MARKER, SENTINEL, generate_fewshot, generate_rgbnt, main, read_marker
+
+REPO = Path(__file__).resolve().parents[1]
 
 TINY_REID = dict(num_train_ids=6, num_test_ids=3, num_cams=2, images_per_id_cam=2, size=(32, 16))
 TINY_FS = dict(num_classes=(6, 3, 3), images_per_class=6, size=24)
@@ -167,3 +173,44 @@ def test_cli_presets_belong_to_their_kind(tmp_path, capsys):
                  "--num-test-ids", "1", "--num-cams", "2", "--images-per-id-cam", "1", "--workers", "1"]) == 0
     marker = read_marker(tmp_path / "r")
     assert marker is not None and marker["size"] == [128, 64]  # the preset's image size was kept
+
+
+def test_cli_module_reexports_the_generator_api():
+    from datasets import synthetic_folder, synthetic_generators, synthetic_person, synthetic_shapes
+
+    owners = (synthetic_folder, synthetic_generators, synthetic_person, synthetic_shapes)
+    for name in synthetic.__all__:
+        if name == "main":
+            continue
+        homes = [m for m in owners if name in vars(m)]
+        assert homes and all(getattr(synthetic, name) is getattr(m, name) for m in homes), name
+    assert {"render_person", "render_fewshot", "write_atomically", "RGBNT_PRESETS"} <= set(synthetic.__all__)
+
+
+def _datasets_imports(module: str) -> set[str]:
+    tree = ast.parse((REPO / "datasets" / f"{module}.py").read_text())
+    found = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    found |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    return {m.removeprefix("datasets.") for m in found if m.startswith("datasets.")}
+
+
+def test_synthetic_modules_import_downwards_only():
+    # renderers know nothing of files; the dataset classes share helpers, never each other;
+    # only the command line itself is datasets.synthetic, so ``python -m`` never imports it twice
+    assert _datasets_imports("synthetic_person") == set()
+    assert _datasets_imports("synthetic_shapes") == set()
+    assert _datasets_imports("synthetic_folder") == {"bases"}
+    assert _datasets_imports("synthetic_generators") == {"synthetic_folder", "synthetic_person", "synthetic_shapes"}
+    for dataset, other in (("synthetic_rgbnt", "synthetic_fewshot"), ("synthetic_fewshot", "synthetic_rgbnt")):
+        imports = _datasets_imports(dataset)
+        assert other not in imports and "synthetic" not in imports
+        assert {"synthetic_folder", "synthetic_generators"} <= imports
+
+
+def test_cli_runs_as_a_module_without_warnings(tmp_path):
+    out = tmp_path / "fs"
+    cmd = [sys.executable, "-W", "error", "-m", "datasets.synthetic", "--kind", "fewshot", "--out", str(out),
+           "--num-classes", "2", "1", "1", "--images-per-class", "2", "--size", "16", "--workers", "1"]
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "wrote 8 images" in run.stdout and read_marker(out)["num_classes"] == [2, 1, 1]
