@@ -142,6 +142,23 @@ class Checkpointer:
         available) when it is missing, truncated, corrupt or does not fit the model.
         """
         state = read_checkpoint(path, self.save_dir)
+        self.restore(state, path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                     restore_rng=restore_rng, strict=strict)
+        return {"epoch": state["epoch"], "step": state["step"], "extra": state.get("extra", {})}
+
+    @staticmethod
+    def restore(
+        state: dict[str, Any],
+        path: str | Path,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        scaler: torch.amp.GradScaler | None = None,
+        restore_rng: bool = True,
+        strict: bool = True,
+    ) -> None:
+        """Put a checkpoint already read (from ``path``, for messages) into the given objects."""
         try:
             unwrap(model).load_state_dict(state["model"], strict=strict)
         except RuntimeError as err:
@@ -151,14 +168,33 @@ class Checkpointer:
                 obj.load_state_dict(state[name])
         if restore_rng and state.get("rng") is not None:
             set_rng_state(state["rng"])
-        logger.info("resumed from %s (epoch %d, step %d)", path, state["epoch"], state["step"])
-        return {"epoch": state["epoch"], "step": state["step"], "extra": state.get("extra", {})}
+        logger.info("loaded %s (epoch %d, step %d)", path, state["epoch"], state["step"])
 
     def _prune(self, keep_also: Path) -> None:
         periodic = sorted(self.save_dir.glob("checkpoint_epoch*.pth"))  # tags are zero-padded: epoch0007
         for old in periodic[: max(0, len(periodic) - self.keep)]:
             if old != keep_also:
                 old.unlink(missing_ok=True)
+
+
+def resolve_resume(ckpt: Checkpointer, resume: str | None) -> Path | None:
+    """``--resume``: ``None`` -> a fresh run; ``"auto"`` -> the run's newest checkpoint (error if none); else the path."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        latest = ckpt.latest()
+        if latest is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt.save_dir} (no '{LAST_POINTER}' file)")
+        return latest
+    return Path(resume)
+
+
+def eval_weights(ckpt: Checkpointer, resume_path: Path | None, weights: str) -> Path:
+    """The checkpoint ``--eval-only`` evaluates: ``--resume PATH``, else ``MODEL.WEIGHTS``, else the run's newest."""
+    path = resume_path or (Path(weights) if weights else ckpt.latest())
+    if path is None:
+        raise FileNotFoundError("--eval-only needs --resume PATH, MODEL.WEIGHTS, or a checkpoint in OUTPUT_DIR")
+    return path
 
 
 def read_checkpoint(path: str | Path, search_dir: str | Path | None = None) -> dict[str, Any]:

@@ -390,6 +390,11 @@ def validate(cfg: CN) -> None:
         raise ConfigError(str(err)) from None
 
 
+def config_to_dict(cfg: CN) -> dict[str, Any]:
+    """The config as plain nested dicts (for W&B and JSON)."""
+    return {k: config_to_dict(v) if isinstance(v, CN) else v for k, v in cfg.items()}
+
+
 def _get(cfg: CN, key: str) -> Any:
     node: Any = cfg
     for part in key.split("."):

@@ -35,7 +35,8 @@ class RunFolderError(RuntimeError):
 def default_argument_parser(description: str, gate_flags: bool = False) -> argparse.ArgumentParser:
     """``--config_file``, ``--resume [PATH]``, ``--eval-only`` and trailing ``KEY VALUE`` overrides.
 
-    ``gate_flags`` adds ``--init_scale``/``--init_bias`` (the cosine gate's init, seed 001).
+    ``gate_flags`` adds ``--init_scale``/``--init_bias`` (the cosine gate's initial scale and bias) and the
+    gate's two options.
     """
     parser = argparse.ArgumentParser(
         description=description,

@@ -44,7 +44,7 @@ def mean_confidence_interval(accuracies: Sequence[float] | np.ndarray, z: float 
 
 
 @torch.no_grad()
-def extract_features(model: torch.nn.Module, loader: Any, device: torch.device, amp: Any = None,
+def backbone_features(model: torch.nn.Module, loader: Any, device: torch.device, amp: Any = None,
                      desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features (n, D) float32 on ``device`` and global labels (n,) of a batch loader, in order."""
     was_training = model.training
@@ -121,7 +121,7 @@ def evaluate_split(cfg: Any, model: torch.nn.Module, data: Any, split: str, devi
                    shots: Sequence[int], n_episodes: int, amp: Any = None) -> dict[str, dict[str, Any]]:
     """``{"5way_1shot": {...}, "5way_5shot": {...}}`` on ``split`` (see :func:`evaluate_episodes`)."""
     fs = cfg.FEWSHOT
-    feats, labels = extract_features(model, build_eval_loader(cfg, data, split), device, amp, desc=f"{split} features")
+    feats, labels = backbone_features(model, build_eval_loader(cfg, data, split), device, amp, desc=f"{split} features")
     results = {}
     for shot in shots:
         key = f"{fs.TEST_WAY}way_{shot}shot"

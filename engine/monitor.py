@@ -1,8 +1,8 @@
 """Training monitors the trainer owns: a robust loss-spike detector and a non-finite step guard.
 
 Both are plain objects with their own state and ``state_dict()`` /
-``load_state_dict()`` (seed 002: "a class with its own state, not a function
-attribute"), so a resumed run continues counting where it stopped.
+``load_state_dict()`` (no state hidden in function attributes or globals), so a
+resumed run continues counting where it stopped.
 
 Typical use in the training loop::
 
@@ -36,7 +36,7 @@ MAD_TO_SIGMA = 1.4826  # MAD * 1.4826 estimates the standard deviation of a Gaus
 
 
 class SpikeDetector:
-    """Rolling median + MAD loss-spike detector (seed 002, v2 settings).
+    """Rolling median + MAD loss-spike detector (window 100, warm-up 20, floors 0.05 and 15%, 6 sigmas).
 
     For each new value ``x`` (after ``warmup`` values have been seen) with ``med`` and
     ``mad`` the median and median absolute deviation of the last ``window`` values::
@@ -46,8 +46,8 @@ class SpikeDetector:
         spike     = x > threshold
 
     Floors: ``mad_floor`` is an absolute floor on the spread, for the flat start of
-    training where MAD is ~0 and any jitter would otherwise be a "spike" (the note's
-    stability = 0.00 symptom); ``rel_floor`` scales it with the loss level (a spread of
+    training where MAD is ~0 and any jitter would otherwise be a "spike" (without it the
+    stability score reads 0.00 on a healthy run); ``rel_floor`` scales it with the loss level (a spread of
     at least 15% of the median), so a loss of 5.0 is not judged on the same absolute
     scale as a loss of 0.05. Both floors apply to the spread, not to the threshold.
 

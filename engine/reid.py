@@ -1,16 +1,17 @@
-"""Multi-modal ReID training and evaluation (DeMo, DeMo-SDTPS): the loop ``train_net.py`` runs.
+"""Multi-modal ReID (DeMo, DeMo-SDTPS): what ``train_net.py`` runs.
 
-One function, :func:`run_reid`, reads top to bottom: data, model, objective,
-optimizer and schedule, resume, then per step forward -> loss -> backward ->
-clip -> guarded step -> log, per epoch checkpoint and evaluation, and at the end
-results, figures and ``summary.json`` (written last: it marks the run finished).
+:func:`run_reid` builds the data, the model and its objective, then hands one stage to the
+shared :class:`engine.trainer.Trainer`; this module says only what is ReID's own: how a batch
+becomes a loss (:class:`ReIDObjective`, around :class:`losses.reid_criterion.ReIDCriterion`),
+how a model is evaluated (:class:`ReIDEvaluator`: retrieval on query/gallery, every feature the
+model offers, missing modalities per ``TEST.MISS``), and what a finished run writes
+(``results_final.json``, the figures, ``summary.json`` last: it marks the run finished).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,21 +20,22 @@ import torch
 from yacs.config import CfgNode as CN
 
 import datasets
-from engine.checkpoint import Checkpointer, unwrap
+from engine.checkpoint import Checkpointer, eval_weights, read_checkpoint, resolve_resume, unwrap
 from engine.config import ConfigError
 from engine.device import AmpPolicy, build_amp_policy, resolve_device
 from engine.evaluation import evaluate_reid, evaluate_reid_features, pairwise_distance, re_ranking
-from engine.launch import wrap_ddp
 from engine.logger import MetricsLogger, progress
 from engine.missing import canonical, missing_modalities, present_modalities
-from engine.monitor import NonFiniteGuard, SpikeDetector
-from engine.reid_criterion import MODALITY_ORDER, ReIDCriterion
 from engine.solver import build_optimizer, build_scheduler
+from engine.trainer import Stage, Trainer
+from losses.reid_criterion import MODALITY_ORDER, ReIDCriterion
 from modeling import MODEL_REGISTRY, build_model
-from utils.distributed import barrier, is_main_process
+from utils.distributed import is_main_process
 from utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
+
+STAGE = "train"  # a ReID run has one stage
 
 
 def check_names(cfg: CN, family: tuple[str, ...]) -> None:
@@ -84,11 +86,6 @@ def build_reid_optimizer(
                                 weight_decay=cfg.SOLVER.WEIGHT_DECAY, momentum=cfg.SOLVER.MOMENTUM,
                                 nesterov=cfg.SOLVER.NESTEROV)
     return optimizer, [p for g in optimizer.param_groups for p in g["params"]]
-
-
-def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
-    """``torch.compile`` with a ``MODEL.COMPILE`` mode name (``default`` = torch's default mode)."""
-    return torch.compile(model, mode=None if mode in ("", "default") else mode)
 
 
 def resolve_test_modalities(cfg: CN) -> tuple[str, ...]:
@@ -190,65 +187,6 @@ def _write_results(out_dir: Path, results: dict[str, dict[str, Any]], tag: str, 
     return path
 
 
-def _resolve_resume(args: argparse.Namespace, ckpt: Checkpointer, cfg: CN) -> Path | None:
-    if args.resume == "auto":
-        latest = ckpt.latest()
-        if latest is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {cfg.OUTPUT_DIR} (no 'last_checkpoint' file)")
-        return latest
-    if args.resume:
-        return Path(args.resume)
-    return None
-
-
-def _to_device(batch: tuple, device: torch.device) -> tuple:
-    images, pids, camids, masks = batch
-    return (
-        {k: x.to(device, non_blocking=True) for k, x in images.items()},
-        pids.to(device, non_blocking=True),
-        camids.to(device, non_blocking=True),
-        masks.to(device, non_blocking=True),
-    )
-
-
-def train_step(
-    model: torch.nn.Module,
-    criterion: ReIDCriterion,
-    optimizer: torch.optim.Optimizer,
-    amp: AmpPolicy,
-    params: list[torch.nn.Parameter],
-    batch: tuple,
-    epoch: float,
-    grad_clip: float,
-    guard: NonFiniteGuard,
-    spikes: SpikeDetector,
-) -> tuple[float, dict[str, float], float, dict[str, Any]]:
-    """One optimisation step on a device batch ``(images, pids, camids, masks)``.
-
-    Forward under autocast, losses in fp32, backward through the grad scaler, clip,
-    then the step's single host sync (loss, grad norm and every term in one
-    transfer) decides whether the step is applied: a non-finite step is skipped
-    and counted. Returns ``(loss, terms, grad_norm, outputs)`` with host floats.
-    """
-    images, pids, camids, masks = batch
-    torch.compiler.cudagraph_mark_step_begin()  # new iteration for CUDA graphs (MODEL.COMPILE reduce-overhead)
-    with amp.autocast():
-        outputs = model(images, camids, masks)
-    loss, terms = criterion(outputs, pids, masks, epoch)
-    optimizer.zero_grad(set_to_none=True)
-    amp.scaler.scale(loss).backward()
-    amp.scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
-    host = torch.stack([loss.detach(), grad_norm.float(), *terms.values()]).float().tolist()
-    term_values = dict(zip(terms, host[2:]))
-    if guard.check(term_values, None if amp.scaler.is_enabled() else host[1]):
-        amp.scaler.step(optimizer)
-        spikes.update(host[0])
-    amp.scaler.update()
-    criterion.observe_sdm(term_values)
-    return host[0], term_values, host[1], outputs
-
-
 @dataclass
 class ReIDSetup:
     """What training and evaluation share: the data, the test loader and the model on its device."""
@@ -284,142 +222,128 @@ def build_reid_setup(cfg: CN) -> ReIDSetup:
     return ReIDSetup(data, test_loader, len(data.query), model, device, amp)
 
 
-def eval_weights(cfg: CN, ckpt: Checkpointer, resume_path: Path | None) -> Path:
-    """The checkpoint ``--eval-only`` evaluates: ``--resume PATH``, else ``MODEL.WEIGHTS``, else the run's newest."""
-    weights = resume_path or (Path(cfg.MODEL.WEIGHTS) if cfg.MODEL.WEIGHTS else ckpt.latest())
-    if weights is None:
-        raise FileNotFoundError("--eval-only needs --resume PATH, MODEL.WEIGHTS, or a checkpoint in OUTPUT_DIR")
-    return weights
-
-
 def missing_record(cfg: CN, miss: str | None = None) -> dict[str, Any]:
     """How a result was evaluated, for the results files: the missing modalities and how they were removed."""
     code = cfg.TEST.MISS if miss is None else miss
     return {"missing_modalities": list(missing_modalities(code)), "miss_mode": cfg.TEST.MISS_MODE}
 
 
+class ReIDObjective:
+    """A ReID training step's loss: the model on the batch's three modalities, then the criterion."""
+
+    def __init__(self, criterion: ReIDCriterion, device: torch.device) -> None:
+        self.criterion, self.device = criterion, device
+
+    def to_device(self, batch: tuple) -> tuple:
+        """The loader's ``(images, pids, camids, trackids, masks)`` on the device (trackids stay)."""
+        images, pids, camids, trackids, masks = batch
+        dev = self.device
+        return ({k: x.to(dev, non_blocking=True) for k, x in images.items()}, pids.to(dev, non_blocking=True),
+                camids.to(dev, non_blocking=True), trackids, masks.to(dev, non_blocking=True))
+
+    def forward(self, model: torch.nn.Module, batch: tuple) -> dict[str, Any]:
+        images, _, camids, _, masks = batch
+        return model(images, camids, masks)
+
+    def loss(self, outputs: dict[str, Any], batch: tuple, epoch: float) -> tuple[torch.Tensor, dict[str, torch.Tensor],
+                                                                                dict[str, Any]]:
+        _, pids, _, _, masks = batch
+        total, terms = self.criterion(outputs, pids, masks, epoch)
+        stats = {f"model/{k}": v for k, v in outputs.get("stats", {}).items()}
+        stats["sdm_temperature"] = self.criterion.sdm_temperature.value()
+        return total, terms, stats
+
+    def after_step(self, terms: dict[str, float]) -> None:
+        self.criterion.observe_sdm(terms)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.criterion.state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.criterion.load_state(state)
+
+
+class ReIDEvaluator:
+    """Retrieval on the test split (``results[name]`` per retrieval feature); the score is ``feat``'s mAP."""
+
+    prefix = "test"
+
+    def __init__(self, setup: ReIDSetup, cfg: CN) -> None:
+        self.setup, self.cfg = setup, cfg
+        self.extracted: dict[str, Any] = {}
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, Any]:
+        results, self.extracted = evaluate(model, self.setup.test_loader, self.setup.num_query, self.cfg,
+                                           self.setup.device, self.setup.amp, protocol=self.setup.data.eval_protocol)
+        return results
+
+    def scalars(self, results: dict[str, Any]) -> dict[str, float]:
+        return _scalar_metrics(results)
+
+    def score(self, results: dict[str, Any]) -> float:
+        return float(results["feat"]["mAP"])
+
+    def lines(self, results: dict[str, Any]) -> list[str]:
+        return [_summary_line(name, r) for name, r in results.items()]
+
+
 def run_reid(cfg: CN, args: argparse.Namespace) -> dict[str, Any]:
     """Train (or with ``--eval-only`` evaluate) the configured ReID model; returns the final metrics."""
     out_dir = Path(cfg.OUTPUT_DIR)
     setup = build_reid_setup(cfg)
-    data, test_loader, num_query, model, device, amp = (
-        setup.data, setup.test_loader, setup.num_query, setup.model, setup.device, setup.amp)
+    model, device, amp = setup.model, setup.device, setup.amp
     criterion = ReIDCriterion(cfg, bn_feat_dim=getattr(model, "bn_feat_dim", None)).to(device)
     ckpt = Checkpointer(out_dir)
-    metrics = MetricsLogger(
-        out_dir, cfg.WANDB.MODE, config=_cfg_to_dict(cfg), project=cfg.WANDB.PROJECT, entity=cfg.WANDB.ENTITY,
-        name=cfg.WANDB.NAME, group=cfg.WANDB.GROUP, tags=cfg.WANDB.TAGS, init_timeout=cfg.WANDB.INIT_TIMEOUT,
-    )
-    resume_path = _resolve_resume(args, ckpt, cfg)
+    evaluator = ReIDEvaluator(setup, cfg)
+    with MetricsLogger.from_config(cfg) as metrics:
+        resume_path = resolve_resume(ckpt, args.resume)
+        if args.eval_only:
+            weights = eval_weights(ckpt, resume_path, cfg.MODEL.WEIGHTS)
+            state = ckpt.load(weights, model=model, restore_rng=False)
+            results = evaluator(model)
+            for line in evaluator.lines(results):
+                logger.info(line)
+            tag = "eval_all" if not missing_modalities(cfg.TEST.MISS) else f"eval_miss_{canonical(cfg.TEST.MISS)}"
+            _write_results(out_dir, results, tag, {"checkpoint": str(weights), "epoch": state["epoch"],
+                                                   **missing_record(cfg)})
+            _make_figures(out_dir, setup.data, evaluator.extracted, setup.num_query, cfg, model)
+            metrics.log(_scalar_metrics(results), step=state["step"], prefix="test")
+            return results
 
-    if args.eval_only:
-        weights = eval_weights(cfg, ckpt, resume_path)
-        state = ckpt.load(weights, model=model, restore_rng=False)
-        results, ext = setup.evaluate(cfg)
-        for name, r in results.items():
-            logger.info(_summary_line(name, r))
-        tag = "eval_all" if not missing_modalities(cfg.TEST.MISS) else f"eval_miss_{canonical(cfg.TEST.MISS)}"
-        _write_results(out_dir, results, tag, {"checkpoint": str(weights), "epoch": state["epoch"],
-                                               **missing_record(cfg)})
-        _make_figures(out_dir, data, ext, num_query, cfg, model)
-        metrics.log(_scalar_metrics(results), step=state["step"], prefix="test")
-        metrics.close()
-        return results
-
-    # ---- optimisation
-    train_loader = datasets.build_reid_train_loader(
-        data.train, batch_size=cfg.SOLVER.IMS_PER_BATCH, num_instance=cfg.DATALOADER.NUM_INSTANCE,
-        size=cfg.INPUT.SIZE_TRAIN, flip_prob=cfg.INPUT.PROB, padding=cfg.INPUT.PADDING, re_prob=cfg.INPUT.RE_PROB,
-        mean=cfg.INPUT.PIXEL_MEAN, std=cfg.INPUT.PIXEL_STD, skip_corrupt=cfg.DATASETS.SKIP_CORRUPT,
-        seed=cfg.SEED, num_workers=_num_workers(cfg), prefetch_factor=cfg.DATALOADER.PREFETCH_FACTOR,
-    )
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        raise ValueError(f"the train split gives no P x K batch of {cfg.SOLVER.IMS_PER_BATCH}; lower SOLVER.IMS_PER_BATCH")
-    optimizer, params = build_reid_optimizer(cfg, model, criterion)
-    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
-    m = cfg.MONITOR
-    spikes = SpikeDetector(m.SPIKE_WINDOW, m.SPIKE_WARMUP, m.SPIKE_MAD_FLOOR, m.SPIKE_REL_FLOOR, m.SPIKE_SIGMAS)
-    guard = NonFiniteGuard(m.MAX_NONFINITE_STEPS)
-    start_epoch, step, best = 0, 0, {"mAP": -1.0, "epoch": -1}
-    if resume_path is None and cfg.MODEL.WEIGHTS:  # fine-tune: start from these weights, a fresh schedule
-        ckpt.load(Path(cfg.MODEL.WEIGHTS), model=model, restore_rng=False)
-        logger.info("starting from the weights of %s (MODEL.WEIGHTS)", cfg.MODEL.WEIGHTS)
-    if resume_path is not None:
-        state = ckpt.load(resume_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=amp.scaler)
-        start_epoch, step = state["epoch"], state["step"]
-        extra = state["extra"]
-        criterion.load_state(extra["criterion"])
-        spikes.load_state_dict(extra["spikes"])
-        guard.load_state_dict(extra["guard"])
-        best = extra["best"]
-    train_model = wrap_ddp(model, device)
-    if cfg.MODEL.COMPILE:
-        train_model = compile_model(train_model, cfg.MODEL.COMPILE)
-
-    def checkpoint_extra() -> dict[str, Any]:
-        return {"criterion": criterion.state(), "spikes": spikes.state_dict(), "guard": guard.state_dict(),
-                "best": best}
-
-    max_epochs = cfg.SOLVER.MAX_EPOCHS
-    for epoch in range(start_epoch, max_epochs):
-        train_loader.batch_sampler.set_epoch(epoch)
-        train_model.train()
-        for it, (images, pids, camids, _, masks) in enumerate(
-            progress(train_loader, desc=f"epoch {epoch + 1}/{max_epochs}", total=steps_per_epoch)
-        ):
-            batch = _to_device((images, pids, camids, masks), device)
-            loss_value, term_values, grad_norm, outputs = train_step(
-                train_model, criterion, optimizer, amp, params, batch, epoch + it / steps_per_epoch,
-                cfg.SOLVER.GRAD_CLIP, guard, spikes,
-            )
-            scheduler.step()
-            step += 1
-            if step % cfg.SOLVER.LOG_PERIOD == 0 or it == steps_per_epoch - 1:
-                stats = {f"loss/{k}": v for k, v in term_values.items()}
-                stats.update({"loss/total": loss_value, "grad_norm": grad_norm, "epoch": epoch + it / steps_per_epoch,
-                              "sdm_temperature": criterion.sdm_temperature.value()})
-                stats.update({f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(optimizer.param_groups)})
-                stats.update({f"model/{k}": v for k, v in outputs.get("stats", {}).items()})
-                stats.update({f"monitor/{k}": v for k, v in {**spikes.stats(), **guard.stats()}.items()})
-                metrics.log(stats, step=step, prefix="train")
-        last = epoch + 1 == max_epochs
-        if (epoch + 1) % cfg.SOLVER.EVAL_PERIOD == 0 and not last:  # the last epoch is evaluated below
-            if is_main_process():
-                best = _evaluate_and_track(model, test_loader, num_query, cfg, device, amp, metrics, ckpt, best,
-                                           epoch + 1, step, data.eval_protocol)[2]
-            barrier()
-        if (epoch + 1) % cfg.SOLVER.CHECKPOINT_PERIOD == 0 or last:
-            ckpt.save(f"epoch{epoch + 1:04d}", model=model, optimizer=optimizer, scheduler=scheduler,
-                      scaler=amp.scaler, epoch=epoch + 1, step=step, extra=checkpoint_extra())
-
-    results: dict[str, dict[str, Any]] = {}
-    if is_main_process():
-        results, ext, best = _evaluate_and_track(model, test_loader, num_query, cfg, device, amp, metrics, ckpt,
-                                                 best, max_epochs, step, data.eval_protocol)
-        _write_results(out_dir, results, "final", {"epochs": max_epochs, "best": best, **missing_record(cfg)})
-        _make_figures(out_dir, data, ext, num_query, cfg, unwrap(model))
+        loader = datasets.build_reid_train_loader(
+            setup.data.train, batch_size=cfg.SOLVER.IMS_PER_BATCH, num_instance=cfg.DATALOADER.NUM_INSTANCE,
+            size=cfg.INPUT.SIZE_TRAIN, flip_prob=cfg.INPUT.PROB, padding=cfg.INPUT.PADDING, re_prob=cfg.INPUT.RE_PROB,
+            mean=cfg.INPUT.PIXEL_MEAN, std=cfg.INPUT.PIXEL_STD, skip_corrupt=cfg.DATASETS.SKIP_CORRUPT,
+            seed=cfg.SEED, num_workers=_num_workers(cfg), prefetch_factor=cfg.DATALOADER.PREFETCH_FACTOR,
+        )
+        if len(loader) == 0:
+            raise ValueError(f"the train split gives no P x K batch of {cfg.SOLVER.IMS_PER_BATCH}; "
+                             "lower SOLVER.IMS_PER_BATCH")
+        optimizer, _ = build_reid_optimizer(cfg, model, criterion)
+        scheduler = build_scheduler(cfg, optimizer, len(loader))
+        resume = None
+        if resume_path is not None:
+            resume = read_checkpoint(resume_path, out_dir)
+            Checkpointer.restore(resume, resume_path, model=model, restore_rng=False)
+        elif cfg.MODEL.WEIGHTS:  # fine-tune: start from these weights, a fresh schedule
+            ckpt.load(Path(cfg.MODEL.WEIGHTS), model=model, restore_rng=False)
+            logger.info("starting from the weights of %s (MODEL.WEIGHTS)", cfg.MODEL.WEIGHTS)
+        trainer = Trainer(cfg, model, device, amp, ckpt, metrics, stages=(STAGE,), resume=resume)
+        stage = Stage(STAGE, loader, cfg.SOLVER.MAX_EPOCHS, ReIDObjective(criterion, device), optimizer, scheduler,
+                      evaluator=evaluator)
+        fit = trainer.fit(stage)
+        if not is_main_process():
+            return {}
+        results = fit.results if fit.evaluated else evaluator(model)
+        best = {"mAP": fit.best["score"], "epoch": fit.best["epoch"]}
+        _write_results(out_dir, results, "final", {"epochs": cfg.SOLVER.MAX_EPOCHS, "best": best,
+                                                   **missing_record(cfg)})
+        _make_figures(out_dir, setup.data, evaluator.extracted, setup.num_query, cfg, unwrap(model))
         summary = {**_scalar_metrics(results), "best_mAP": best["mAP"], "best_epoch": best["epoch"],
-                   "steps": step, "stability": spikes.stability, "skipped_steps": float(guard.skipped)}
+                   "steps": trainer.run.step, "stability": trainer.spikes.stability,
+                   "skipped_steps": float(trainer.guard.skipped)}
         metrics.summary(summary)  # written last: marks the run as finished
-    metrics.close()
-    return results
-
-
-def _evaluate_and_track(
-    model: torch.nn.Module, loader: Any, num_query: int, cfg: CN, device: torch.device, amp: AmpPolicy,
-    metrics: MetricsLogger, ckpt: Checkpointer, best: dict[str, Any], epoch: int, step: int, protocol: str,
-) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, Any]]:
-    """Evaluate, log, and save ``checkpoint_best.pth`` when the main feature's mAP improved."""
-    results, ext = evaluate(unwrap(model), loader, num_query, cfg, device, amp, protocol=protocol)
-    for name, r in results.items():
-        logger.info("epoch %d %s", epoch, _summary_line(name, r))
-    metrics.log(_scalar_metrics(results), step=step, prefix="test")
-    if results["feat"]["mAP"] > best["mAP"]:
-        best = {"mAP": float(results["feat"]["mAP"]), "epoch": epoch}
-        ckpt.save("best", model=model, epoch=epoch, step=step, extra={"best": best}, periodic=False,
-                  resumable=False)
-    return results, ext, best
+        return results
 
 
 def _make_figures(out_dir: Path, data: Any, ext: dict[str, Any], num_query: int, cfg: CN, model: Any) -> None:
@@ -438,12 +362,3 @@ def _make_figures(out_dir: Path, data: Any, ext: dict[str, Any], num_query: int,
         if grid is not None:
             plot_kept_tokens(items[:num_query], ext["keep_indices"], grid, out_dir / "kept_tokens.png",
                              size=cfg.INPUT.SIZE_TEST, num_queries=cfg.TEST.VIS_QUERIES, seed=cfg.SEED)
-
-
-def _cfg_to_dict(cfg: CN) -> dict[str, Any]:
-    def convert(node: Any) -> Any:
-        if isinstance(node, CN):
-            return {k: convert(v) for k, v in node.items()}
-        return node
-
-    return convert(cfg)

@@ -14,7 +14,7 @@ import torch
 
 from engine.config import ConfigError, load_config
 from engine.reid import resolve_test_modalities
-from engine.reid_criterion import ReIDCriterion
+from losses.reid_criterion import ReIDCriterion
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "synthetic" / "DeMo_SDTPS_tiny.yml"
@@ -49,9 +49,10 @@ def test_train_evaluate_resume_and_eval_only(tiny_rgbnt_root: Path, tmp_path: Pa
     assert {"feat", "modality_concat", "moe", "RGB", "NI", "TI"} <= set(results)
     assert len(results["feat"]["cmc"]) == min(50, 4 * 2 * 2)  # gallery size caps max_rank
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train_steps = [r["step"] for r in rows if "train/loss/total" in r]
+    train_steps = [r["step"] for r in rows if "train/loss" in r]
     assert train_steps == sorted(train_steps) and train_steps[-1] == summary["steps"]
-    assert all(math.isfinite(r["train/loss/total"]) for r in rows if "train/loss/total" in r)
+    assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+    assert any("train/loss/sdm" in r and "train/lr/backbone" in r for r in rows)
     assert any("train/model/sdtps/kept_ratio" in r for r in rows)
     assert (out / "top10_retrievals.png").stat().st_size > 0 and (out / "kept_tokens.png").stat().st_size > 0
     assert json.loads((out / "results_final.json").read_text())["missing_modalities"] == []

@@ -5,7 +5,7 @@
         [--precisions fp32,fp16,bf16] [--compile] [--steps 30] [--warmup 10] [--append BENCHMARKS.md] [KEY VALUE ...]
 
 Each precision gets a fresh model (same seed), the real objective (``ReIDCriterion``),
-optimizer and guarded step (``engine.reid.train_step``) on random device-resident
+optimizer and guarded step (``engine.trainer.Trainer.run_step``) on random device-resident
 batches of ``SOLVER.IMS_PER_BATCH`` samples (``DATALOADER.NUM_INSTANCE`` per id) x 3
 modalities, so the numbers measure the model step, not the data pipeline
 (``tools/bench_loader.py`` measures that). Evaluation runs at ``TEST.IMS_PER_BATCH``.
@@ -25,16 +25,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from engine.config import load_config  # noqa: E402
-from engine.device import build_amp_policy, resolve_device  # noqa: E402
-from engine.monitor import NonFiniteGuard, SpikeDetector  # noqa: E402
-from engine.reid import build_reid_model, build_reid_optimizer, compile_model, train_step  # noqa: E402
-from engine.reid_criterion import MODALITY_ORDER, ReIDCriterion  # noqa: E402
-from engine.seed import seed_everything  # noqa: E402
+from engine.config import load_config
+from engine.device import build_amp_policy, resolve_device
+from engine.monitor import NonFiniteGuard
+from engine.reid import ReIDObjective, build_reid_model, build_reid_optimizer
+from engine.seed import seed_everything
+from engine.trainer import Stage, Trainer, compile_model
+from losses.reid_criterion import MODALITY_ORDER, ReIDCriterion
 
 # Dense bf16/fp16 tensor-core peak (FLOP/s) by device name fragment, for model FLOP utilisation.
 PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
@@ -55,7 +54,7 @@ def _batch(cfg, device: torch.device, num_classes: int, num_cams: int, batch: in
     pids = (torch.arange(batch) // k % num_classes).to(device)
     camids = torch.randint(0, num_cams, (batch,), generator=g).to(device)
     masks = torch.ones(batch, len(MODALITY_ORDER), dtype=torch.bool, device=device)
-    return images, pids, camids, masks
+    return images, pids, camids, None, masks  # the loader's (images, pids, camids, trackids, masks)
 
 
 def _sync(device: torch.device) -> None:
@@ -73,11 +72,14 @@ def _setup(cfg, precision: str, device: torch.device, args: argparse.Namespace, 
     run_model = compile_model(model, cfg.MODEL.COMPILE) if compiled else model
     batch = _batch(cfg, device, args.num_classes, args.num_cameras, cfg.SOLVER.IMS_PER_BATCH)
 
-    def step(net: torch.nn.Module = run_model) -> None:
-        train_step(net, criterion, optimizer, amp, params, batch, 0.0, cfg.SOLVER.GRAD_CLIP, guard, spikes)
+    trainer = Trainer(cfg, model, device, amp, ckpt=None, metrics=None, stages=("train",))
+    trainer.guard = NonFiniteGuard(10**9)  # a benchmark never stops on non-finite steps
+    stage = Stage("train", [batch], 1, ReIDObjective(criterion, device), optimizer, scheduler=None)
 
-    guard, spikes = NonFiniteGuard(10**9), SpikeDetector()
-    return model, run_model, amp, guard, step
+    def step(net: torch.nn.Module = run_model) -> None:
+        trainer.run_step(net, stage, params, batch, 0.0)
+
+    return model, run_model, amp, trainer.guard, step
 
 
 def bench_precision(cfg, precision: str, device: torch.device, args: argparse.Namespace) -> dict[str, float]:

@@ -18,11 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.defaults import default_argument_parser, default_setup, main_entry  # noqa: E402
-from engine.missing import DEMO_TABLE_SETTINGS, table_label  # noqa: E402
-from utils.io import atomic_write_json, atomic_write_text  # noqa: E402
+from engine.defaults import default_argument_parser, default_setup, main_entry
+from engine.missing import DEMO_TABLE_SETTINGS, table_label
+from utils.io import atomic_write_json, atomic_write_text
 
 
 def missing_table(rows: dict[str, dict[str, float]]) -> tuple[str, str]:
@@ -44,14 +42,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     """Load the checkpoint once, evaluate the six settings, write and print the table."""
     args.eval_only = True  # never a training run: the folder may hold one
     cfg = default_setup(args)
-    from engine.checkpoint import Checkpointer
-    from engine.reid import build_reid_setup, eval_weights, missing_record
+    from engine.checkpoint import Checkpointer, eval_weights, resolve_resume
+    from engine.reid import build_reid_setup, missing_record
 
     setup = build_reid_setup(cfg)
     out_dir = Path(cfg.OUTPUT_DIR)
-    weights = eval_weights(cfg, Checkpointer(out_dir), Path(args.resume) if args.resume not in (None, "auto")
-                           else None)
-    Checkpointer(out_dir).load(weights, model=setup.model, restore_rng=False)
+    ckpt = Checkpointer(out_dir)
+    weights = eval_weights(ckpt, resolve_resume(ckpt, args.resume), cfg.MODEL.WEIGHTS)
+    ckpt.load(weights, model=setup.model, restore_rng=False)
     rows: dict[str, dict[str, float]] = {}
     record: dict[str, Any] = {"checkpoint": str(weights), "miss_mode": cfg.TEST.MISS_MODE, "feature": "feat",
                               "settings": {}}

@@ -1,0 +1,309 @@
+"""The one training loop of both model families.
+
+A run is a sequence of stages (ReID: ``train``; few-shot: ``pretrain`` then ``meta``). A
+:class:`Stage` says only what differs between families: its loader, how a batch becomes a
+loss (an :class:`Objective`), how to evaluate (an :class:`Evaluator`), and its optimizer and
+schedule. :class:`Trainer` runs it top to bottom:
+
+* per step (:meth:`Trainer.run_step`, the only copy of the optimisation step): forward under
+  autocast -> loss in fp32 -> backward through the grad scaler -> unscale -> clip
+  (``SOLVER.GRAD_CLIP``) -> one host sync (loss, grad norm and every term) -> the step is
+  applied unless a value is non-finite (:class:`NonFiniteGuard`) -> spike detector ->
+  schedule; every ``SOLVER.LOG_PERIOD`` steps and at the end of an epoch the period's means
+  are logged;
+* per epoch: evaluation every ``SOLVER.EVAL_PERIOD`` epochs and at the last one (rank 0; the
+  best score's weights are kept as ``checkpoint_best.pth``), then a checkpoint every
+  ``SOLVER.CHECKPOINT_PERIOD`` epochs and at the last one.
+
+Everything a resumed run needs is in the checkpoint: model, optimizer, scheduler, scaler,
+the objective's state, the monitors, the best score and the run's counters (:class:`RunState`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from engine.checkpoint import Checkpointer, unwrap
+from engine.device import AmpPolicy
+from engine.launch import wrap_ddp
+from engine.logger import MetricsLogger, progress
+from engine.monitor import NonFiniteGuard, SpikeDetector
+from engine.seed import set_rng_state
+from utils.distributed import barrier, is_main_process
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunState:
+    """Counters across the stages of a run: the stage being trained, its completed epochs, and the
+    run's completed epochs and optimizer steps."""
+
+    stage: str | None = None
+    stage_epoch: int = 0
+    global_epoch: int = 0
+    step: int = 0
+
+
+class Objective(Protocol):
+    """How a batch becomes a loss: the part of a training step that differs between families."""
+
+    def to_device(self, batch: Any) -> Any:
+        """The loader's batch on the training device."""
+
+    def forward(self, model: torch.nn.Module, batch: Any) -> Any:
+        """Run ``model`` on a device batch (called under autocast)."""
+
+    def loss(self, outputs: Any, batch: Any, epoch: float) -> tuple[torch.Tensor, dict[str, torch.Tensor],
+                                                                    dict[str, Any]]:
+        """``(total, terms, stats)``: the fp32 scalar to minimise, its weighted parts (detached 0-d
+        tensors, logged as ``loss/<name>``; may be empty) and other values to log (period means)."""
+
+    def after_step(self, terms: dict[str, float]) -> None:
+        """React to the step's host values of the terms (e.g. a non-finite SDM term)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run must restore (schedules, own parameters)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+
+class Evaluator(Protocol):
+    """How a stage is evaluated: results by name, what of them is logged, and the score to keep the best of."""
+
+    prefix: str
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Evaluate ``model`` (the unwrapped module) and return the results."""
+
+    def scalars(self, results: dict[str, Any]) -> dict[str, float]:
+        """The numbers to log (under :attr:`prefix`)."""
+
+    def score(self, results: dict[str, Any]) -> float:
+        """Higher is better; the best-scoring weights are kept."""
+
+    def lines(self, results: dict[str, Any]) -> list[str]:
+        """Human-readable summary lines for the log."""
+
+
+@dataclass
+class Stage:
+    """One stage of a run: what to train with and for how long."""
+
+    name: str
+    loader: Any
+    epochs: int
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    evaluator: Evaluator | None = None
+    log_prefix: str = "train"
+    find_unused_parameters: bool = False
+    describe: Callable[[], str] = field(default=lambda: "")
+
+
+@dataclass
+class StageResult:
+    """What :meth:`Trainer.fit` returns: the last evaluation's results and the best score."""
+
+    results: dict[str, Any] | None
+    best: dict[str, Any]
+    evaluated: bool
+
+
+class Trainer:
+    """Runs stages of one model with one checkpointer, metrics logger and AMP policy.
+
+    Args:
+        cfg: the frozen config (``SOLVER`` periods and clipping, ``MONITOR``, ``MODEL.COMPILE``).
+        model: the model (not wrapped); DDP and ``torch.compile`` wrap it per stage.
+        device, amp: where and in which precision to train.
+        ckpt, metrics: the run folder's checkpointer and metrics logger (``None`` for :meth:`run_step` alone,
+            as a benchmark uses it).
+        stages: the names of the run's stages, in order.
+        resume: a checkpoint read with :func:`engine.checkpoint.read_checkpoint` (``None``: fresh run);
+            its model weights are expected to be loaded already.
+    """
+
+    def __init__(self, cfg: Any, model: torch.nn.Module, device: torch.device, amp: AmpPolicy,
+                 ckpt: Checkpointer | None, metrics: MetricsLogger | None, stages: tuple[str, ...],
+                 resume: dict[str, Any] | None = None) -> None:
+        self.cfg, self.model, self.device, self.amp = cfg, model, device, amp
+        self.ckpt, self.metrics, self.stages = ckpt, metrics, tuple(stages)
+        self.resume = resume
+        self.run = RunState(**run_state_of(resume)) if resume is not None else RunState()
+        m = cfg.MONITOR
+        self._monitor_args = (m.SPIKE_WINDOW, m.SPIKE_WARMUP, m.SPIKE_MAD_FLOOR, m.SPIKE_REL_FLOOR, m.SPIKE_SIGMAS)
+        self._max_nonfinite = m.MAX_NONFINITE_STEPS
+        self.spikes = SpikeDetector(*self._monitor_args)
+        self.guard = NonFiniteGuard(self._max_nonfinite)
+
+    # ------------------------------------------------------------------------------------------
+    def run_step(self, model: torch.nn.Module, stage: Stage, params: list[torch.nn.Parameter], batch: Any,
+                 epoch: float) -> tuple[float, dict[str, float], float, dict[str, Any]]:
+        """One optimisation step; returns ``(loss, terms, grad_norm, stats)`` with host floats for the first three."""
+        obj, optimizer, scaler = stage.objective, stage.optimizer, self.amp.scaler
+        torch.compiler.cudagraph_mark_step_begin()  # a new iteration for CUDA graphs (MODEL.COMPILE reduce-overhead)
+        with self.amp.autocast():
+            outputs = obj.forward(model, batch)
+        loss, terms, stats = obj.loss(outputs, batch, epoch)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        clip = self.cfg.SOLVER.GRAD_CLIP
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+        host = torch.stack([loss.detach().float(), grad_norm.float(), *(t.float() for t in terms.values())]).tolist()
+        term_values = dict(zip(terms, host[2:]))
+        if self.guard.check(term_values or {"loss": host[0]}, None if scaler.is_enabled() else host[1]):
+            scaler.step(optimizer)
+            self.spikes.update(host[0])
+        scaler.update()
+        obj.after_step(term_values)
+        return host[0], term_values, host[1], stats
+
+    # ------------------------------------------------------------------------------------------
+    def pending(self, name: str, epochs: int) -> bool:
+        """Whether stage ``name`` of ``epochs`` epochs has epochs left to train (after a resume, maybe none)."""
+        run = self.run
+        if run.stage is not None and self.stages.index(run.stage) > self.stages.index(name):
+            return False  # finished before the checkpoint the run resumed from
+        done = run.stage_epoch if run.stage == name else 0
+        if epochs <= 0 or done >= epochs:
+            logger.info("stage %s: nothing to do (%d of %d epochs done)", name, done, epochs)
+            return False
+        return True
+
+    def fit(self, stage: Stage) -> StageResult:
+        """Train ``stage`` (or finish it after a resume); returns the last evaluation and the best score."""
+        run = self.run
+        start_epoch = run.stage_epoch if run.stage == stage.name else 0
+        best: dict[str, Any] = {"score": -math.inf, "epoch": -1}
+        if not self.pending(stage.name, stage.epochs):
+            return StageResult(None, best, evaluated=False)
+        self.spikes = SpikeDetector(*self._monitor_args)
+        self.guard = NonFiniteGuard(self._max_nonfinite)
+        if start_epoch > 0:  # resumed inside this stage
+            best = self._restore(stage)
+        if self.resume is not None:  # the random state the run had when the checkpoint was written
+            if self.resume.get("rng") is not None:
+                set_rng_state(self.resume["rng"])
+            self.resume = None
+        params = [p for g in stage.optimizer.param_groups for p in g["params"]]  # clip over every group
+        train_model = wrap_ddp(self.model, self.device, find_unused_parameters=stage.find_unused_parameters)
+        if self.cfg.MODEL.COMPILE:
+            train_model = compile_model(train_model, self.cfg.MODEL.COMPILE)
+        run.stage = stage.name
+        steps = len(stage.loader)
+        logger.info("stage %s: epochs %d..%d of %d steps%s", stage.name, start_epoch + 1, stage.epochs, steps,
+                    stage.describe())
+        s = self.cfg.SOLVER
+        last_results: dict[str, Any] | None = None
+        evaluated = False
+        for epoch in range(start_epoch, stage.epochs):
+            stage.loader.batch_sampler.set_epoch(epoch)
+            train_model.train()
+            period = _PeriodMeans()
+            for it, batch in enumerate(progress(stage.loader, desc=f"{stage.name} {epoch + 1}/{stage.epochs}",
+                                                total=steps)):
+                batch = stage.objective.to_device(batch)
+                loss, terms, grad_norm, stats = self.run_step(train_model, stage, params, batch, epoch + it / steps)
+                stage.scheduler.step()
+                run.step += 1
+                period.add({"loss": loss, **{f"loss/{k}": v for k, v in terms.items()}, **stats})
+                if run.step % s.LOG_PERIOD == 0 or it == steps - 1:
+                    self._log(stage, period.means(), grad_norm, run.global_epoch + (it + 1) / steps)
+                    period = _PeriodMeans()
+            run.stage_epoch, run.global_epoch = epoch + 1, run.global_epoch + 1
+            last = epoch + 1 == stage.epochs
+            if stage.evaluator is not None and ((epoch + 1) % s.EVAL_PERIOD == 0 or last):
+                if is_main_process():
+                    last_results, best = self._evaluate(stage, best)
+                    evaluated = True
+                barrier()
+            if (epoch + 1) % s.CHECKPOINT_PERIOD == 0 or last:
+                self.ckpt.save(f"epoch{run.global_epoch:04d}", model=self.model, optimizer=stage.optimizer,
+                               scheduler=stage.scheduler, scaler=self.amp.scaler, epoch=run.global_epoch,
+                               step=run.step, extra=self._extra(stage, best))
+        return StageResult(last_results, best, evaluated)
+
+    # ------------------------------------------------------------------------------------------
+    def _restore(self, stage: Stage) -> dict[str, Any]:
+        """Restore the stage's optimizer, schedule, scaler, monitors and objective from the resume checkpoint."""
+        state = self.resume
+        assert state is not None
+        stage.optimizer.load_state_dict(state["optimizer"])
+        stage.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") is not None and self.amp.scaler.is_enabled():
+            self.amp.scaler.load_state_dict(state["scaler"])
+        extra = state["extra"]
+        self.spikes.load_state_dict(extra["spikes"])
+        self.guard.load_state_dict(extra["guard"])
+        if extra.get("objective") is not None:
+            stage.objective.load_state_dict(extra["objective"])
+        logger.info("resuming stage %s after epoch %d (step %d)", stage.name, self.run.stage_epoch, self.run.step)
+        return dict(extra["best"])
+
+    def _extra(self, stage: Stage, best: dict[str, Any]) -> dict[str, Any]:
+        return {"run": asdict(self.run), "spikes": self.spikes.state_dict(), "guard": self.guard.state_dict(),
+                "objective": stage.objective.state_dict(), "best": best}
+
+    def _evaluate(self, stage: Stage, best: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        evaluator = stage.evaluator
+        assert evaluator is not None
+        results = evaluator(unwrap(self.model))
+        for line in evaluator.lines(results):
+            logger.info("%s epoch %d: %s", stage.name, self.run.stage_epoch, line)
+        self.metrics.log(evaluator.scalars(results), step=self.run.step, prefix=evaluator.prefix)
+        score = evaluator.score(results)
+        if score > best["score"]:
+            best = {"score": float(score), "epoch": self.run.global_epoch}
+            self.ckpt.save("best", model=self.model, epoch=self.run.global_epoch, step=self.run.step,
+                           extra={"run": asdict(self.run), "best": best}, periodic=False, resumable=False)
+        return results, best
+
+    def _log(self, stage: Stage, means: dict[str, float], grad_norm: float, epoch: float) -> None:
+        groups = stage.optimizer.param_groups
+        record: dict[str, Any] = {**means, "lr": groups[0]["lr"], "grad_norm": grad_norm, "epoch": epoch}
+        record.update({f"lr/{g['name']}": g["lr"] for g in groups if "name" in g})
+        record.update({f"monitor/{k}": v for k, v in {**self.spikes.stats(), **self.guard.stats()}.items()
+                       if math.isfinite(v)})  # no NaN in metrics.jsonl (the spike threshold during warm-up)
+        self.metrics.log(record, step=self.run.step, prefix=stage.log_prefix)
+
+
+class _PeriodMeans:
+    """Running sums of the values logged between two log steps (device tensors stay on the device)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Any] = {}
+        self.count = 0
+
+    def add(self, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            value = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: float(v) / self.count for k, v in self.sums.items()}
+
+
+def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """``torch.compile`` with a ``MODEL.COMPILE`` mode name (``default`` = torch's default mode)."""
+    return torch.compile(model, mode=None if mode in ("", "default") else mode)
+
+
+def run_state_of(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`RunState` fields a checkpoint was written at."""
+    extra = checkpoint.get("extra", {})
+    if "run" in extra:
+        return dict(extra["run"])
+    # a ReID checkpoint written before runs had stages: one stage, "train"
+    return {"stage": "train", "stage_epoch": int(checkpoint["epoch"]), "global_epoch": int(checkpoint["epoch"]),
+            "step": int(checkpoint["step"])}

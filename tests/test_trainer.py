@@ -1,0 +1,190 @@
+"""The one training loop: the step, the guard, period means, evaluation, checkpoints, stages and resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from engine.checkpoint import Checkpointer, read_checkpoint
+from engine.config import load_config
+from engine.device import build_amp_policy
+from engine.logger import MetricsLogger
+from engine.monitor import NonFiniteLossError
+from engine.trainer import Stage, Trainer
+
+DEVICE = torch.device("cpu")
+
+
+class _Sampler:
+    def __init__(self) -> None:
+        self.epochs: list[int] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+
+
+class _Loader(list):
+    """A fixed list of batches with the ``batch_sampler.set_epoch`` the trainer calls."""
+
+    def __init__(self, batches: list[Any]) -> None:
+        super().__init__(batches)
+        self.batch_sampler = _Sampler()
+
+
+class _Regression:
+    """Least squares on ``(x, y)`` batches; ``poison`` makes the loss of those steps non-finite."""
+
+    def __init__(self, poison: set[int] = frozenset()) -> None:
+        self.poison, self.calls, self.observed = poison, 0, []
+
+    def to_device(self, batch: Any) -> Any:
+        return batch
+
+    def forward(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return model(batch[0])
+
+    def loss(self, outputs: torch.Tensor, batch: Any, epoch: float) -> tuple[torch.Tensor, dict, dict]:
+        self.calls += 1
+        loss = ((outputs - batch[1]) ** 2).mean()
+        if self.calls in self.poison:
+            loss = loss * float("nan")
+        return loss, {"mse": loss.detach()}, {"abs_out": outputs.detach().abs().mean()}
+
+    def after_step(self, terms: dict[str, float]) -> None:
+        self.observed.append(terms["mse"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.calls = state["calls"]
+
+
+class _Evaluator:
+    prefix = "val"
+
+    def __init__(self, scores: list[float]) -> None:
+        self.scores = list(scores)
+
+    def __call__(self, model: nn.Module) -> dict[str, Any]:
+        return {"score": self.scores.pop(0)}
+
+    def scalars(self, results: dict[str, Any]) -> dict[str, float]:
+        return {"score": results["score"]}
+
+    def score(self, results: dict[str, Any]) -> float:
+        return results["score"]
+
+    def lines(self, results: dict[str, Any]) -> list[str]:
+        return [f"score {results['score']}"]
+
+
+def _data(n: int = 4) -> _Loader:
+    g = torch.Generator().manual_seed(0)
+    return _Loader([(torch.randn(8, 3, generator=g), torch.randn(8, 1, generator=g)) for _ in range(n)])
+
+
+def _stage(model: nn.Module, name: str = "train", epochs: int = 3, objective: Any = None,
+           evaluator: Any = None) -> Stage:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    return Stage(name, _data(), epochs, objective or _Regression(), opt, sched, evaluator=evaluator)
+
+
+def _trainer(tmp: Path, model: nn.Module, overrides: list[str] = (), stages=("train",), resume=None) -> Trainer:
+    cfg = load_config(None, ["SOLVER.LOG_PERIOD", "2", "SOLVER.EVAL_PERIOD", "1", "SOLVER.CHECKPOINT_PERIOD", "1",
+                             "SOLVER.GRAD_CLIP", "0.0", *overrides])
+    return Trainer(cfg, model, DEVICE, build_amp_policy("fp32", DEVICE), Checkpointer(tmp),
+                   MetricsLogger(tmp, "disabled"), stages=stages, resume=resume)
+
+
+def test_step_matches_a_hand_written_sgd_step(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    ref = nn.Linear(3, 1)
+    ref.load_state_dict(model.state_dict())
+    stage = _stage(model)
+    x, y = stage.loader[0]
+    loss, terms, grad_norm, stats = _trainer(tmp_path, model).run_step(model, stage, list(model.parameters()),
+                                                                        (x, y), 0.0)
+    ref_loss = ((ref(x) - y) ** 2).mean()
+    ref_loss.backward()
+    with torch.no_grad():
+        expected_norm = math.sqrt(sum(float((p.grad ** 2).sum()) for p in ref.parameters()))
+        for p in ref.parameters():
+            p -= 0.1 * p.grad
+    ref_value = float(ref_loss.detach())
+    assert loss == pytest.approx(ref_value) and terms == {"mse": pytest.approx(ref_value)}
+    assert grad_norm == pytest.approx(expected_norm, rel=1e-6) and "abs_out" in stats
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.allclose(a, b, atol=1e-7)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning")
+def test_a_non_finite_step_is_not_applied_and_too_many_stop_the_run(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    stage = _stage(model, objective=_Regression(poison={1}))
+    trainer = _trainer(tmp_path, model)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer.run_step(model, stage, list(model.parameters()), stage.loader[0], 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and trainer.guard.skipped == 1
+    stage = _stage(model, objective=_Regression(poison=set(range(1, 100))))
+    with pytest.raises(NonFiniteLossError):
+        _trainer(tmp_path / "stop", model, ["MONITOR.MAX_NONFINITE_STEPS", "3"]).fit(stage)
+
+
+def test_fit_logs_period_means_evaluates_and_keeps_the_best(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    stage = _stage(model, epochs=3, evaluator=_Evaluator([0.2, 0.5, 0.4]))
+    trainer = _trainer(tmp_path, model)
+    result = trainer.fit(stage)
+    trainer.metrics.close()
+    assert result.best == {"score": 0.5, "epoch": 2} and result.results == {"score": 0.4}
+    assert stage.loader.batch_sampler.epochs == [0, 1, 2] and trainer.run.step == 12
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train] == [2, 4, 6, 8, 10, 12]  # LOG_PERIOD 2, and each epoch's last step
+    observed = stage.objective.observed
+    assert train[0]["train/loss/mse"] == pytest.approx((observed[0] + observed[1]) / 2)  # the period's mean
+    assert [r["val/score"] for r in rows if "val/score" in r] == [0.2, 0.5, 0.4]
+    best = read_checkpoint(tmp_path / "checkpoint_best.pth")
+    assert best["extra"]["best"] == {"score": 0.5, "epoch": 2} and best["epoch"] == 2
+    last = read_checkpoint(tmp_path / "checkpoint_epoch0003.pth")
+    assert last["extra"]["run"] == {"stage": "train", "stage_epoch": 3, "global_epoch": 3, "step": 12}
+
+
+def test_resume_inside_a_stage_and_after_a_finished_one(tmp_path: Path) -> None:
+    def run(out: Path, resume: dict | None, second_epochs: int = 3) -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 1))  # dropout: the RNG matters
+        if resume is not None:
+            model.load_state_dict(resume["model"])
+        trainer = _trainer(out, model, stages=("first", "second"), resume=resume)
+        for name, epochs in (("first", 2), ("second", second_epochs)):
+            if trainer.pending(name, epochs):
+                trainer.fit(_stage(model, name, epochs))
+        trainer.metrics.close()
+        return model
+
+    straight = run(tmp_path / "straight", None)
+    run(tmp_path / "killed", None, second_epochs=1)  # stops after the first epoch of the second stage
+    state = read_checkpoint(tmp_path / "killed" / "checkpoint_epoch0003.pth")
+    assert state["extra"]["run"] == {"stage": "second", "stage_epoch": 1, "global_epoch": 3, "step": 12}
+    resumed = run(tmp_path / "killed", state)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    # resumed from the end of the first stage: the second starts fresh, the first is not repeated
+    run(tmp_path / "boundary", None, second_epochs=0)
+    boundary = read_checkpoint(tmp_path / "boundary" / "checkpoint_epoch0002.pth")
+    assert boundary["extra"]["run"]["stage"] == "first"
+    again = run(tmp_path / "boundary", boundary)
+    for a, b in zip(straight.parameters(), again.parameters()):
+        assert torch.equal(a, b)
