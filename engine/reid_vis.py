@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.reid_criterion import MODALITY_ORDER
+from losses.reid_criterion import MODALITY_ORDER
 
 
 def _pyplot() -> Any:

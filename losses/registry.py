@@ -1,4 +1,5 @@
-"""The loss registry: configs name losses (``LOSS.NAMES: [id, triplet, sdm]``), code builds them here."""
+"""The loss registry: every loss is registered by name, and the objectives (:mod:`losses.reid_criterion`)
+build their terms here by name with their hyper-parameters bound."""
 
 from __future__ import annotations
 
