@@ -13,7 +13,7 @@ as published, with its parts switchable for the paper's ablation rows:
 * heads: BNNeck (BatchNorm with frozen bias) + bias-free classifier on the concatenated
   modality features (``DIRECT``; otherwise one head per modality) and on the MoE feature.
 
-On top: **SDTPS** (:mod:`modeling.sdtps`) between the backbone and HDM -- HDM sees each
+On top: **SDTPS** (:mod:`modeling.module.sdtps`) between the backbone and HDM -- HDM sees each
 modality's global feature, its top-K patches and one merged token -- and **DGAF**
 (:mod:`modeling.module.dgaf`), which replaces the concatenation of modality features by a
 gated fusion (the DIRECT head then sits on the fused feature).
@@ -48,8 +48,9 @@ from modeling.backbones.clip_vit import CLIPVisionBackbone
 from modeling.module.atm import AttentionTriggeredMoE, QuickGELU
 from modeling.module.dgaf import DualGatedFusion
 from modeling.module.hdm import HDM_SUBSETS, HierarchicalDecoupling, subset_name
+from modeling.module.sdtps import SDTPS
 from modeling.registry import BACKBONE_REGISTRY, MODEL_REGISTRY
-from modeling.sdtps import MODALITIES, SDTPS
+from utils.modalities import MODALITIES
 
 logger = logging.getLogger(__name__)
 

@@ -55,16 +55,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from yacs.config import CfgNode as CN
 
-import torch  # noqa: E402
-from yacs.config import CfgNode as CN  # noqa: E402
-
-from engine.checkpoint import write_weights  # noqa: E402
-from engine.config import ConfigError, load_config  # noqa: E402
-from engine.reid import build_reid_model  # noqa: E402
-from modeling.module.hdm import HDM_SUBSETS  # noqa: E402
-from modeling.sdtps import MODALITIES  # noqa: E402
+from engine.checkpoint import write_weights
+from engine.config import ConfigError, load_config
+from engine.reid import build_reid_model
+from modeling.module.hdm import HDM_SUBSETS
+from utils.modalities import MODALITIES
 
 #: Tensors of this repository's DeMo with no DeMo counterpart; they keep the fresh model's values.
 NEW_KEYS = frozenset({"null_tokens", "hdm.null_features"})

@@ -31,15 +31,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from modeling.module.sdtps import CrossModalAttention, TokenSparse
+from verify.harness import report, run
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from modeling.sdtps import CrossModalAttention, TokenSparse  # noqa: E402
-from verify.harness import report, run  # noqa: E402
 
 COSINES = (-1.0, -0.5, 0.0, 0.5, 1.0)
 #: The published gate table (docs/decisions.md): cosine -> (gate at scale/bias 1.0/0.0, gate at 0.5/0.5),
