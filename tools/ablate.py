@@ -48,11 +48,9 @@ from typing import Any
 
 import yaml
 
+from utils.io import atomic_write, atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from utils.io import atomic_write, atomic_write_text  # noqa: E402
-
 TABLE_DIR = REPO / "configs" / "ablations"
 
 

@@ -12,13 +12,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from datasets import build_dataset, build_reid_train_loader, default_num_workers  # noqa: E402
+from datasets import build_dataset, build_reid_train_loader, default_num_workers
 
 
 def bench(items, *, batch_size: int, num_instance: int, num_workers: int, batches: int, warmup: int,

@@ -23,13 +23,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from losses import (  # noqa: E402
+from losses import (
     GatedAttentionCEM,
     GMMConditionalEntropy,
     feature_norm_loss,
@@ -38,6 +34,8 @@ from losses import (  # noqa: E402
     sdm_multimodal,
     triplet_loss,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def time_ms(fn: Callable[[], object], reps: int, warmup: int = 5) -> tuple[float, float]:

@@ -26,17 +26,15 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
+from engine.config import load_config
+from engine.device import build_amp_policy, resolve_device
+from engine.solver import build_optimizer
+from modeling import build_model
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from engine.config import load_config  # noqa: E402
-from engine.device import build_amp_policy, resolve_device  # noqa: E402
-from engine.solver import build_optimizer  # noqa: E402
-from modeling import build_model  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

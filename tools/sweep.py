@@ -37,11 +37,9 @@ from typing import Any
 
 import yaml
 
+from utils.io import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from utils.io import atomic_write_text  # noqa: E402
-
 FINISHED = "summary.json"
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
 

@@ -24,16 +24,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from scipy.special import digamma
+from torch import nn
+
+from losses.conditional_entropy import GatedAttentionCEM, GMMConditionalEntropy
+from verify.harness import report, run
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-from scipy.special import digamma  # noqa: E402
-from torch import nn  # noqa: E402
-
-from losses.conditional_entropy import GatedAttentionCEM, GMMConditionalEntropy  # noqa: E402
-from verify.harness import report, run  # noqa: E402
 
 INJECTED: set[str] = set()
 SIGMAS = [0.5, 1.0, 2.0]

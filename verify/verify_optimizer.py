@@ -26,16 +26,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
+from engine.config import load_config
+from modeling import build_model
+from verify.harness import Check, run_collected
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from engine.config import load_config  # noqa: E402  (the yacs schema only)
-from modeling import build_model  # noqa: E402
-from verify.harness import Check, run_collected  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "Base-FewShot.yml"
 BUGS = ("one_group", "decay_on_scale", "duplicate", "lost")

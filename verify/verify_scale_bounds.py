@@ -24,14 +24,12 @@ import math
 import sys
 from pathlib import Path
 
+import torch
+
+from modeling.layers import AttentionBiasGenerator, BoundedScale
+from verify.harness import report, run
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from modeling.layers import AttentionBiasGenerator, BoundedScale  # noqa: E402
-from verify.harness import report, run  # noqa: E402
 
 WEIGHTS = [0.0, 0.8, -0.6, 0.3]
 SCALES = [1.0, 2.5, 5.0, 10.0, 20.0]

@@ -21,15 +21,13 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from losses.sdm_loss import sdm_loss, sdm_loss_legacy
+from verify.harness import report, run
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from losses.sdm_loss import sdm_loss, sdm_loss_legacy  # noqa: E402
-from verify.harness import report, run  # noqa: E402
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
 INJECTED: set[str] = set()
