@@ -1,4 +1,4 @@
-"""tools/convert_demo_checkpoint.py: DeMo's key layout -> ``MODEL.NAME DeMo`` (tiny tower, CPU).
+"""modeling/demo_checkpoint.py (the key mapping) and tools/convert_demo_checkpoint.py (the CLI), tiny tower.
 
 The DeMo state dicts are generated from DeMo's key names and shapes (``modeling/make_model.py``,
 ``modeling/moe/AttnMOE.py``, ``modeling/clip/model.py`` of 924973292/DeMo), not from its code.
@@ -18,6 +18,7 @@ from torch import nn
 from engine.checkpoint import Checkpointer
 from engine.config import load_config
 from engine.reid import build_reid_model
+from modeling.demo_checkpoint import ConversionError, TowerShape, convert_state_dict, infer_architecture
 from modeling.module.atm import quick_gelu
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -93,10 +94,10 @@ def demo_state_dict(direct: bool = True, atm: bool = True, sie: bool = True, see
 
 
 def _convert(demo: dict[str, torch.Tensor], *extra: str) -> tuple[nn.Module, dict[str, torch.Tensor], list[str]]:
-    arch = conv.infer_architecture(demo)
+    arch = infer_architecture(demo)
     cfg, _ = conv.resolve_config(arch, "", [*OPTS, *extra])
     model = conv.build_target_model(cfg)
-    converted, kept = conv.convert_state_dict(demo, model.state_dict(), arch)
+    converted, kept = convert_state_dict(demo, model.state_dict(), arch)
     model.load_state_dict(converted, strict=True)
     return model.eval(), converted, kept
 
@@ -109,10 +110,10 @@ def converted() -> tuple[dict[str, torch.Tensor], nn.Module, dict[str, torch.Ten
 
 
 def test_inferred_architecture() -> None:
-    arch = conv.infer_architecture(demo_state_dict(direct=False, sie=False))
+    arch = infer_architecture(demo_state_dict(direct=False, sie=False))
     assert (arch.num_classes, arch.num_cameras, arch.head) == (CLASSES, 0, HEAD)
     assert arch.global_local and arch.hdm and arch.atm and not arch.direct
-    assert arch.tower == conv.TowerShape(WIDTH, LAYERS, PATCH, D, 8)
+    assert arch.tower == TowerShape(WIDTH, LAYERS, PATCH, D, 8)
 
 
 def test_tensors_land_where_the_mapping_says(converted: Any) -> None:
@@ -194,7 +195,7 @@ def test_other_demo_switches_convert(direct: bool, atm: bool) -> None:
 
 
 def _target(demo: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
-    arch = conv.infer_architecture(demo)
+    arch = infer_architecture(demo)
     cfg, _ = conv.resolve_config(arch, "", OPTS)
     return arch, conv.build_target_model(cfg).state_dict()
 
@@ -203,16 +204,16 @@ def test_leftover_source_key_is_an_error() -> None:
     demo = demo_state_dict()
     arch, target = _target(demo)
     demo["BACKBONE.base.transformer.resblocks.0.adapter_prompt_rgb"] = torch.zeros(4, WIDTH)
-    with pytest.raises(conv.ConversionError, match=r"1 DeMo tensor\(s\) have no place.*adapter_prompt_rgb"):
-        conv.convert_state_dict(demo, target, arch)
+    with pytest.raises(ConversionError, match=r"1 DeMo tensor\(s\) have no place.*adapter_prompt_rgb"):
+        convert_state_dict(demo, target, arch)
 
 
 def test_missing_target_key_is_an_error() -> None:
     demo = demo_state_dict()
     arch, target = _target(demo)
     del demo["generalFusion.rt.out_proj.bias"], demo["generalFusion.moe.experts.1.expertHead.5.mlp.2.num_batches_tracked"]
-    with pytest.raises(conv.ConversionError, match=r"2 tensor\(s\) of this model are missing") as err:
-        conv.convert_state_dict(demo, target, arch)
+    with pytest.raises(ConversionError, match=r"2 tensor\(s\) of this model are missing") as err:
+        convert_state_dict(demo, target, arch)
     assert "hdm.queries.4.out_proj.bias (from generalFusion.rt.out_proj.bias)" in str(err.value)
     assert "atm.expert_bn.num_batches_tracked" in str(err.value)
 
@@ -222,8 +223,8 @@ def test_misshapen_tensor_is_an_error() -> None:
     arch, target = _target(demo)
     demo["generalFusion.moe.experts.2.expertHead.0.mlp.0.weight"] = torch.zeros(8, 8)
     demo["rgb_reduce.1.bias"] = torch.zeros(3)
-    with pytest.raises(conv.ConversionError, match=r"shape mismatch for 2 tensor\(s\)") as err:
-        conv.convert_state_dict(demo, target, arch)
+    with pytest.raises(ConversionError, match=r"shape mismatch for 2 tensor\(s\)") as err:
+        convert_state_dict(demo, target, arch)
     assert "global_local.reduce.0.1.bias" in str(err.value) and "missing" not in str(err.value)
 
 
