@@ -1,4 +1,4 @@
-"""BoundedScale and AttentionBiasGenerator (seed 003): values by hand, bounds, gradients, stats, warnings."""
+"""BoundedScale and AttentionBiasGenerator: values by hand, bounds, gradients, stats, warnings."""
 
 from __future__ import annotations
 

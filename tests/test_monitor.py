@@ -1,4 +1,4 @@
-"""SpikeDetector and NonFiniteGuard (seed 002): thresholds by hand, floors, resume, skip and stop."""
+"""SpikeDetector and NonFiniteGuard: thresholds by hand, the MAD floors, resume, skip and stop."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def test_threshold_matches_hand_formula() -> None:
 
 
 def test_floors_on_a_flat_loss() -> None:
-    # Flat loss: MAD = 0. Without floors any jitter would be a spike (the note's "stability 0.00").
+    # Flat loss: MAD = 0. Without the MAD floors any jitter would be a spike (a stability score of 0.00).
     det = SpikeDetector(window=100, warmup=20)
     for _ in range(30):
         det.update(0.2)

@@ -1,4 +1,4 @@
-"""SAP with the learnable bounded logit scale (seed 000) and its anchors: numbers by hand, clamp, gradients, stats."""
+"""SAP with its learnable, bounded logit scale and its anchors: numbers by hand, clamp, gradients, stats."""
 
 from __future__ import annotations
 
@@ -114,13 +114,13 @@ def test_entropy_and_max_stats_against_numpy() -> None:
 def test_scale_modes_for_the_ablation() -> None:
     fixed = SemanticAnchorPurification(640, scale_mode="fixed")
     assert not isinstance(fixed.logit_scale_log, nn.Parameter)
-    assert float(fixed.logit_scale()) == pytest.approx(1 / math.sqrt(640), rel=1e-6)  # cosine / 25.3, the old code
+    assert float(fixed.logit_scale()) == pytest.approx(1 / math.sqrt(640), rel=1e-6)  # cosine / 25.3 (SCALE_MODE fixed)
     assert not hasattr(fixed, "temperature")
     const = SemanticAnchorPurification(640, scale_mode="constant")
     assert not isinstance(const.logit_scale_log, nn.Parameter) and float(const.logit_scale()) == pytest.approx(25.0)
     with pytest.raises(ValueError, match="SCALE_MODE"):
         SemanticAnchorPurification(8, scale_mode="wild")
-    # the old temperature makes the attention nearly uniform on a clear 5-way case
+    # on a clear 5-way case the fixed temperature leaves the attention nearly uniform, the learnable scale not
     g = torch.Generator().manual_seed(0)
     a = torch.randn(5, 640, generator=g)
     f = a.repeat_interleave(4, 0) + 0.5 * torch.randn(20, 640, generator=g)

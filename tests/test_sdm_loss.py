@@ -1,4 +1,4 @@
-"""SDM loss (seed 002) against an independent float64 formula, the seed's old bug, and IRRA's definition."""
+"""SDM loss against an independent float64 KL, the ``ce - h`` formula it corrects, and IRRA's definition."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def reference_sdm(a, b, pids, tau, mask_a=None, mask_b=None) -> torch.Tensor:
 
 
 def old_buggy_sdm(qry, gal, y, tau=0.2, eps=1e-6):
-    """The seed note's pre-fix code: ``kl = ce - h`` with ``q`` clamped to eps (float64 here).
+    """The ``ce - h`` formula ``sdm_loss`` corrects (``sdm_loss_legacy``): ``q`` clamped to eps, float64 here.
 
     ce - h = sum_j P_j log P_j - sum_j P_j log max(q_j, eps): a KL against a q that no
     longer sums to 1, so it can be negative.
@@ -212,13 +212,13 @@ def test_half_inputs_and_autocast_computed_in_float32(dtype: torch.dtype) -> Non
     assert auto.item() == pytest.approx(reference_sdm(a, b, pids, 0.2, ma, mb).item(), rel=1e-5, abs=1e-6)
 
 
-# ----------------------------------------------------------------------------- the seed-002 bug
+# ----------------------------------------------------------------------------- the ce - h formula
 def test_old_formula_goes_negative_where_new_one_is_non_negative() -> None:
-    """Near convergence the old ``ce - h`` dips below 0; KL(q || p) does not.
+    """Near convergence ``ce - h`` dips below 0; KL(q || p) does not.
 
     16 identities x 4 instances on orthogonal unit vectors, both views identical. At
     tau = 1 / log(q_pos / eps) the softmax puts exactly eps (relative to q_pos) on each
-    negative, i.e. P is proportional to max(q, eps), where the old expression reaches its
+    negative, i.e. P is proportional to max(q, eps), where ``ce - h`` reaches its
     minimum -log(sum_j max(q_j, eps)) = -log(1 + n_neg * eps) < 0 (hand-computed below).
     """
     eps, n_ids, k = 1e-6, 16, 4
@@ -337,7 +337,8 @@ def test_shape_errors_are_clear() -> None:
 
 
 def test_legacy_formula_matches_the_seed_note_and_goes_negative() -> None:
-    """``sdm_loss_legacy`` (ablation only) equals the test's own transcription of the old code."""
+    """``sdm_loss_legacy`` (``LOSS.SDM.FORMULA legacy``, ablation only) equals the test's own ``ce - h``
+    transcription."""
     from losses.sdm_loss import sdm_loss_legacy
 
     g = torch.Generator().manual_seed(5)
@@ -353,7 +354,7 @@ def test_legacy_formula_matches_the_seed_note_and_goes_negative() -> None:
         expected += 0.5 * ((-(p * q.log()).sum(1)) - (-(p * F.log_softmax(mat, dim=1)).sum(1))).mean().item()
     loss, stats = sdm_loss_legacy(a, b, pids, 0.2)
     assert loss.item() == pytest.approx(expected, rel=1e-5) and stats["sdm"] == pytest.approx(expected, rel=1e-5)
-    # aligned features at a sharp temperature: the old formula is below zero, the fixed one is not
+    # aligned features at a sharp temperature: ``ce - h`` is below zero, the KL form is not
     x = F.one_hot(torch.arange(12), 12).float()
     pids = torch.arange(12)
     assert sdm_loss_legacy(x, x, pids, 0.05)[0].item() < 0

@@ -48,7 +48,8 @@ def test_gate_matches_hand_values() -> None:
     gate = m.gate_from_cosine(cos)[0]
     want = [[_sigmoid(0.5 * c + 0.5) for c in (-1.0, 0.0, 0.3, 1.0)], [_sigmoid(2.0 * c - 1.0) for c in (-1.0, 0.0, 0.3, 1.0)]]
     assert np.allclose(gate.detach().numpy(), want, atol=1e-6)
-    # the note's endpoints at the default init: sigmoid(0) and sigmoid(1)
+    # the gate's range at the default init 0.5/0.5: sigmoid(0) at cosine -1, sigmoid(1) at +1
+    # (init 1.0/0.0 would start at sigmoid(-1) = 0.27)
     default = CrossModalAttention(8, 2)
     ends = default.gate_from_cosine(torch.tensor([-1.0, 1.0]).view(1, 1, 2).expand(1, 2, 2))
     assert ends[0, 0].tolist() == pytest.approx([0.5, _sigmoid(1.0)], abs=1e-7)
