@@ -129,7 +129,7 @@ def load_backbone_weights(backbone: nn.Module, path: str) -> None:
     (``model`` entry; its ``backbone.*`` keys are taken)."""
     file = Path(path).expanduser()
     if not file.is_file():
-        raise FileNotFoundError(f"FEWSHOT.BACKBONE.WEIGHTS: file not found: {file}")
+        raise FileNotFoundError(f"MODEL.BACKBONE_ARGS.WEIGHTS: file not found: {file}")
     state = torch.load(file, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
@@ -145,7 +145,7 @@ def build_exp_b1(cfg: Any) -> ExpB1Model:
     name = cfg.MODEL.BACKBONE
     if not name:
         raise ValueError("MODEL.BACKBONE is empty; ExpB1 supports resnet12, tiny_conv and timm")
-    b = cfg.FEWSHOT.BACKBONE
+    b = cfg.MODEL.BACKBONE_ARGS
     backbone = build_backbone(name, channels=tuple(b.CHANNELS), drop_rate=b.DROP_RATE, dropblock_size=b.DROPBLOCK_SIZE,
                               dropblock_ramp_steps=b.DROPBLOCK_RAMP_STEPS, timm_name=b.TIMM_NAME, weights=b.WEIGHTS)
     if b.WEIGHTS and name != "timm":
@@ -158,9 +158,9 @@ def build_exp_b1(cfg: Any) -> ExpB1Model:
                                          purify_init=s.PURIFY_INIT, projections=s.PROJECTIONS)
         mode = resolve_anchor_mode(s.ANCHOR_MODE, cfg.MODEL.CLIP_WEIGHTS, s.ANCHOR_FALLBACK)
         embed_dim = clip_embed_dim(s.CLIP_MODEL) if mode == "text" else s.LEARNED_DIM
-        anchors = SemanticAnchors(backbone.out_dim, mode, embed_dim, cfg.FEWSHOT.NUM_TRAIN_CLASSES,
+        anchors = SemanticAnchors(backbone.out_dim, mode, embed_dim, cfg.MODEL.NUM_CLASSES,
                                   s.ANCHOR_PROTO_WEIGHT, s.WORD_VOCAB_SIZE)
     else:
         logger.info("SAP disabled (MODEL.SAP.ENABLED False): cosine prototype classifier")
-    return ExpB1Model(backbone, cfg.FEWSHOT.NUM_TRAIN_CLASSES, sap, anchors, cfg.FEWSHOT.METRIC_SCALE,
-                      cfg.FEWSHOT.METRIC_SCALE_LEARNABLE, scale_no_decay=s.SCALE_NO_DECAY)
+    return ExpB1Model(backbone, cfg.MODEL.NUM_CLASSES, sap, anchors, cfg.MODEL.METRIC_SCALE,
+                      cfg.MODEL.METRIC_SCALE_LEARNABLE, scale_no_decay=s.SCALE_NO_DECAY)

@@ -150,3 +150,28 @@ def test_demos_yes_no_booleans() -> None:
     assert cfg.TEST.FEAT_NORM is False and cfg.TEST.RE_RANKING is True
     with pytest.raises(ConfigError, match="TEST.FEAT_NORM"):
         load_config(None, ["TEST.FEAT_NORM", "maybe"])
+
+
+def test_a_run_config_holds_only_its_family_keys(tmp_path: Path) -> None:
+    reid = load_config(REPO / "configs" / "synthetic" / "DeMo_SDTPS_tiny.yml")
+    fewshot = load_config(REPO / "configs" / "synthetic" / "ExpB1_SAP_tiny.yml")
+    assert {"LOSS", "INPUT"} <= set(reid) and "FEWSHOT" not in reid and "SAP" not in reid.MODEL
+    assert "FEWSHOT" in fewshot and "SAP" in fewshot.MODEL and not {"LOSS", "INPUT"} & set(fewshot)
+    assert fewshot.MODEL.NUM_CLASSES == 64 and list(fewshot.MODEL.BACKBONE_ARGS.CHANNELS) == [8, 16, 32]
+    # the model name on the command line decides the family too; no name: every key
+    assert "FEWSHOT" in load_config(None, ["MODEL.NAME", "ExpB1"]) and "LOSS" not in load_config(None, ["MODEL.NAME", "ExpB1"])
+    assert {"LOSS", "FEWSHOT"} <= set(load_config(None))
+    with pytest.raises(ConfigError, match="'TEST.MISS' belongs to ReID models"):
+        load_config(REPO / "configs" / "synthetic" / "ExpB1_SAP_tiny.yml", ["TEST.MISS", "r"])
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ("FEWSHOT:\n  NUM_TRAIN_CLASSES: 5\n", "MODEL.NUM_CLASSES"),
+    ("FEWSHOT:\n  BACKBONE:\n    CHANNELS: [4, 8]\n", "MODEL.BACKBONE_ARGS"),
+    ("FEWSHOT:\n  METRIC_SCALE: 5.0\n", "MODEL.METRIC_SCALE"),
+])
+def test_a_moved_few_shot_key_names_its_new_place(tmp_path: Path, old: str, new: str) -> None:
+    path = tmp_path / "old.yml"
+    path.write_text("MODEL:\n  NAME: ExpB1\n" + old)
+    with pytest.raises(ConfigError, match=f"has moved: use {new}"):
+        load_config(path)

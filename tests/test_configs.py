@@ -127,5 +127,5 @@ def test_config_reads_its_benchmark_layout(path: Path, tmp_path: Path) -> None:
         h, w = cfg.INPUT.SIZE_TRAIN
         assert (h > w) == TALL[name] and data.num_train_pids > 0
     else:
-        assert cfg.FEWSHOT.NUM_TRAIN_CLASSES == TRAIN_CLASSES[name]
+        assert cfg.MODEL.NUM_CLASSES == TRAIN_CLASSES[name]
         assert set(data.splits) >= {cfg.FEWSHOT.TRAIN_SPLIT, cfg.FEWSHOT.VAL_SPLIT, cfg.FEWSHOT.TEST_SPLIT}

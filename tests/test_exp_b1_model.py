@@ -13,8 +13,8 @@ from engine.config import load_config
 from modeling import MODEL_REGISTRY, build_model
 from modeling.exp_b1_model import ExpB1Model
 
-TINY = ["MODEL.NAME", "ExpB1", "MODEL.BACKBONE", "tiny_conv", "FEWSHOT.BACKBONE.CHANNELS", "[4, 8]",
-        "FEWSHOT.NUM_TRAIN_CLASSES", "6"]
+TINY = ["MODEL.NAME", "ExpB1", "MODEL.BACKBONE", "tiny_conv", "MODEL.BACKBONE_ARGS.CHANNELS", "[4, 8]",
+        "MODEL.NUM_CLASSES", "6"]
 
 
 def tiny_model(*overrides: str) -> ExpB1Model:
@@ -46,7 +46,7 @@ def test_registered_and_default_config_model() -> None:
     (("MODEL.SAP.SCALE_MODE", "constant"), 1),
     (("MODEL.SAP.ENABLED", "False"), 1),
     (("MODEL.SAP.ANCHOR_MODE", "learned"), 2),
-    (("FEWSHOT.METRIC_SCALE_LEARNABLE", "True"), 2),
+    (("MODEL.METRIC_SCALE_LEARNABLE", "True"), 2),
 ])
 def test_get_parameters_every_trainable_parameter_exactly_once(overrides, n_groups) -> None:
     model = tiny_model(*overrides)
@@ -124,7 +124,7 @@ def test_backbone_weights_from_a_checkpoint_of_this_repo(tmp_path) -> None:
     src = tiny_model()
     path = tmp_path / "checkpoint_epoch0001.pth"
     torch.save({"model": src.state_dict(), "format_version": 1}, path)
-    dst = tiny_model("FEWSHOT.BACKBONE.WEIGHTS", str(path))
+    dst = tiny_model("MODEL.BACKBONE_ARGS.WEIGHTS", str(path))
     for (k, a), b in zip(src.backbone.state_dict().items(), dst.backbone.state_dict().values()):
         assert torch.equal(a, b), k
 

@@ -37,7 +37,7 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 def tiny_overrides(data_root: Path, out: Path) -> list[str]:
-    return ["DATASETS.ROOT_DIR", str(data_root), "FEWSHOT.NUM_TRAIN_CLASSES", "6", "OUTPUT_DIR", str(out)]
+    return ["DATASETS.ROOT_DIR", str(data_root), "MODEL.NUM_CLASSES", "6", "OUTPUT_DIR", str(out)]
 
 
 # ------------------------------------------------------------------------------ statistics
@@ -57,7 +57,7 @@ def test_confidence_interval_formula() -> None:
 def test_episode_accuracy_against_independent_nearest_prototype() -> None:
     """No-SAP model: accuracy = nearest cosine prototype; recomputed in numpy for the same fixed episodes."""
     torch.manual_seed(0)
-    cfg = load_config(None, ["MODEL.NAME", "ExpB1", "MODEL.BACKBONE", "tiny_conv", "FEWSHOT.BACKBONE.CHANNELS",
+    cfg = load_config(None, ["MODEL.NAME", "ExpB1", "MODEL.BACKBONE", "tiny_conv", "MODEL.BACKBONE_ARGS.CHANNELS",
                              "[4, 8]", "MODEL.SAP.ENABLED", "False"])
     model = build_model(cfg)
     rng = np.random.default_rng(0)
@@ -83,7 +83,7 @@ def test_episode_accuracy_against_independent_nearest_prototype() -> None:
 
 def test_feature_cached_evaluation_equals_the_episode_forward() -> None:
     torch.manual_seed(0)
-    cfg = load_config(None, ["MODEL.NAME", "ExpB1", "MODEL.BACKBONE", "tiny_conv", "FEWSHOT.BACKBONE.CHANNELS",
+    cfg = load_config(None, ["MODEL.NAME", "ExpB1", "MODEL.BACKBONE", "tiny_conv", "MODEL.BACKBONE_ARGS.CHANNELS",
                              "[4, 8]", "MODEL.SAP.ANCHOR_MODE", "prototype"])
     model = build_model(cfg)
     model.train()

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(cfg.DEVICE.NAME)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     rows = benchmark(cfg, args.shots, args.iters, args.warmup)
-    print(f"ExpB1 ({cfg.MODEL.BACKBONE} {list(cfg.FEWSHOT.BACKBONE.CHANNELS)}, SAP {cfg.MODEL.SAP.ENABLED}) "
+    print(f"ExpB1 ({cfg.MODEL.BACKBONE} {list(cfg.MODEL.BACKBONE_ARGS.CHANNELS)}, SAP {cfg.MODEL.SAP.ENABLED}) "
           f"on {name}, precision {cfg.DEVICE.PRECISION}, torch {torch.__version__}")
     print(f"{'phase':<16}{'episode':>16}{'episodes/s':>12}{'images/s':>11}{'peak MiB':>10}")
     for r in rows:

@@ -25,13 +25,13 @@ class TimmBackbone(nn.Module):
         import timm
 
         if not name:
-            raise ValueError("the timm backbone needs a model name (FEWSHOT.BACKBONE.TIMM_NAME), e.g. resnet18")
+            raise ValueError("the timm backbone needs a model name (MODEL.BACKBONE_ARGS.TIMM_NAME), e.g. resnet18")
         self.model = timm.create_model(name, pretrained=False, num_classes=0)
         self.out_dim = int(self.model.num_features)
         if weights:
             self.load_weights(weights)
         else:
-            logger.info("timm backbone %s: random initialisation (no FEWSHOT.BACKBONE.WEIGHTS given)", name)
+            logger.info("timm backbone %s: random initialisation (no MODEL.BACKBONE_ARGS.WEIGHTS given)", name)
 
     def load_weights(self, path: str) -> None:
         """Load a local state dict into the timm model (non-strict for the removed classifier)."""
