@@ -32,7 +32,8 @@ _LAZY = {
     "EpisodeCollate": "image_datasets", "FewShotImageDataset": "image_datasets",
     "ReIDImageDataset": "image_datasets", "fewshot_collate": "image_datasets", "reid_collate": "image_datasets",
     "build_fewshot_loader": "loader", "build_reid_test_loader": "loader", "build_reid_train_loader": "loader",
-    "default_num_workers": "loader",
+    "default_num_workers": "loader", "reid_train_loader": "loader", "reid_test_loader": "loader",
+    "fewshot_train_loader": "loader", "fewshot_eval_loader": "loader",
     "EpisodeSampler": "samplers", "RandomIdentitySampler": "samplers", "ShuffledBatchSampler": "samplers",
     "CLIP_MEAN": "transforms", "CLIP_STD": "transforms", "MINI_IMAGENET_MEAN": "transforms",
     "MINI_IMAGENET_STD": "transforms", "MultiModalTransform": "transforms",
@@ -73,5 +74,6 @@ __all__ = [
     "REID_DATASETS", "RandomIdentitySampler", "ReIDData", "ReIDImageDataset", "ShuffledBatchSampler",
     "build_dataset", "build_fewshot_loader", "build_fewshot_transform", "build_reid_test_loader",
     "build_reid_train_loader", "build_reid_transform", "default_num_workers", "fewshot_collate",
-    "read_image", "reid_collate",
+    "fewshot_eval_loader", "fewshot_train_loader", "read_image", "reid_collate", "reid_test_loader",
+    "reid_train_loader",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -24,7 +25,8 @@ from utils.modalities import MODALITIES
 logger = logging.getLogger(__name__)
 
 ReIDSample = tuple[dict[str, torch.Tensor], int, int, int, torch.Tensor]
-ReIDBatch = tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+#: ``{"images": {m: (B, 3, H, W)}, "pids": (B,), "camids": (B,), "trackids": (B,), "masks": (B, M)}``
+ReIDBatch = dict[str, Any]
 
 
 class _SkipCorrupt:
@@ -119,16 +121,16 @@ class ReIDImageDataset(Dataset):
 
 
 def reid_collate(batch: Sequence[ReIDSample]) -> ReIDBatch:
-    """Stack samples: ``({m: (B, 3, H, W)}, pids (B,), camids (B,), trackids (B,), masks (B, M))``."""
+    """Stack samples into a :data:`ReIDBatch` dict (``images`` by modality, ``pids``, ``camids``, ``trackids``,
+    ``masks``)."""
     images, pids, camids, trackids, masks = zip(*batch)
-    stacked = {m: torch.stack([img[m] for img in images]) for m in images[0]}
-    return (
-        stacked,
-        torch.tensor(pids, dtype=torch.int64),
-        torch.tensor(camids, dtype=torch.int64),
-        torch.tensor(trackids, dtype=torch.int64),
-        torch.stack(masks),
-    )
+    return {
+        "images": {m: torch.stack([img[m] for img in images]) for m in images[0]},
+        "pids": torch.tensor(pids, dtype=torch.int64),
+        "camids": torch.tensor(camids, dtype=torch.int64),
+        "trackids": torch.tensor(trackids, dtype=torch.int64),
+        "masks": torch.stack(masks),
+    }
 
 
 class FewShotImageDataset(Dataset):
@@ -208,7 +210,7 @@ class EpisodeCollate:
         }
 
 
-def fewshot_collate(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain batch for pre-training: ``(images (B, 3, H, W), labels (B,))``."""
+def fewshot_collate(batch: Sequence[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
+    """Plain batch for pre-training and feature extraction: ``{"images": (B, 3, H, W), "labels": (B,)}``."""
     images, labels = zip(*batch)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+    return {"images": torch.stack(images), "labels": torch.tensor(labels, dtype=torch.int64)}

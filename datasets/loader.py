@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -173,3 +174,54 @@ def build_fewshot_loader(
         raise ValueError(f"unknown few-shot loader mode '{mode}' (episode, batch)")
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                       **_loader_kwargs(num_workers, pin_memory, persistent_workers, prefetch_factor, seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# The same loaders from a run's config (the keys each reads are named in its docstring)
+# ---------------------------------------------------------------------------------------------
+def config_workers(cfg: Any) -> int | None:
+    """``DATALOADER.NUM_WORKERS``; ``-1`` means the CPUs available to this rank (:func:`default_num_workers`)."""
+    n = int(cfg.DATALOADER.NUM_WORKERS)
+    return None if n < 0 else n
+
+
+def reid_train_loader(cfg: Any, items: Sequence[ReIDItem]) -> DataLoader:
+    """P x K training loader: ``SOLVER.IMS_PER_BATCH``, ``DATALOADER.NUM_INSTANCE``, ``INPUT.*`` (size,
+    flip, padding, erasing, normalisation), ``DATASETS.SKIP_CORRUPT``, ``SEED``, ``DATALOADER.*``."""
+    i = cfg.INPUT
+    return build_reid_train_loader(
+        items, batch_size=cfg.SOLVER.IMS_PER_BATCH, num_instance=cfg.DATALOADER.NUM_INSTANCE, size=i.SIZE_TRAIN,
+        flip_prob=i.PROB, padding=i.PADDING, re_prob=i.RE_PROB, mean=i.PIXEL_MEAN, std=i.PIXEL_STD,
+        skip_corrupt=cfg.DATASETS.SKIP_CORRUPT, seed=cfg.SEED, num_workers=config_workers(cfg),
+        prefetch_factor=cfg.DATALOADER.PREFETCH_FACTOR,
+    )
+
+
+def reid_test_loader(cfg: Any, items: Sequence[ReIDItem]) -> DataLoader:
+    """Evaluation loader: ``TEST.IMS_PER_BATCH``, ``INPUT.SIZE_TEST``, ``INPUT.PIXEL_MEAN/STD``,
+    ``DATASETS.SKIP_CORRUPT``, ``DATALOADER.NUM_WORKERS``."""
+    i = cfg.INPUT
+    return build_reid_test_loader(items, batch_size=cfg.TEST.IMS_PER_BATCH, size=i.SIZE_TEST, mean=i.PIXEL_MEAN,
+                                  std=i.PIXEL_STD, skip_corrupt=cfg.DATASETS.SKIP_CORRUPT,
+                                  num_workers=config_workers(cfg))
+
+
+def fewshot_train_loader(cfg: Any, items: Sequence[FewShotItem], arrays: ArrayStore | None, stage: str) -> DataLoader:
+    """Training loader of a few-shot stage: ``pretrain`` batches (``FEWSHOT.PRETRAIN.BATCH_SIZE``) or ``meta``
+    episodes (``FEWSHOT.N_WAY``, ``K_SHOT``, ``N_QUERY``, ``EPISODES_PER_EPOCH``), at ``FEWSHOT.IMAGE_SIZE``."""
+    fs = cfg.FEWSHOT
+    common = dict(train=True, arrays=arrays, size=fs.IMAGE_SIZE, seed=cfg.SEED, num_workers=config_workers(cfg))
+    if stage == "pretrain":
+        return build_fewshot_loader(items, mode="batch", batch_size=fs.PRETRAIN.BATCH_SIZE, **common)
+    return build_fewshot_loader(items, mode="episode", n_way=fs.N_WAY, k_shot=fs.K_SHOT, n_query=fs.N_QUERY,
+                                n_episodes=fs.EPISODES_PER_EPOCH, **common)
+
+
+def fewshot_eval_loader(cfg: Any, items: Sequence[FewShotItem], arrays: ArrayStore | None) -> DataLoader:
+    """Deterministic batch loader (test transform, in order, every rank all items): ``TEST.IMS_PER_BATCH``,
+    ``FEWSHOT.IMAGE_SIZE``."""
+    return build_fewshot_loader(
+        items, mode="batch", train=False, arrays=arrays, batch_size=cfg.TEST.IMS_PER_BATCH,
+        size=cfg.FEWSHOT.IMAGE_SIZE, seed=cfg.SEED, num_workers=config_workers(cfg), persistent_workers=False,
+        rank=0, world_size=1,
+    )

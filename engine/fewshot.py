@@ -35,7 +35,7 @@ import torch
 from yacs.config import CfgNode as CN
 
 import datasets
-from datasets.loader import build_fewshot_loader
+from datasets.loader import fewshot_train_loader
 from engine.checkpoint import Checkpointer, eval_weights, read_checkpoint, resolve_resume, unwrap
 from engine.config import ConfigError
 from engine.defaults import default_setup
@@ -120,15 +120,16 @@ class PretrainObjective:
     def __init__(self, criterion: ClassificationCriterion, device: torch.device) -> None:
         self.criterion, self.device = criterion, device
 
-    def to_device(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def forward(self, model: torch.nn.Module, batch: Any) -> Any:
-        return model(batch[0])
+    def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:
+        return model(batch["images"])
 
-    def loss(self, outputs: Any, batch: Any, epoch: float) -> tuple[torch.Tensor, dict, dict[str, Any]]:
+    def loss(self, outputs: Any, batch: dict[str, torch.Tensor], epoch: float) -> tuple[torch.Tensor, dict,
+                                                                                         dict[str, Any]]:
         logits, stats = outputs
-        loss, acc = self.criterion(logits, batch[1])
+        loss, acc = self.criterion(logits, batch["labels"])
         return loss, {}, {"acc": acc, **stats}
 
     def after_step(self, terms: dict[str, float]) -> None:
@@ -144,10 +145,7 @@ class PretrainObjective:
 class EpisodeObjective(PretrainObjective):
     """Meta-training: an N-way K-shot episode, queries classified against the support set."""
 
-    def to_device(self, batch: Any) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-
-    def forward(self, model: torch.nn.Module, batch: Any) -> Any:
+    def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:
         return model(batch["support"], batch["support_labels"], batch["query"], batch["class_ids"])
 
     def loss(self, outputs: Any, batch: Any, epoch: float) -> tuple[torch.Tensor, dict, dict[str, Any]]:
@@ -183,17 +181,11 @@ class FewShotEvaluator:
 def build_stage(name: str, cfg: CN, model: torch.nn.Module, data: Any, device: torch.device, amp: AmpPolicy) -> Stage:
     """The ``pretrain`` (batches over the training classes) or ``meta`` (episodes) stage."""
     fs, s = cfg.FEWSHOT, cfg.SOLVER
-    items = data.splits[fs.TRAIN_SPLIT]
+    loader = fewshot_train_loader(cfg, data.splits[fs.TRAIN_SPLIT], data.arrays, name)
     criterion = ClassificationCriterion()
     if name == "pretrain":
-        loader = build_fewshot_loader(items, mode="batch", train=True, arrays=data.arrays,
-                                      batch_size=fs.PRETRAIN.BATCH_SIZE, size=fs.IMAGE_SIZE, seed=cfg.SEED,
-                                      num_workers=cfg.DATALOADER.NUM_WORKERS)
         epochs, base_lr, objective = fs.PRETRAIN.EPOCHS, fs.PRETRAIN.BASE_LR, PretrainObjective(criterion, device)
     else:
-        loader = build_fewshot_loader(items, mode="episode", train=True, arrays=data.arrays, n_way=fs.N_WAY,
-                                      k_shot=fs.K_SHOT, n_query=fs.N_QUERY, n_episodes=fs.EPISODES_PER_EPOCH,
-                                      size=fs.IMAGE_SIZE, seed=cfg.SEED, num_workers=cfg.DATALOADER.NUM_WORKERS)
         epochs, base_lr, objective = s.MAX_EPOCHS, s.BASE_LR, EpisodeObjective(criterion, device)
     optimizer = build_optimizer(unwrap(model).get_parameters(), s.OPTIMIZER, lr=base_lr, weight_decay=s.WEIGHT_DECAY,
                                 momentum=s.MOMENTUM, nesterov=s.NESTEROV)
@@ -223,8 +215,8 @@ def load_fewshot_data(cfg: CN) -> Any:
         if split not in data.splits:
             raise ConfigError(f"FEWSHOT: {name} has no split '{split}' (has {', '.join(data.splits)})")
     train_classes = {lab for _, lab in data.splits[fs.TRAIN_SPLIT]}
-    if max(train_classes) >= fs.NUM_TRAIN_CLASSES:
-        raise ConfigError(f"FEWSHOT.NUM_TRAIN_CLASSES is {fs.NUM_TRAIN_CLASSES} but {name}'s '{fs.TRAIN_SPLIT}' split "
+    if max(train_classes) >= cfg.MODEL.NUM_CLASSES:
+        raise ConfigError(f"MODEL.NUM_CLASSES is {cfg.MODEL.NUM_CLASSES} but {name}'s '{fs.TRAIN_SPLIT}' split "
                          f"has class ids up to {max(train_classes)} ({len(train_classes)} classes); set it to "
                          f"{max(train_classes) + 1}")
     return data

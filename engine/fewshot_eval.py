@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from datasets.loader import build_fewshot_loader
+from datasets.loader import fewshot_eval_loader
 from datasets.samplers import EpisodeSampler
 from engine.logger import progress
 from utils.io import atomic_write_json, atomic_write_text
@@ -50,11 +50,11 @@ def backbone_features(model: torch.nn.Module, loader: Any, device: torch.device,
     was_training = model.training
     model.eval()
     feats, labels = [], []
-    for images, labs in progress(loader, desc=desc, total=len(loader)):
+    for batch in progress(loader, desc=desc, total=len(loader)):
         with amp.autocast() if amp is not None else contextlib.nullcontext():
-            f = model.backbone(images.to(device, non_blocking=True))
+            f = model.backbone(batch["images"].to(device, non_blocking=True))
         feats.append(f.float())
-        labels.append(labs)
+        labels.append(batch["labels"])
     model.train(was_training)
     return torch.cat(feats), torch.cat(labels).to(device)
 
@@ -110,11 +110,7 @@ def build_eval_loader(cfg: Any, data: Any, split: str) -> Any:
     """Deterministic (test-transform, unshuffled) batch loader over ``data.splits[split]``."""
     if split not in data.splits:
         raise KeyError(f"split '{split}' not in the dataset (has {sorted(data.splits)})")
-    return build_fewshot_loader(
-        data.splits[split], mode="batch", train=False, arrays=data.arrays, batch_size=cfg.TEST.IMS_PER_BATCH,
-        size=cfg.FEWSHOT.IMAGE_SIZE, seed=cfg.SEED, num_workers=cfg.DATALOADER.NUM_WORKERS,
-        persistent_workers=False, rank=0, world_size=1,
-    )
+    return fewshot_eval_loader(cfg, data.splits[split], data.arrays)
 
 
 def evaluate_split(cfg: Any, model: torch.nn.Module, data: Any, split: str, device: torch.device, *,

@@ -60,10 +60,6 @@ def synthetic_kwargs(cfg: CN) -> dict[str, Any]:
     return kwargs
 
 
-def _num_workers(cfg: CN) -> int | None:
-    return None if cfg.DATALOADER.NUM_WORKERS < 0 else cfg.DATALOADER.NUM_WORKERS
-
-
 def build_reid_model(cfg: CN, num_classes: int, num_cameras: int) -> torch.nn.Module:
     """The configured model with ``num_classes`` identities and ``num_cameras`` SIE rows."""
     model_cfg = cfg.clone()
@@ -103,9 +99,10 @@ def extract_features(
     feats: dict[str, list[torch.Tensor]] = {}
     keep_idx: dict[str, list[torch.Tensor]] = {}
     pids, camids, trackids = [], [], []
-    for images, pid, camid, trackid, mask in progress(loader, desc="extract features"):
-        images = {m: x.to(device, non_blocking=True) for m, x in images.items()}
-        mask = mask.to(device, non_blocking=True).clone()  # the batch itself is not changed
+    for batch in progress(loader, desc="extract features"):
+        images = {m: x.to(device, non_blocking=True) for m, x in batch["images"].items()}
+        mask = batch["masks"].to(device, non_blocking=True).clone()  # the batch itself is not changed
+        pid, camid, trackid = batch["pids"], batch["camids"], batch["trackids"]
         for col, m in enumerate(MODALITY_ORDER):
             if m not in keep:
                 if miss_mode == "zero":
@@ -213,11 +210,7 @@ def build_reid_setup(cfg: CN) -> ReIDSetup:
         cfg.DATASETS.NAMES, cfg.DATASETS.ROOT_DIR, allow_missing_modality=cfg.DATASETS.ALLOW_MISSING_MODALITY,
         skip_corrupt=cfg.DATASETS.SKIP_CORRUPT, verify_images=cfg.DATASETS.VERIFY_IMAGES, **synthetic_kwargs(cfg),
     )
-    test_loader = datasets.build_reid_test_loader(
-        data.query + data.gallery, batch_size=cfg.TEST.IMS_PER_BATCH, size=cfg.INPUT.SIZE_TEST,
-        mean=cfg.INPUT.PIXEL_MEAN, std=cfg.INPUT.PIXEL_STD, skip_corrupt=cfg.DATASETS.SKIP_CORRUPT,
-        num_workers=_num_workers(cfg),
-    )
+    test_loader = datasets.reid_test_loader(cfg, data.query + data.gallery)
     model = build_reid_model(cfg, data.num_train_pids, data.num_train_cams).to(device)
     return ReIDSetup(data, test_loader, len(data.query), model, device, amp)
 
@@ -234,21 +227,19 @@ class ReIDObjective:
     def __init__(self, criterion: ReIDCriterion, device: torch.device) -> None:
         self.criterion, self.device = criterion, device
 
-    def to_device(self, batch: tuple) -> tuple:
-        """The loader's ``(images, pids, camids, trackids, masks)`` on the device (trackids stay)."""
-        images, pids, camids, trackids, masks = batch
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The loader's batch dict on the device (``trackids`` are not used in training and stay)."""
         dev = self.device
-        return ({k: x.to(dev, non_blocking=True) for k, x in images.items()}, pids.to(dev, non_blocking=True),
-                camids.to(dev, non_blocking=True), trackids, masks.to(dev, non_blocking=True))
+        return {"images": {k: x.to(dev, non_blocking=True) for k, x in batch["images"].items()},
+                "pids": batch["pids"].to(dev, non_blocking=True), "camids": batch["camids"].to(dev, non_blocking=True),
+                "masks": batch["masks"].to(dev, non_blocking=True)}
 
-    def forward(self, model: torch.nn.Module, batch: tuple) -> dict[str, Any]:
-        images, _, camids, _, masks = batch
-        return model(images, camids, masks)
+    def forward(self, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+        return model(batch["images"], batch["camids"], batch["masks"])
 
-    def loss(self, outputs: dict[str, Any], batch: tuple, epoch: float) -> tuple[torch.Tensor, dict[str, torch.Tensor],
-                                                                                dict[str, Any]]:
-        _, pids, _, _, masks = batch
-        total, terms = self.criterion(outputs, pids, masks, epoch)
+    def loss(self, outputs: dict[str, Any], batch: dict[str, Any], epoch: float) -> tuple[
+            torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+        total, terms = self.criterion(outputs, batch["pids"], batch["masks"], epoch)
         stats = {f"model/{k}": v for k, v in outputs.get("stats", {}).items()}
         stats["sdm_temperature"] = self.criterion.sdm_temperature.value()
         return total, terms, stats
@@ -310,12 +301,7 @@ def run_reid(cfg: CN, args: argparse.Namespace) -> dict[str, Any]:
             metrics.log(_scalar_metrics(results), step=state["step"], prefix="test")
             return results
 
-        loader = datasets.build_reid_train_loader(
-            setup.data.train, batch_size=cfg.SOLVER.IMS_PER_BATCH, num_instance=cfg.DATALOADER.NUM_INSTANCE,
-            size=cfg.INPUT.SIZE_TRAIN, flip_prob=cfg.INPUT.PROB, padding=cfg.INPUT.PADDING, re_prob=cfg.INPUT.RE_PROB,
-            mean=cfg.INPUT.PIXEL_MEAN, std=cfg.INPUT.PIXEL_STD, skip_corrupt=cfg.DATASETS.SKIP_CORRUPT,
-            seed=cfg.SEED, num_workers=_num_workers(cfg), prefetch_factor=cfg.DATALOADER.PREFETCH_FACTOR,
-        )
+        loader = datasets.reid_train_loader(cfg, setup.data.train)
         if len(loader) == 0:
             raise ValueError(f"the train split gives no P x K batch of {cfg.SOLVER.IMS_PER_BATCH}; "
                              "lower SOLVER.IMS_PER_BATCH")

@@ -145,7 +145,8 @@ def test_reid_collate_shapes(tmp_path):
     make_rgbnt201(tmp_path, writer=jpeg)
     data = build_dataset("RGBNT201", str(tmp_path), verbose=False)
     ds = ReIDImageDataset(data.train, build_reid_transform((32, 16), train=True, padding=2))
-    images, pids, camids, trackids, masks = reid_collate([ds[i] for i in range(len(ds))])
+    batch = reid_collate([ds[i] for i in range(len(ds))])
+    images, pids, camids, trackids, masks = (batch[k] for k in ("images", "pids", "camids", "trackids", "masks"))
     assert set(images) == {"RGB", "NI", "TI"}
     assert all(v.shape == (4, 3, 32, 16) and v.dtype == torch.float32 for v in images.values())
     assert pids.dtype == torch.int64 and pids.shape == (4,) and trackids.tolist() == [-1] * 4

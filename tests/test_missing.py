@@ -74,11 +74,12 @@ class _Recorder(torch.nn.Module):
         return {"feat": f, "feats": {"RGB": f, "NI": f, "TI": f, "moe": f}}
 
 
-def _loader(camids: list[int], scenes: list[int], pids: list[int]) -> list[tuple]:
+def _loader(camids: list[int], scenes: list[int], pids: list[int]) -> list[dict]:
     n = len(pids)
     images = {m: torch.ones(n, 3, 2, 2) for m in ("RGB", "NI", "TI")}
     images["RGB"][:, 0, 0, 0] = torch.arange(n, dtype=torch.float)
-    return [(images, torch.tensor(pids), torch.tensor(camids), torch.tensor(scenes), torch.ones(n, 3, dtype=torch.bool))]
+    return [{"images": images, "pids": torch.tensor(pids), "camids": torch.tensor(camids),
+             "trackids": torch.tensor(scenes), "masks": torch.ones(n, 3, dtype=torch.bool)}]
 
 
 def test_evaluate_removes_the_missing_modalities_and_follows_the_protocol() -> None:

@@ -60,11 +60,12 @@ def test_rgbnt_loaders_end_to_end(tmp_path):
     data = build_dataset("synthetic_rgbnt", str(tmp_path), **TINY_REID, verbose=False)
     assert Path(data.root) == tmp_path / "synthetic_rgbnt"
     loader = build_reid_train_loader(data.train, batch_size=8, num_instance=2, size=(32, 16), num_workers=0)
-    images, pids, camids, trackids, masks = next(iter(loader))
+    batch = next(iter(loader))
+    images, pids, masks = batch["images"], batch["pids"], batch["masks"]
     assert images["RGB"].shape == (8, 3, 32, 16) and masks.shape == (8, 3)
     assert sorted(set(Counter_values(pids))) == [2]
     test = build_reid_test_loader(data.query + data.gallery, batch_size=10, size=(32, 16), num_workers=0)
-    assert sum(b[1].numel() for b in test) == 24
+    assert sum(b["pids"].numel() for b in test) == 24
 
 
 def Counter_values(pids: torch.Tensor) -> list[int]:
@@ -110,7 +111,7 @@ def test_missing_modality_option(tmp_path):
     data = build_dataset("RGBNT201", str(out), allow_missing_modality=True, verbose=False)
     assert data.num_missing_modalities > 0
     loader = build_reid_test_loader(data.train, batch_size=24, size=(32, 16), num_workers=0)
-    _, _, _, _, masks = next(iter(loader))
+    masks = next(iter(loader))["masks"]
     assert masks[:, 0].all() and not masks.all()
 
 

@@ -28,7 +28,8 @@ def bench(items, *, batch_size: int, num_instance: int, num_workers: int, batche
     start = None
     while done < warmup + batches:
         loader.batch_sampler.set_epoch(epoch)
-        for _images, pids, _, _, masks in loader:
+        for batch in loader:
+            pids, masks = batch["pids"], batch["masks"]
             done += 1
             if done == warmup + 1:
                 start = time.perf_counter()

@@ -54,7 +54,7 @@ def _batch(cfg, device: torch.device, num_classes: int, num_cams: int, batch: in
     pids = (torch.arange(batch) // k % num_classes).to(device)
     camids = torch.randint(0, num_cams, (batch,), generator=g).to(device)
     masks = torch.ones(batch, len(MODALITY_ORDER), dtype=torch.bool, device=device)
-    return images, pids, camids, None, masks  # the loader's (images, pids, camids, trackids, masks)
+    return {"images": images, "pids": pids, "camids": camids, "masks": masks}  # a device batch of the loader
 
 
 def _sync(device: torch.device) -> None:
@@ -116,12 +116,12 @@ def bench_precision(cfg, precision: str, device: torch.device, args: argparse.Na
     with torch.no_grad():
         for _ in range(max(2, args.warmup // 2)):
             with amp.autocast():
-                run_model(eval_batch[0], eval_batch[2], eval_batch[3])
+                run_model(eval_batch["images"], eval_batch["camids"], eval_batch["masks"])
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(args.steps):
             with amp.autocast():
-                run_model(eval_batch[0], eval_batch[2], eval_batch[3])
+                run_model(eval_batch["images"], eval_batch["camids"], eval_batch["masks"])
         _sync(device)
     eval_time = (time.perf_counter() - t0) / args.steps
     return {
