@@ -43,7 +43,7 @@ from engine.device import AmpPolicy, build_amp_policy, resolve_device
 from engine.fewshot_eval import evaluate_split, write_results
 from engine.logger import MetricsLogger
 from engine.plots import SAP_PLOT, plot_sap_stats
-from engine.solver import WarmupScheduler, build_optimizer, build_scheduler
+from engine.solver import WarmupScheduler, build_model_optimizer, build_scheduler
 from engine.trainer import Stage, Trainer
 from losses.classification import ClassificationCriterion
 from modeling import build_model
@@ -187,8 +187,7 @@ def build_stage(name: str, cfg: CN, model: torch.nn.Module, data: Any, device: t
         epochs, base_lr, objective = fs.PRETRAIN.EPOCHS, fs.PRETRAIN.BASE_LR, PretrainObjective(criterion, device)
     else:
         epochs, base_lr, objective = s.MAX_EPOCHS, s.BASE_LR, EpisodeObjective(criterion, device)
-    optimizer = build_optimizer(unwrap(model).get_parameters(), s.OPTIMIZER, lr=base_lr, weight_decay=s.WEIGHT_DECAY,
-                                momentum=s.MOMENTUM, nesterov=s.NESTEROV)
+    optimizer = build_model_optimizer(cfg, unwrap(model), base_lr)
     if name == "pretrain":
         steps = len(loader)
         scheduler = WarmupScheduler(optimizer, total_steps=epochs * steps, warmup_steps=fs.PRETRAIN.WARMUP_EPOCHS * steps,

@@ -26,7 +26,7 @@ from engine.device import AmpPolicy, build_amp_policy, resolve_device
 from engine.evaluation import evaluate_reid, evaluate_reid_features, pairwise_distance, re_ranking
 from engine.logger import MetricsLogger, progress
 from engine.missing import canonical, missing_modalities, present_modalities
-from engine.solver import build_optimizer, build_scheduler
+from engine.solver import build_model_optimizer, build_scheduler
 from engine.trainer import Stage, Trainer
 from losses.reid_criterion import MODALITY_ORDER, ReIDCriterion
 from modeling import MODEL_REGISTRY, build_model
@@ -75,12 +75,8 @@ def build_reid_optimizer(
 ) -> tuple[torch.optim.Optimizer, list[torch.nn.Parameter]]:
     """Optimizer over the model's groups (backbone at ``SOLVER.BACKBONE_LR``, new modules at
     ``SOLVER.BASE_LR``) and the criterion's own; also returns the flat parameter list to clip."""
-    backbone_lr = cfg.SOLVER.BACKBONE_LR if cfg.SOLVER.BACKBONE_LR > 0 else cfg.SOLVER.BASE_LR
-    groups = unwrap(model).param_groups(backbone_lr, cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY)
-    groups += criterion.param_groups(cfg.SOLVER.WEIGHT_DECAY)
-    optimizer = build_optimizer(groups, cfg.SOLVER.OPTIMIZER, lr=cfg.SOLVER.BASE_LR,
-                                weight_decay=cfg.SOLVER.WEIGHT_DECAY, momentum=cfg.SOLVER.MOMENTUM,
-                                nesterov=cfg.SOLVER.NESTEROV)
+    optimizer = build_model_optimizer(cfg, unwrap(model), cfg.SOLVER.BASE_LR,
+                                      criterion.param_groups(cfg.SOLVER.WEIGHT_DECAY))
     return optimizer, [p for g in optimizer.param_groups for p in g["params"]]
 
 

@@ -42,6 +42,17 @@ def build_optimizer(
     raise ValueError(f"SOLVER.OPTIMIZER must be SGD, Adam or AdamW, got '{name}'")
 
 
+def build_model_optimizer(cfg: Any, model: torch.nn.Module, base_lr: float,
+                          extra_groups: Sequence[dict[str, Any]] = ()) -> torch.optim.Optimizer:
+    """``SOLVER.OPTIMIZER`` over the model's groups (``model.param_groups``: the pretrained backbone at
+    ``SOLVER.BACKBONE_LR`` where the model has one, the rest at ``base_lr``) and ``extra_groups`` (e.g. a
+    criterion's own parameters)."""
+    s = cfg.SOLVER
+    groups = model.param_groups(base_lr, s.WEIGHT_DECAY, backbone_lr=s.BACKBONE_LR if s.BACKBONE_LR > 0 else None)
+    return build_optimizer([*groups, *extra_groups], s.OPTIMIZER, lr=base_lr, weight_decay=s.WEIGHT_DECAY,
+                           momentum=s.MOMENTUM, nesterov=s.NESTEROV)
+
+
 def lr_factor(
     step: int,
     total_steps: int,

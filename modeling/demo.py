@@ -245,12 +245,12 @@ class DeMo(nn.Module):
                 "stats": stats}
 
     # ------------------------------------------------------------------------------------------
-    def param_groups(self, backbone_lr: float, new_lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    def param_groups(self, base_lr: float, weight_decay: float, backbone_lr: float | None = None) -> list[dict[str, Any]]:
         """Optimizer groups: CLIP-pretrained parameters vs new modules, each split by weight decay.
 
         ``backbone`` / ``backbone_no_decay`` hold the open_clip image tower (``backbone.visual.*``)
-        at ``backbone_lr``; ``new`` / ``new_no_decay`` everything else (SIE table, null tokens,
-        SDTPS, HDM, ATM, DGAF, heads) at ``new_lr``. No decay for 1-D tensors (norm weights,
+        at ``backbone_lr`` (``None``: ``base_lr``); ``new`` / ``new_no_decay`` everything else (SIE table,
+        null tokens, SDTPS, HDM, ATM, DGAF, heads) at ``base_lr``. No decay for 1-D tensors (norm weights,
         gate scale/bias), biases, and embeddings/tokens (``positional_embedding``,
         ``class_embedding``, ``camera_embed``, ``null_tokens``, ``null_features``, HDM ``query``).
         Frozen parameters (BNNeck biases) are left out; every trainable parameter is in exactly
@@ -266,7 +266,8 @@ class DeMo(nn.Module):
             if p.ndim <= 1 or leaf.endswith("bias") or leaf in NO_DECAY_NAMES:
                 kind += "_no_decay"
             groups[kind].append(p)
-        lrs = {"backbone": backbone_lr, "backbone_no_decay": backbone_lr, "new": new_lr, "new_no_decay": new_lr}
+        tower_lr = base_lr if backbone_lr is None else backbone_lr
+        lrs = {"backbone": tower_lr, "backbone_no_decay": tower_lr, "new": base_lr, "new_no_decay": base_lr}
         return [
             {"name": k, "params": ps, "lr": lrs[k], "weight_decay": 0.0 if k.endswith("no_decay") else weight_decay}
             for k, ps in groups.items()

@@ -237,7 +237,7 @@ def test_dgaf_gates_and_initial_fusion() -> None:
 
 def test_param_groups_cover_every_trainable_parameter_once() -> None:
     model = _model()
-    groups = model.param_groups(backbone_lr=1e-5, new_lr=5e-5, weight_decay=5e-4)
+    groups = model.param_groups(base_lr=5e-5, weight_decay=5e-4, backbone_lr=1e-5)
     seen = [id(p) for g in groups for p in g["params"]]
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert len(seen) == len(set(seen)) and set(seen) == trainable
