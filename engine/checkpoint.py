@@ -142,33 +142,22 @@ class Checkpointer:
         available) when it is missing, truncated, corrupt or does not fit the model.
         """
         state = read_checkpoint(path, self.save_dir)
-        self.restore(state, path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                     restore_rng=restore_rng, strict=strict)
-        return {"epoch": state["epoch"], "step": state["step"], "extra": state.get("extra", {})}
-
-    @staticmethod
-    def restore(
-        state: dict[str, Any],
-        path: str | Path,
-        *,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer | None = None,
-        scheduler: Any = None,
-        scaler: torch.amp.GradScaler | None = None,
-        restore_rng: bool = True,
-        strict: bool = True,
-    ) -> None:
-        """Put a checkpoint already read (from ``path``, for messages) into the given objects."""
-        try:
-            unwrap(model).load_state_dict(state["model"], strict=strict)
-        except RuntimeError as err:
-            raise CheckpointError(f"checkpoint {path} does not fit this model: {err}") from err
+        self.restore_model(state, path, model, strict=strict)
         for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
             if obj is not None and state.get(name) is not None:
                 obj.load_state_dict(state[name])
         if restore_rng and state.get("rng") is not None:
             set_rng_state(state["rng"])
         logger.info("loaded %s (epoch %d, step %d)", path, state["epoch"], state["step"])
+        return {"epoch": state["epoch"], "step": state["step"], "extra": state.get("extra", {})}
+
+    @staticmethod
+    def restore_model(state: dict[str, Any], path: str | Path, model: nn.Module, strict: bool = True) -> None:
+        """Load the weights of a checkpoint already read (from ``path``, named in the error) into ``model``."""
+        try:
+            unwrap(model).load_state_dict(state["model"], strict=strict)
+        except RuntimeError as err:
+            raise CheckpointError(f"checkpoint {path} does not fit this model: {err}") from err
 
     def _prune(self, keep_also: Path) -> None:
         periodic = sorted(self.save_dir.glob("checkpoint_epoch*.pth"))  # tags are zero-padded: epoch0007

@@ -85,7 +85,7 @@ def run_fewshot(cfg: CN, resume: str | None = None, eval_only: bool = False) -> 
         state = None
         if resume_path is not None:
             state = read_checkpoint(resume_path, out_dir)
-            Checkpointer.restore(state, resume_path, model=model, restore_rng=False)
+            Checkpointer.restore_model(state, resume_path, model)
         trainer = Trainer(cfg, model, device, amp, ckpt, metrics, stages=tuple(cfg.FEWSHOT.STAGES), resume=state)
         for name in cfg.FEWSHOT.STAGES:
             epochs = cfg.FEWSHOT.PRETRAIN.EPOCHS if name == "pretrain" else cfg.SOLVER.MAX_EPOCHS

@@ -306,7 +306,7 @@ def run_reid(cfg: CN, args: argparse.Namespace) -> dict[str, Any]:
         resume = None
         if resume_path is not None:
             resume = read_checkpoint(resume_path, out_dir)
-            Checkpointer.restore(resume, resume_path, model=model, restore_rng=False)
+            Checkpointer.restore_model(resume, resume_path, model)
         elif cfg.MODEL.WEIGHTS:  # fine-tune: start from these weights, a fresh schedule
             ckpt.load(Path(cfg.MODEL.WEIGHTS), model=model, restore_rng=False)
             logger.info("starting from the weights of %s (MODEL.WEIGHTS)", cfg.MODEL.WEIGHTS)
