@@ -100,8 +100,39 @@ def test_unknown_table_is_a_clear_error() -> None:
 
 def test_render_mean_and_std_in_percent() -> None:
     spec = {"columns": ["mAP"], "_name": "t"}
-    md, _ = ablate.render(spec, [{"label": "a", "values": {"mAP": [0.1, 0.2, 0.3]}, "errors": []}], 3)
+    md, _ = ablate.render(spec, [{"label": "a", "values": {"mAP": {0: 0.1, 1: 0.2, 2: 0.3}}, "errors": []}], 3)
     assert "| a | 20.00 ± 10.00 | 3/3 |" in md
+
+
+def test_paired_difference_against_a_hand_computed_case() -> None:
+    ref = {0: 0.50, 1: 0.60, 2: 0.55}
+    near = {0: 0.53, 1: 0.62, 2: 0.60, 3: 0.99}  # seed 3 has no partner: left out
+    far = {0: 0.60, 1: 0.71, 2: 0.65}
+    t975_2 = 4.302652729749464  # Student t, 97.5% quantile, 2 degrees of freedom (tables: 4.303)
+    # near: differences 0.03, 0.02, 0.05 -> mean 1/30, sd sqrt(7/30000), half-width t * sd / sqrt(3)
+    mean, half, n = ablate.paired_difference(near, ref)
+    assert n == 3 and mean == pytest.approx(1 / 30) and half == pytest.approx(t975_2 * (7 / 30000) ** 0.5 / 3 ** 0.5)
+    # far: differences 0.10, 0.11, 0.10 -> mean 0.31/3, sd sqrt(1/30000)
+    mean, half, _ = ablate.paired_difference(far, ref)
+    assert mean == pytest.approx(0.31 / 3) and half == pytest.approx(t975_2 * (1 / 30000) ** 0.5 / 3 ** 0.5)
+    spec = {"columns": ["mAP"], "_name": "t", "reference": "ref"}
+    rows = [{"label": n, "values": {"mAP": v}, "errors": []} for n, v in (("ref", ref), ("near", near), ("far", far))]
+    md, csv_text = ablate.render(spec, rows, 3)
+    assert "| ref | 55.00 ± 5.00 | reference | 3/3 |" in md
+    assert "| near | " in md and "+3.33 ± 3.79 |" in md  # the interval holds 0: no mark
+    assert "+10.33 ± 1.43 * |" in md
+    header, *lines = csv_text.splitlines()
+    assert header.split(",")[3:5] == ["delta_mAP_mean", "delta_mAP_ci95"]
+    far_row = next(line.split(",") for line in lines if line.startswith("far"))
+    assert float(far_row[3]) == pytest.approx(0.31 / 3) and float(far_row[4]) == pytest.approx(0.014342, abs=1e-6)
+    assert ablate.paired_difference({0: 0.5}, ref)[1] != ablate.paired_difference({0: 0.5}, ref)[1]  # NaN: 1 pair
+
+
+def test_a_reference_that_is_no_row_is_refused(tmp_path: Path) -> None:
+    table = tmp_path / "t.yaml"
+    table.write_text("script: train_net.py\ncolumns: [mAP]\nreference: nope\nrows:\n  - {label: a, config: x.yml}\n")
+    with pytest.raises(ablate.AblationError, match="reference 'nope'"):
+        ablate.load_table(str(table))
 
 
 @pytest.mark.slow

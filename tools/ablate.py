@@ -9,6 +9,7 @@ A table file (``configs/ablations/<name>.yaml``) names the training script, the 
 
     script: train_net.py                 # or train_b1_improvement.py
     columns: [mAP, rank1, mINP]
+    reference: new init 0.5/0.5          # optional: each other row's paired difference to this row
     quick: [SOLVER.MAX_EPOCHS, "4"]      # overrides added by --quick (CPU minutes)
     rows:
       - label: gate init 1.0/0.0
@@ -21,7 +22,11 @@ A table file (``configs/ablations/<name>.yaml``) names the training script, the 
 
 Every (row, seed) runs in its own folder ``<out>/<table>[-quick|-real]/<row>/seed<k>``; a finished run
 (``summary.json`` present) is kept, an interrupted one resumed, so the command can be
-repeated after a crash. A row that trains exactly what an earlier row trains (same config, args and
+repeated after a crash. With a ``reference`` row, every other row also gets, per column, the
+paired difference to it over the seeds both have (same seed = same data order and, where the
+architectures allow, the same init): its mean and the half-width of its 95% confidence interval
+(Student t, n - 1 degrees of freedom), marked ``*`` when the interval excludes 0; the CSV has
+``delta_<column>_mean`` and ``delta_<column>_ci95``. A row that trains exactly what an earlier row trains (same config, args and
 overrides; e.g. the same model scored by another ``feature``) reads that row's runs instead of
 training again. A row whose runs fail is marked ``failed: <reason>`` and the
 others still run. Outputs: ``<table>.md``, ``<table>.csv``, ``<table>.png`` and, with
@@ -71,6 +76,8 @@ def load_table(name: str) -> dict[str, Any]:
     for i, row in enumerate(spec["rows"]):
         if "label" not in row or "config" not in row:
             raise AblationError(f"{path}: row {i} needs 'label' and 'config'")
+    if "reference" in spec and spec["reference"] not in [r["label"] for r in spec["rows"]]:
+        raise AblationError(f"{path}: reference '{spec['reference']}' is not the label of a row")
     spec["_name"] = path.stem
     return spec
 
@@ -116,32 +123,71 @@ def _flat(items: list[Any]) -> list[str]:
     return out
 
 
-def aggregate(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    if not values:
+def aggregate(values: dict[int, float]) -> tuple[float, float]:
+    """Mean and sample standard deviation over the seeds (0 for one value)."""
+    vals = list(values.values())
+    if not vals:
         return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
+def paired_difference(row: dict[int, float], ref: dict[int, float], level: float = 0.95) -> tuple[float, float, int]:
+    """``(mean, half-width, n)`` of the per-seed differences ``row[s] - ref[s]`` over the seeds both have.
+
+    The interval is ``mean +- t_{(1+level)/2, n-1} * sd / sqrt(n)`` (Student t, ``sd`` with n - 1);
+    its half-width is NaN below two pairs.
+    """
+    from scipy.stats import t as student_t  # scipy comes with scikit-learn (requirements.txt)
+
+    diffs = [row[s] - ref[s] for s in sorted(set(row) & set(ref))]
+    n = len(diffs)
+    if n == 0:
+        return math.nan, math.nan, 0
+    mean = statistics.fmean(diffs)
+    if n < 2:
+        return mean, math.nan, n
+    return mean, float(student_t.ppf((1 + level) / 2, n - 1)) * statistics.stdev(diffs) / math.sqrt(n), n
+
+
+def _delta_cell(mean: float, half: float) -> str:
+    if math.isnan(mean):
+        return "–"
+    if math.isnan(half):
+        return f"{100 * mean:+.2f} (1 seed)"
+    return f"{100 * mean:+.2f} ± {100 * half:.2f}" + (" *" if abs(mean) > half else "")
 
 
 def render(spec: dict[str, Any], results: list[dict[str, Any]], seeds: int) -> tuple[str, str]:
-    """Markdown and CSV of the table; metric values in percent."""
+    """Markdown and CSV of the table; metric values in percent, with paired differences to ``reference``."""
     cols = spec["columns"]
-    md = f"| row | {' | '.join(cols)} | seeds |\n|---|" + "---|" * (len(cols) + 1) + "\n"
+    ref = next((r for r in results if r["label"] == spec.get("reference")), None)
+    deltas = [f"Δ {c}" for c in cols] if ref is not None else []
+    md = f"| row | {' | '.join([*cols, *deltas])} | seeds |\n|---|" + "---|" * (len(cols) + len(deltas) + 1) + "\n"
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["row", *[f"{c}_mean" for c in cols], *[f"{c}_std" for c in cols], "seeds_ok", "status"])
+    header = ["row", *[f"{c}_mean" for c in cols], *[f"{c}_std" for c in cols]]
+    if ref is not None:
+        header += [f"delta_{c}_{k}" for c in cols for k in ("mean", "ci95")]
+    writer.writerow([*header, "seeds_ok", "status"])
     for r in results:
         cells = []
         for c in cols:
             mean, std = aggregate(r["values"][c])
             cells.append("–" if math.isnan(mean) else f"{100 * mean:.2f} ± {100 * std:.2f}")
+        paired = [paired_difference(r["values"][c], ref["values"][c])[:2] for c in cols] if ref is not None else []
+        if ref is not None:
+            cells += ["reference" if r is ref else _delta_cell(*d) for d in paired]
         status = f"{len(r['values'][cols[0]])}/{seeds}"
         if r["errors"]:
             status += f" (failed: {r['errors'][0]})"
         md += f"| {r['label']} | {' | '.join(cells)} | {status} |\n"
+        flat_deltas = [x for d in paired for x in (("", "") if r is ref else d)]
         writer.writerow([r["label"], *[aggregate(r["values"][c])[0] for c in cols],
-                         *[aggregate(r["values"][c])[1] for c in cols], len(r["values"][cols[0]]),
+                         *[aggregate(r["values"][c])[1] for c in cols], *flat_deltas, len(r["values"][cols[0]]),
                          "; ".join(r["errors"]) or "ok"])
+    if ref is not None:
+        md += (f"\nΔ: paired difference to '{ref['label']}' over the seeds both rows have, mean ± 95% "
+               "confidence interval (Student t); * marks an interval that excludes 0.\n")
     return md, buf.getvalue()
 
 
@@ -274,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     errors = run_all(tasks, args.jobs)
     results = []
     for i, row in enumerate(rows):
-        result = {"label": row["label"], "values": {c: [] for c in spec["columns"]}, "errors": []}
+        result = {"label": row["label"], "values": {c: {} for c in spec["columns"]}, "errors": []}
         owner = run_row[i]
         prefix = f"{row['feature']}/" if row.get("feature") else ""
         for seed in range(args.seeds):
@@ -288,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = json.loads(summary_path.read_text())
             for c in spec["columns"]:
                 if prefix + c in summary:
-                    result["values"][c].append(float(summary[prefix + c]))
+                    result["values"][c][seed] = float(summary[prefix + c])
                 elif prefix:
                     result["errors"].append(f"seed {seed}: no '{prefix + c}' in {summary_path}")
         results.append(result)
