@@ -8,9 +8,10 @@ trackids (B,), masks (B, M))``. ``FewShotImageDataset`` gives ``(image (3, H, W)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -27,6 +28,22 @@ logger = logging.getLogger(__name__)
 ReIDSample = tuple[dict[str, torch.Tensor], int, int, int, torch.Tensor]
 #: ``{"images": {m: (B, 3, H, W)}, "pids": (B,), "camids": (B,), "trackids": (B,), "masks": (B, M)}``
 ReIDBatch = dict[str, Any]
+
+
+SampleKey = int | tuple[int, int]  # a dataset index, or (index, seed) from datasets.samplers.SeededBatches
+
+
+@contextlib.contextmanager
+def _sample_rng(key: SampleKey) -> Iterator[int]:
+    """Yield the index of ``key``; with an ``(index, seed)`` key, the body's torch draws (the random
+    augmentation) come from ``seed`` alone, and the process's random state is left as it was."""
+    if isinstance(key, tuple):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield int(index)
+    else:
+        yield int(key)
 
 
 class _SkipCorrupt:
@@ -102,7 +119,11 @@ class ReIDImageDataset(Dataset):
         images, mask = self.transform(pil)
         return images, pid, camid, trackid, mask
 
-    def __getitem__(self, index: int) -> ReIDSample:
+    def __getitem__(self, key: SampleKey) -> ReIDSample:
+        with _sample_rng(key) as index:
+            return self._get(index)
+
+    def _get(self, index: int) -> ReIDSample:
         try:
             return self._load(index)
         except ImageReadError as exc:
@@ -164,7 +185,11 @@ class FewShotImageDataset(Dataset):
     def num_skipped(self) -> int:
         return self._skipper.num_skipped if self._skipper else 0
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, int]:
+        with _sample_rng(key) as index:
+            return self._get(index)
+
+    def _get(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.items[index]
         try:
             return self.transform(read_image(path, self.arrays)), label

@@ -24,7 +24,7 @@ from datasets.image_datasets import (
     reid_collate,
 )
 from datasets.image_io import ArrayStore
-from datasets.samplers import EpisodeSampler, RandomIdentitySampler, ShuffledBatchSampler
+from datasets.samplers import EpisodeSampler, RandomIdentitySampler, SeededBatches, ShuffledBatchSampler
 from datasets.transforms import (
     CLIP_MEAN,
     CLIP_STD,
@@ -90,8 +90,8 @@ def build_reid_train_loader(
     ws = get_world_size() if world_size is None else world_size
     if batch_size % ws:
         raise ValueError(f"global batch size {batch_size} is not divisible by world_size {ws}")
-    sampler = RandomIdentitySampler([it[1] for it in items], batch_size // ws, num_instance, seed=seed,
-                                    rank=rank, world_size=ws)
+    sampler = SeededBatches(RandomIdentitySampler([it[1] for it in items], batch_size // ws, num_instance,
+                                                  seed=seed, rank=rank, world_size=ws), seed=seed)
     transform = build_reid_transform(size, train=True, flip_prob=flip_prob, padding=padding, re_prob=re_prob,
                                      mean=mean, std=std)
     dataset = ReIDImageDataset(items, transform, skip_corrupt=skip_corrupt)
@@ -172,6 +172,8 @@ def build_fewshot_loader(
         collate = fewshot_collate
     else:
         raise ValueError(f"unknown few-shot loader mode '{mode}' (episode, batch)")
+    if train:  # augmentation from each sample's own seed, whatever worker draws it
+        sampler = SeededBatches(sampler, seed=seed)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                       **_loader_kwargs(num_workers, pin_memory, persistent_workers, prefetch_factor, seed))
 

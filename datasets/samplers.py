@@ -247,3 +247,31 @@ class ShuffledBatchSampler(Sampler[list[int]]):
         mine = order[self.rank:total:self.world_size].tolist()
         for b in range(len(self)):
             yield mine[b * self.batch_size:(b + 1) * self.batch_size]
+
+
+class SeededBatches(Sampler[list[tuple[int, int]]]):
+    """Wrap a batch sampler so each index carries its own random seed: batches of ``(index, seed)``.
+
+    The seed of the j-th sample of the b-th batch of an epoch is a function of ``(seed, epoch,
+    rank, b, j)`` only, and the datasets run that sample's augmentation from it. So what a sample
+    looks like does not depend on which loader worker draws it, how many workers there are, or what
+    a worker drew before: a run resumed after epoch k, or run with another
+    ``DATALOADER.NUM_WORKERS``, augments exactly as an uninterrupted one.
+    """
+
+    def __init__(self, batches: Sampler[list[int]], seed: int = 0) -> None:
+        self.batches, self.seed, self.epoch = batches, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch of the seeds and of the wrapped sampler."""
+        self.epoch = int(epoch)
+        self.batches.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        rank = int(getattr(self.batches, "rank", 0))
+        for b, batch in enumerate(self.batches):
+            seeds = np.random.SeedSequence([self.seed, self.epoch, rank, b]).generate_state(len(batch), np.uint64)
+            yield [(int(i), int(s)) for i, s in zip(batch, seeds)]

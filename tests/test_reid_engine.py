@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +156,26 @@ def test_training_starts_from_model_weights(tiny_rgbnt_root: Path, tmp_path: Pat
     for name, value in start.state_dict().items():
         if "running_" not in name and "num_batches" not in name:
             assert torch.equal(final[name], value), name
+
+
+@pytest.mark.slow
+def test_loader_workers_and_resume_do_not_change_the_numbers(tiny_rgbnt_root: Path, tmp_path: Path) -> None:
+    """Augmentation comes from each sample's own seed: 0 or 2 workers, straight or resumed, same weights."""
+    def run(out: Path, workers: int, epochs: int, *extra: str) -> dict:
+        res = _train(*extra, *_overrides(tiny_rgbnt_root, out, epochs=epochs), "DATALOADER.NUM_WORKERS", str(workers),
+                     "SOLVER.EVAL_PERIOD", "5", "TEST.VIS_QUERIES", "1")
+        assert res.returncode == 0, res.stderr[-3000:]
+        return torch.load(out / f"checkpoint_epoch{epochs:04d}.pth", weights_only=True)["model"]
+
+    straight = run(tmp_path / "w2", 2, 2)
+    # the same run stopped after its first epoch: its folder as it was then, resumed
+    stopped = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "w2", stopped)
+    for name in ("summary.json", "checkpoint_epoch0002.pth", "checkpoint_best.pth"):
+        (stopped / name).unlink(missing_ok=True)
+    (stopped / "last_checkpoint").write_text("checkpoint_epoch0001.pth\n")
+    resumed = run(stopped, 2, 2, "--resume")
+    single = run(tmp_path / "w0", 0, 2)
+    for key, value in straight.items():
+        assert torch.equal(value, resumed[key]), key
+        assert torch.equal(value, single[key]), key

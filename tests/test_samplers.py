@@ -145,3 +145,36 @@ def test_shuffled_batches_cover_and_shard():
         [0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     with pytest.raises(ValueError, match="empty"):
         ShuffledBatchSampler(0, 4, world_size=1, rank=0)
+
+
+def test_seeded_batches_give_each_sample_a_seed_of_its_place_alone() -> None:
+    import torch
+
+    from datasets.image_datasets import FewShotImageDataset
+    from datasets.samplers import SeededBatches, ShuffledBatchSampler
+
+    def keys(epoch: int) -> list[list[tuple[int, int]]]:
+        batches = SeededBatches(ShuffledBatchSampler(10, 4, shuffle=True, drop_last=True, seed=3, rank=0,
+                                                     world_size=1), seed=3)
+        batches.set_epoch(epoch)
+        return list(batches)
+
+    first = keys(0)
+    assert first == keys(0) and first != keys(1) and len(first) == 2 and all(len(b) == 4 for b in first)
+    assert sorted(i for b in first for i, _ in b) == sorted({i for b in first for i, _ in b})  # no repeats
+    assert len({s for b in first for _, s in b}) == 8  # a seed per sample
+
+    class _Random(FewShotImageDataset):  # a "transform" that is one torch draw
+        def _get(self, index: int) -> tuple[torch.Tensor, int]:
+            return torch.rand(2), index
+
+    ds = _Random.__new__(_Random)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    a = ds[(5, 1234)]
+    torch.manual_seed(99)  # whatever the process drew before, the sample is the same
+    b = ds[(5, 1234)]
+    assert torch.equal(a[0], b[0]) and a[1] == 5 and not torch.equal(ds[(5, 4321)][0], a[0])
+    torch.manual_seed(0)
+    ds[(5, 1234)]
+    assert torch.equal(torch.get_rng_state(), before)  # the process's random state is left as it was
