@@ -106,7 +106,8 @@ def base_config() -> CN:
     _C = CN()
     _C.OUTPUT_DIR = "outputs/default"
     _C.SEED = 0
-    # Deterministic kernels (slower); for bit-reproducible debugging runs.
+    # Deterministic kernels (torch's deterministic algorithms, cuDNN deterministic, SDPA's math kernel
+    # instead of the fused ones): a run repeats bit for bit on the same machine (BENCHMARKS.md).
     _C.DETERMINISTIC = False
 
     _C.DEVICE = CN()

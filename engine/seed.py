@@ -20,8 +20,20 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # The fused attention kernels (flash, memory-efficient, cuDNN) have non-deterministic backward
+        # passes that use_deterministic_algorithms does not flag; the math kernel is deterministic.
+        set_fused_attention(False)
     else:
         torch.backends.cudnn.benchmark = True
+        set_fused_attention(True)
+
+
+def set_fused_attention(enabled: bool) -> None:
+    """Allow (or forbid) the fused scaled-dot-product-attention kernels on CUDA; forbidden, SDPA runs its
+    deterministic math kernel (slower, more memory)."""
+    torch.backends.cuda.enable_flash_sdp(enabled)
+    torch.backends.cuda.enable_mem_efficient_sdp(enabled)
+    torch.backends.cuda.enable_cudnn_sdp(enabled)
 
 
 def get_rng_state() -> dict[str, Any]:

@@ -188,3 +188,17 @@ def test_resume_inside_a_stage_and_after_a_finished_one(tmp_path: Path) -> None:
     again = run(tmp_path / "boundary", boundary)
     for a, b in zip(straight.parameters(), again.parameters()):
         assert torch.equal(a, b)
+
+
+def test_deterministic_mode_forbids_the_fused_attention_kernels() -> None:
+    """Their backward passes are not deterministic on CUDA (and use_deterministic_algorithms does not say so)."""
+    from engine.seed import seed_everything
+
+    try:
+        seed_everything(0, deterministic=True)
+        assert not torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    finally:
+        seed_everything(0, deterministic=False)
+        torch.use_deterministic_algorithms(False)
+    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
