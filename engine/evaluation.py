@@ -41,6 +41,8 @@ class _Accumulator:
         self.ap = torch.zeros((), dtype=torch.float64, device=device)
         self.inp = torch.zeros((), dtype=torch.float64, device=device)
         self.valid = torch.zeros((), dtype=torch.int64, device=device)
+        self.query_ap: list[torch.Tensor] = []  # AP of each valid query, and its identity
+        self.query_pid: list[torch.Tensor] = []
 
     def add(self, dist: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor,
             q_camids: torch.Tensor, g_camids: torch.Tensor) -> None:
@@ -58,7 +60,10 @@ class _Accumulator:
         hit, rank, num_hit = hit[valid], rank[valid], num_hit[valid]
         hits_so_far = torch.cumsum(hit, dim=1)
         precision = torch.where(hit, hits_so_far.double() / (rank.double() + 1.0), 0.0)
-        self.ap += (precision.sum(1) / num_hit.double()).sum()
+        ap = precision.sum(1) / num_hit.double()
+        self.ap += ap.sum()
+        self.query_ap.append(ap)
+        self.query_pid.append(q_pids[valid])
         big = torch.iinfo(rank.dtype).max
         first = torch.where(hit, rank, big).min(1).values
         last = torch.where(hit, rank, -1).max(1).values
@@ -80,7 +85,27 @@ class _Accumulator:
             "rank5": float(cmc[min(4, len(cmc) - 1)]),
             "rank10": float(cmc[min(9, len(cmc) - 1)]),
             "num_valid_queries": n,
+            "query_ap": torch.cat(self.query_ap).cpu(),  # (n,) AP of each valid query
+            "query_pid": torch.cat(self.query_pid).cpu(),  # (n,) its identity
         }
+
+
+def bootstrap_map_ci(query_ap: ArrayLike, query_pid: ArrayLike, n_boot: int = 1000, level: float = 0.95,
+                     seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of mAP when the query identities are resampled with replacement.
+
+    Queries of one identity move together (a cluster bootstrap): each of ``n_boot`` draws takes
+    as many identities as there are, with replacement, and averages the AP of all their queries.
+    The interval says how much mAP depends on which identities happen to be in the test split.
+    """
+    ap = np.asarray(query_ap, dtype=np.float64)
+    ids, inverse = np.unique(np.asarray(query_pid), return_inverse=True)
+    sum_ap = np.bincount(inverse, weights=ap, minlength=len(ids))
+    count = np.bincount(inverse, minlength=len(ids)).astype(np.float64)
+    draws = np.random.default_rng(seed).multinomial(len(ids), np.full(len(ids), 1.0 / len(ids)), size=n_boot)
+    maps = (draws @ sum_ap) / (draws @ count)
+    tail = (1.0 - level) / 2
+    return float(np.quantile(maps, tail)), float(np.quantile(maps, 1.0 - tail))
 
 
 def evaluate_reid(

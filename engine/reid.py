@@ -23,7 +23,13 @@ import datasets
 from engine.checkpoint import Checkpointer, eval_weights, read_checkpoint, resolve_resume, unwrap
 from engine.config import ConfigError
 from engine.device import AmpPolicy, build_amp_policy, resolve_device
-from engine.evaluation import evaluate_reid, evaluate_reid_features, pairwise_distance, re_ranking
+from engine.evaluation import (
+    bootstrap_map_ci,
+    evaluate_reid,
+    evaluate_reid_features,
+    pairwise_distance,
+    re_ranking,
+)
 from engine.logger import MetricsLogger, progress
 from engine.missing import canonical, missing_modalities, present_modalities
 from engine.solver import build_model_optimizer, build_scheduler
@@ -156,11 +162,14 @@ def evaluate(
             results[name] = evaluate_reid(re_ranking(qf, gf), *args, max_rank=cfg.TEST.MAX_RANK)
         else:
             results[name] = evaluate_reid_features(qf, gf, *args, metric=cfg.TEST.METRIC, max_rank=cfg.TEST.MAX_RANK)
+        r = results[name]
+        r["mAP_ci_low"], r["mAP_ci_high"] = bootstrap_map_ci(r.pop("query_ap"), r.pop("query_pid"), seed=cfg.SEED)
     return results, ext
 
 
 def _summary_line(name: str, r: dict[str, Any]) -> str:
-    return (f"{name}: mAP {100 * r['mAP']:.2f} | R-1 {100 * r['rank1']:.2f} | R-5 {100 * r['rank5']:.2f} | "
+    return (f"{name}: mAP {100 * r['mAP']:.2f} [95% CI over identities {100 * r['mAP_ci_low']:.2f}, "
+            f"{100 * r['mAP_ci_high']:.2f}] | R-1 {100 * r['rank1']:.2f} | R-5 {100 * r['rank5']:.2f} | "
             f"R-10 {100 * r['rank10']:.2f} | mINP {100 * r['mINP']:.2f}")
 
 
@@ -168,7 +177,7 @@ def _scalar_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     out = {}
     for name, r in results.items():
         prefix = "" if name == "feat" else f"{name}/"
-        for key in ("mAP", "rank1", "rank5", "rank10", "mINP"):
+        for key in ("mAP", "mAP_ci_low", "mAP_ci_high", "rank1", "rank5", "rank10", "mINP"):
             out[f"{prefix}{key}"] = float(r[key])
     return out
 

@@ -106,3 +106,23 @@ def test_re_ranking_helps_on_clustered_data() -> None:
     base = evaluate_reid(pairwise_distance(qf, gf), q_pids, g_pids, q_cams, g_cams)
     rr = evaluate_reid(dist, q_pids, g_pids, q_cams, g_cams)
     assert rr["mAP"] > base["mAP"] + 0.05
+
+
+def test_query_ap_and_the_identity_bootstrap_by_hand() -> None:
+    from engine.evaluation import bootstrap_map_ci
+
+    # per-query AP comes back with the identities, and averages to mAP
+    dist = torch.tensor([[0.1, 0.5, 0.3], [0.2, 0.1, 0.9]])
+    out = evaluate_reid(dist, torch.tensor([1, 2]), torch.tensor([1, 1, 2]), torch.tensor([0, 0]),
+                        torch.tensor([1, 2, 3]), max_rank=3)
+    # query 1: ranking g0 (hit), g2, g1 (hit) -> AP (1 + 2/3) / 2; query 2: g1, g0, g2 (hit) -> AP 1/3
+    assert out["query_ap"].tolist() == pytest.approx([5 / 6, 1 / 3]) and out["query_pid"].tolist() == [1, 2]
+    assert float(out["query_ap"].mean()) == pytest.approx(out["mAP"])
+    # one AP everywhere: no spread
+    assert bootstrap_map_ci([0.4, 0.4, 0.4], [7, 8, 9]) == pytest.approx((0.4, 0.4))
+    # identity A has three queries of AP 1, B one of AP 0: a draw of two identities gives
+    # AA -> 1, AB -> 3/4, BB -> 0 (probabilities 1/4, 1/2, 1/4), so the 95% interval is [0, 1]
+    low, high = bootstrap_map_ci([1.0, 1.0, 1.0, 0.0], ["A", "A", "A", "B"], n_boot=4000)
+    assert low == 0.0 and high == 1.0
+    low, high = bootstrap_map_ci([1.0, 1.0, 1.0, 0.0], ["A", "A", "A", "B"], n_boot=4000, level=0.4)
+    assert low == high == 0.75  # the middle half of the draws are AB
