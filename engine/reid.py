@@ -76,14 +76,10 @@ def build_reid_model(cfg: CN, num_classes: int, num_cameras: int) -> torch.nn.Mo
     return build_model(model_cfg)
 
 
-def build_reid_optimizer(
-    cfg: CN, model: torch.nn.Module, criterion: ReIDCriterion
-) -> tuple[torch.optim.Optimizer, list[torch.nn.Parameter]]:
+def build_reid_optimizer(cfg: CN, model: torch.nn.Module, criterion: ReIDCriterion) -> torch.optim.Optimizer:
     """Optimizer over the model's groups (backbone at ``SOLVER.BACKBONE_LR``, new modules at
-    ``SOLVER.BASE_LR``) and the criterion's own; also returns the flat parameter list to clip."""
-    optimizer = build_model_optimizer(cfg, unwrap(model), cfg.SOLVER.BASE_LR,
-                                      criterion.param_groups(cfg.SOLVER.WEIGHT_DECAY))
-    return optimizer, [p for g in optimizer.param_groups for p in g["params"]]
+    ``SOLVER.BASE_LR``) and the criterion's own."""
+    return build_model_optimizer(cfg, unwrap(model), cfg.SOLVER.BASE_LR, criterion.param_groups(cfg.SOLVER.WEIGHT_DECAY))
 
 
 def resolve_test_modalities(cfg: CN) -> tuple[str, ...]:
@@ -200,10 +196,12 @@ class ReIDSetup:
     device: torch.device
     amp: AmpPolicy
 
-    def evaluate(self, cfg: CN, miss: str | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-        """:func:`evaluate` of the model on the test split under ``TEST.MISS`` ``miss`` (default: the config's)."""
-        return evaluate(self.model, self.test_loader, self.num_query, cfg, self.device, self.amp, miss=miss,
-                        protocol=self.data.eval_protocol)
+    def evaluate(self, cfg: CN, miss: str | None = None, model: torch.nn.Module | None = None) -> tuple[
+            dict[str, dict[str, Any]], dict[str, Any]]:
+        """:func:`evaluate` on the test split under ``TEST.MISS`` ``miss`` (default: the config's) of ``model``
+        (default: the setup's)."""
+        return evaluate(model if model is not None else self.model, self.test_loader, self.num_query, cfg,
+                        self.device, self.amp, miss=miss, protocol=self.data.eval_protocol)
 
 
 def build_reid_setup(cfg: CN) -> ReIDSetup:
@@ -269,8 +267,7 @@ class ReIDEvaluator:
         self.extracted: dict[str, Any] = {}
 
     def __call__(self, model: torch.nn.Module) -> dict[str, Any]:
-        results, self.extracted = evaluate(model, self.setup.test_loader, self.setup.num_query, self.cfg,
-                                           self.setup.device, self.setup.amp, protocol=self.setup.data.eval_protocol)
+        results, self.extracted = self.setup.evaluate(self.cfg, model=model)
         return results
 
     def scalars(self, results: dict[str, Any]) -> dict[str, float]:
@@ -310,7 +307,7 @@ def run_reid(cfg: CN, args: argparse.Namespace) -> dict[str, Any]:
         if len(loader) == 0:
             raise ValueError(f"the train split gives no P x K batch of {cfg.SOLVER.IMS_PER_BATCH}; "
                              "lower SOLVER.IMS_PER_BATCH")
-        optimizer, _ = build_reid_optimizer(cfg, model, criterion)
+        optimizer = build_reid_optimizer(cfg, model, criterion)
         scheduler = build_scheduler(cfg, optimizer, len(loader))
         resume = None
         if resume_path is not None:
@@ -325,7 +322,7 @@ def run_reid(cfg: CN, args: argparse.Namespace) -> dict[str, Any]:
         fit = trainer.fit(stage)
         if not is_main_process():
             return {}
-        results = fit.results if fit.evaluated else evaluator(model)
+        results = fit.results if fit.results is not None else evaluator(model)
         best = {"mAP": fit.best["score"], "epoch": fit.best["epoch"]}
         _write_results(out_dir, results, "final", {"epochs": cfg.SOLVER.MAX_EPOCHS, "best": best,
                                                    **missing_record(cfg)})

@@ -111,11 +111,11 @@ class Stage:
 
 @dataclass
 class StageResult:
-    """What :meth:`Trainer.fit` returns: the last evaluation's results and the best score."""
+    """What :meth:`Trainer.fit` returns: the last evaluation's results (``None`` when the stage evaluated
+    nothing on this rank) and the best score."""
 
     results: dict[str, Any] | None
     best: dict[str, Any]
-    evaluated: bool
 
 
 class Trainer:
@@ -186,7 +186,7 @@ class Trainer:
         start_epoch = run.stage_epoch if run.stage == stage.name else 0
         best: dict[str, Any] = {"score": -math.inf, "epoch": -1}
         if not self.pending(stage.name, stage.epochs):
-            return StageResult(None, best, evaluated=False)
+            return StageResult(None, best)
         self.spikes = SpikeDetector(*self._monitor_args)
         self.guard = NonFiniteGuard(self._max_nonfinite)
         if start_epoch > 0:  # resumed inside this stage
@@ -205,7 +205,6 @@ class Trainer:
                     stage.describe())
         s = self.cfg.SOLVER
         last_results: dict[str, Any] | None = None
-        evaluated = False
         for epoch in range(start_epoch, stage.epochs):
             stage.loader.batch_sampler.set_epoch(epoch)
             train_model.train()
@@ -225,13 +224,12 @@ class Trainer:
             if stage.evaluator is not None and ((epoch + 1) % s.EVAL_PERIOD == 0 or last):
                 if is_main_process():
                     last_results, best = self._evaluate(stage, best)
-                    evaluated = True
                 barrier()
             if (epoch + 1) % s.CHECKPOINT_PERIOD == 0 or last:
                 self.ckpt.save(f"epoch{run.global_epoch:04d}", model=self.model, optimizer=stage.optimizer,
                                scheduler=stage.scheduler, scaler=self.amp.scaler, epoch=run.global_epoch,
                                step=run.step, extra=self._extra(stage, best))
-        return StageResult(last_results, best, evaluated)
+        return StageResult(last_results, best)
 
     # ------------------------------------------------------------------------------------------
     def _restore(self, stage: Stage) -> dict[str, Any]:

@@ -68,7 +68,8 @@ def _setup(cfg, precision: str, device: torch.device, args: argparse.Namespace, 
     amp = build_amp_policy(precision, device)
     model = build_reid_model(cfg, args.num_classes, args.num_cameras).to(device)
     criterion = ReIDCriterion(cfg, bn_feat_dim=getattr(model, "bn_feat_dim", None)).to(device)
-    optimizer, params = build_reid_optimizer(cfg, model, criterion)
+    optimizer = build_reid_optimizer(cfg, model, criterion)
+    params = [p for g in optimizer.param_groups for p in g["params"]]  # clipped together, as the trainer does
     run_model = compile_model(model, cfg.MODEL.COMPILE) if compiled else model
     batch = _batch(cfg, device, args.num_classes, args.num_cameras, cfg.SOLVER.IMS_PER_BATCH)
 
