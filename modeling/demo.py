@@ -196,9 +196,12 @@ class DeMo(nn.Module):
             if self.atm is not None:
                 moe_feat, gates = self.atm(parts)
                 with torch.no_grad():
-                    g = gates.detach().mean(dim=(0, 1))
+                    gd = gates.detach().float()
+                    g = gd.mean(dim=(0, 1))
                     for i, subset in enumerate(HDM_SUBSETS):
                         stats[f"atm/gate_{subset_name(subset, self.modalities)}"] = g[i]
+                    stats["atm/gate_entropy"] = -(gd * gd.clamp_min(1e-12).log()).sum(-1).mean()
+                    stats["atm/gate_max"] = gd.amax(-1).mean()
             else:
                 moe_feat = parts.flatten(1)
 
@@ -213,6 +216,10 @@ class DeMo(nn.Module):
                     stats[f"dgaf/weight_{name}"] = wm[i]
                 stats["dgaf/channel_gate_mean"] = c.detach().float().mean()
         direct_feat = fused if fused is not None else concat
+        with torch.no_grad():  # the two parts of the retrieval feature: which one dominates its norm
+            stats["norm/direct"] = direct_feat.detach().float().norm(dim=1).mean()
+            if moe_feat is not None:
+                stats["norm/moe"] = moe_feat.detach().float().norm(dim=1).mean()
 
         if not self.training:
             parts_out = [direct_feat] + ([moe_feat] if moe_feat is not None else [])

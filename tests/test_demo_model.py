@@ -269,3 +269,19 @@ def test_forward_backward_make_no_host_sync(monkeypatch: pytest.MonkeyPatch) -> 
     loss.backward()
     monkeypatch.undo()
     assert torch.isfinite(loss)
+
+
+def test_atm_gate_and_norm_stats_match_their_formulas() -> None:
+    model = _model().train()
+    captured: dict[str, torch.Tensor] = {}
+    model.atm.register_forward_hook(lambda _m, _i, out: captured.update(gates=out[1].detach().double(),
+                                                                         moe=out[0].detach().double()))
+    images, cams = _batch()
+    stats = model(images, cams)["stats"]
+    g = captured["gates"]  # (B, heads, 7)
+    entropy = float(-(g * g.log()).sum(-1).mean())
+    assert float(stats["atm/gate_entropy"]) == pytest.approx(entropy, rel=1e-5)
+    assert float(stats["atm/gate_max"]) == pytest.approx(float(g.max(-1).values.mean()), rel=1e-5)
+    assert 0.0 < entropy <= math.log(7) + 1e-9
+    assert float(stats["norm/moe"]) == pytest.approx(float(captured["moe"].norm(dim=1).mean()), rel=1e-5)
+    assert float(stats["norm/direct"]) > 0
