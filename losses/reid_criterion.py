@@ -47,6 +47,9 @@ class ReIDCriterion(nn.Module):
             raise ValueError(f"LOSS.SDM.FORMULA must be 'fixed' or 'legacy', got '{loss.SDM.FORMULA}'")
         self.sdm_formula = loss.SDM.FORMULA
         self.sdm_use_masks = loss.SDM.USE_MASKS
+        self.sdm_center = loss.SDM.CENTER
+        #: detached values of the last forward to log beside the terms (SDM's cross-modal cosines)
+        self.stats: dict[str, torch.Tensor] = {}
         self.sdm_fixed = build_loss("sdm_multimodal", host_stats=False)
         self.sdm_legacy = build_loss("sdm_legacy", host_stats=False)
         self.sdm_temperature = SDMTemperature(
@@ -88,6 +91,7 @@ class ReIDCriterion(nn.Module):
         epoch: float,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         terms: dict[str, torch.Tensor] = {}
+        self.stats = {}
         for branch in outputs["branches"]:
             name = branch["name"]
             terms[f"id/{name}"] = self.id_weight * self.id_loss(branch["logits"], pids)[0]
@@ -102,7 +106,10 @@ class ReIDCriterion(nn.Module):
                 pairs = [self.sdm_legacy(feats[m], feats[n], pids, tau)[0] for m, n in itertools.combinations(order, 2)]
                 l_sdm = torch.stack(pairs).mean()
             else:
-                l_sdm, _ = self.sdm_fixed(feats, pids, mask if self.sdm_use_masks else None, order, temperature=tau)
+                l_sdm, sdm_stats = self.sdm_fixed(feats, pids, mask if self.sdm_use_masks else None, order,
+                                                  temperature=tau, center=self.sdm_center)
+                self.stats.update({"sdm/unweighted": sdm_stats["sdm"], "sdm/pos_cos": sdm_stats["sdm_pos_cos"],
+                                   "sdm/neg_cos": sdm_stats["sdm_neg_cos"]})
             terms["sdm"] = self.sdm_weight * l_sdm
         bn_feats = outputs.get("bn_feats")
         if self.feat_norm_enabled and bn_feats is not None:

@@ -146,8 +146,11 @@ def _sdm_core(
         # inputs (through sim), so backward() works and gives zero gradients.
         loss = 0.5 * (loss_ab + loss_ba)
 
+        is_pos = pos.bool()
         stats = {
             "sdm": loss.detach(),
+            "sdm_pos_cos": _masked_mean(sim.detach(), is_pos)[0],
+            "sdm_neg_cos": _masked_mean(sim.detach(), valid & ~is_pos)[0],
             "sdm_a2b": loss_ab.detach(),
             "sdm_b2a": loss_ba.detach(),
             "sdm_valid_rows": n_ab.detach(),
@@ -227,6 +230,20 @@ def sdm_loss_legacy(
 LOSS_REGISTRY.register("sdm_legacy")(sdm_loss_legacy)
 
 
+def center_features(feat: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``feat`` (B, D) minus its mean over the real rows (``mask`` (B,) bool; ``None``: all rows).
+
+    Features that share one dominant direction (every sample of a modality at cosine ~1 to
+    every other) give SDM a uniform softmax and nothing to learn from; what tells identities
+    apart is the deviation from the batch mean, which centring keeps. Masked rows are left as
+    they are (SDM ignores them). Gradients flow through the mean, as through BatchNorm.
+    """
+    keep = torch.ones(feat.shape[0], dtype=torch.bool, device=feat.device) if mask is None else mask.bool()
+    w = keep.to(feat.dtype).unsqueeze(1)
+    mean = (feat * w).sum(0, keepdim=True) / w.sum().clamp_min(1.0)
+    return torch.where(keep.unsqueeze(1), feat - mean, feat)
+
+
 def sdm_multimodal(
     features: Mapping[str, torch.Tensor],
     pids: torch.Tensor,
@@ -235,6 +252,7 @@ def sdm_multimodal(
     temperature: float | torch.Tensor = 0.2,
     pairs: Sequence[tuple[str, str]] | None = None,
     host_stats: bool = True,
+    center: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """SDM averaged over modality pairs, masking missing modalities.
 
@@ -246,11 +264,15 @@ def sdm_multimodal(
         modality_order: names for the mask's columns (default: ``features``' key order).
         temperature: as in :func:`sdm_loss`.
         pairs: modality pairs to align (default: every unordered pair).
+        center: subtract each modality's batch mean (over its real rows) first
+            (:func:`center_features`).
 
     Returns:
         loss: mean of :func:`sdm_loss` over the pairs that have at least one valid
             positive pair (0 with a gradient path if none has), no host sync to decide;
-        stats: floats ``sdm`` (the loss), ``sdm_pairs_used`` and ``sdm_<m>_<n>`` per pair.
+        stats: floats ``sdm`` (the loss), ``sdm_pairs_used``, ``sdm_<m>_<n>`` per pair, and
+            ``sdm_pos_cos`` / ``sdm_neg_cos``, the mean cross-modal cosine of same-identity /
+            other-identity pairs (over the pairs used).
     """
     order = list(modality_order) if modality_order is not None else list(features)
     missing = [m for m in order if m not in features]
@@ -264,10 +286,15 @@ def sdm_multimodal(
         raise ValueError(f"need at least two modalities for SDM, got {order}")
 
     index = {m: i for i, m in enumerate(order)}
+    if center:
+        features = {m: center_features(features[m], None if modality_mask is None else modality_mask[:, index[m]])
+                    for m in order}
     first = features[order[0]]
     total = torch.zeros((), dtype=torch.float32, device=first.device)
     n_used = torch.zeros((), dtype=torch.float32, device=first.device)
     tstats: dict[str, Any] = {}
+    pos_cos = torch.zeros((), dtype=torch.float32, device=first.device)
+    neg_cos = torch.zeros((), dtype=torch.float32, device=first.device)
     for m, n in pairs:
         ma = None if modality_mask is None else modality_mask[:, index[m]]
         mb = None if modality_mask is None else modality_mask[:, index[n]]
@@ -275,9 +302,12 @@ def sdm_multimodal(
         used = (s["sdm_valid_rows"] > 0).float()
         total = total + loss_mn * used
         n_used = n_used + used
+        pos_cos = pos_cos + s["sdm_pos_cos"] * used
+        neg_cos = neg_cos + s["sdm_neg_cos"] * used
         tstats[f"sdm_{m}_{n}"] = s["sdm"]
     loss = total / n_used.clamp_min(1.0)
-    tstats = {"sdm": loss.detach(), "sdm_pairs_used": n_used, **tstats}
+    tstats = {"sdm": loss.detach(), "sdm_pairs_used": n_used, "sdm_pos_cos": pos_cos / n_used.clamp_min(1.0),
+              "sdm_neg_cos": neg_cos / n_used.clamp_min(1.0), **tstats}
     return loss, finish_stats(tstats, host_stats)
 
 

@@ -361,3 +361,38 @@ def test_legacy_formula_matches_the_seed_note_and_goes_negative() -> None:
     from losses.sdm_loss import sdm_loss
 
     assert sdm_loss(x, x, pids, 0.05)[0].item() >= 0
+
+
+def test_center_features_against_float64_mean() -> None:
+    from losses.sdm_loss import center_features
+
+    g = torch.Generator().manual_seed(3)
+    feat = torch.randn(6, 5, generator=g, dtype=torch.float64) + 10.0  # one dominant direction
+    mask = torch.tensor([True, True, False, True, True, False])
+    out = center_features(feat, mask)
+    mean = feat[mask].mean(0)
+    assert torch.allclose(out[mask], feat[mask] - mean)
+    assert torch.equal(out[~mask], feat[~mask])  # masked rows untouched
+    assert torch.allclose(center_features(feat), feat - feat.mean(0))
+
+
+def test_cross_modal_cosine_stats_and_centring_wake_sdm() -> None:
+    # two identities x 2 samples; every feature = a shared direction + a small identity offset
+    shared = torch.tensor([10.0, 0.0, 0.0])
+    ident = torch.tensor([[0.0, 1.0, 0.0], [0.0, -1.0, 0.0]])
+    pids = torch.tensor([0, 0, 1, 1])
+    feats = {"RGB": shared + ident[pids], "NI": shared + 0.5 * ident[pids]}
+    loss, stats = sdm_multimodal(feats, pids, temperature=0.2)
+    a, b = F.normalize(feats["RGB"], dim=1), F.normalize(feats["NI"], dim=1)
+    sim = a @ b.t()
+    same = pids[:, None] == pids[None, :]
+    assert stats["sdm_pos_cos"] == pytest.approx(float(sim[same].mean()), abs=1e-6)
+    assert stats["sdm_neg_cos"] == pytest.approx(float(sim[~same].mean()), abs=1e-6)
+    # centred, the offsets are all that is left: same identity cosine 1, other identity -1
+    centred_loss, centred = sdm_multimodal(feats, pids, temperature=0.2, center=True)
+    assert centred["sdm_pos_cos"] == pytest.approx(1.0, abs=1e-6)
+    assert centred["sdm_neg_cos"] == pytest.approx(-1.0, abs=1e-6)
+    # hand-computed: each row puts e^5 on its 2 positives and e^-5 on its 2 negatives
+    p_pos = math.exp(5) / (2 * math.exp(5) + 2 * math.exp(-5))
+    assert float(centred_loss) == pytest.approx(math.log(0.5 / p_pos), abs=1e-6)  # float32 inside
+    assert float(centred_loss) < float(loss) < math.log(2) + 1e-3
