@@ -38,6 +38,9 @@ RGBNT_PRESETS: dict[str, dict[str, Any]] = {
     # GPU ablation tables: many short runs side by side, so small images (cheap to decode); 200 test
     # identities so that which identities are in the test split is not what the tables measure
     "ablation": dict(num_train_ids=100, num_test_ids=200, num_cams=4, images_per_id_cam=4, size=(128, 64)),
+    # the tower pretraining (configs/synthetic/Pretrain_tower_small.yml, with another seed): more identities than
+    # the ablation set, at its image size
+    "pretrain": dict(num_train_ids=500, num_test_ids=100, num_cams=4, images_per_id_cam=4, size=(128, 64)),
 }
 #: Few-shot generator arguments by preset name; ``num_classes`` is (train, val, test), ``size`` the side.
 FEWSHOT_PRESETS: dict[str, dict[str, Any]] = {

@@ -13,6 +13,10 @@ def add_reid_config(cfg: CN) -> None:
     # MODEL.BACKBONE "" means clip_vit_b16; clip_vit_tiny is the CPU test tower, clip_vit_small the GPU-ablation
     # tower (random init). The patch grid follows INPUT.SIZE_TRAIN (256x128 -> 16x8 patches of 16 px).
     m.PRETRAIN_PATH = ""
+    # A tower-pretraining config (e.g. configs/synthetic/Pretrain_tower_small.yml): when MODEL.PRETRAIN_PATH does not
+    # exist yet, it is made first by `python tools/pretrain_tower.py --config_file <this> --out <PRETRAIN_PATH>`
+    # (engine/tower_pretrain.py), then reused. "" = PRETRAIN_PATH must exist (or be "").
+    m.PRETRAIN_RECIPE = ""
     m.NUM_CAMERAS = 0  # rows of the SIE table; 0 = set by the trainer from the dataset
     m.SIE_CAMERA = True  # learnable camera embedding (SIE) added to the tokens
     m.SIE_COE = 1.0  # SIE coefficient (DeMo's RGBNT201/RGBNT100/MSVR310 configs: 1.0)
@@ -42,11 +46,14 @@ def add_reid_config(cfg: CN) -> None:
     # Keep samples whose NI/TI file is missing (zero image, False in the modality mask) instead of failing.
     d.ALLOW_MISSING_MODALITY = False
     # Generator settings of the synthetic sets (used only by synthetic_rgbnt): a preset ("" = small,
-    # "gpu", "ablation"; see datasets.synthetic_generators.RGBNT_PRESETS) and the probability that a
+    # "gpu", "ablation", "pretrain"; see datasets.synthetic_generators.RGBNT_PRESETS) and the probability that a
     # sample's NI or TI file is missing (< 0: the preset's, 0).
     d.SYNTHETIC = CN()
     d.SYNTHETIC.PRESET = ""
     d.SYNTHETIC.MISSING_MODALITY_PROB = -1.0
+    # Generator seed (< 0: 0). Identities are drawn from (seed, pid): another seed gives identities never seen
+    # with seed 0, e.g. the tower-pretraining set of configs/synthetic/Pretrain_tower_small.yml.
+    d.SYNTHETIC.SEED = -1
 
     cfg.DATALOADER.NUM_INSTANCE = 8  # K of the P x K identity sampler
 
@@ -80,6 +87,9 @@ def add_reid_config(cfg: CN) -> None:
     loss.SDM.FORMULA = "fixed"
     # exclude missing modalities' placeholder features from SDM; False = ablation row
     loss.SDM.USE_MASKS = True
+    # subtract each modality's batch mean before SDM normalises: features that share one dominant direction
+    # per modality otherwise give SDM a uniform softmax (ln 8 in an 8 x 8 batch) and nothing to learn
+    loss.SDM.CENTER = False
     # Feature-norm band regulariser on the BN-neck features (1e-2 is the stricter weight for runs whose
     # norms still leave the band).
     loss.FEAT_NORM = CN()

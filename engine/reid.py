@@ -33,6 +33,7 @@ from engine.evaluation import (
 from engine.logger import MetricsLogger, progress
 from engine.missing import canonical, missing_modalities, present_modalities
 from engine.solver import build_model_optimizer, build_scheduler
+from engine.tower_pretrain import ensure_pretrained_tower
 from engine.trainer import Stage, Trainer
 from losses.reid_criterion import MODALITY_ORDER, ReIDCriterion
 from modeling import MODEL_REGISTRY, build_model
@@ -63,6 +64,8 @@ def synthetic_kwargs(cfg: CN) -> dict[str, Any]:
         kwargs["preset"] = syn.PRESET
     if syn.MISSING_MODALITY_PROB >= 0:
         kwargs["missing_modality_prob"] = syn.MISSING_MODALITY_PROB
+    if syn.SEED >= 0:
+        kwargs["seed"] = syn.SEED
     return kwargs
 
 
@@ -214,6 +217,7 @@ def build_reid_setup(cfg: CN) -> ReIDSetup:
         skip_corrupt=cfg.DATASETS.SKIP_CORRUPT, verify_images=cfg.DATASETS.VERIFY_IMAGES, **synthetic_kwargs(cfg),
     )
     test_loader = datasets.reid_test_loader(cfg, data.query + data.gallery)
+    ensure_pretrained_tower(cfg)
     model = build_reid_model(cfg, data.num_train_pids, data.num_train_cams).to(device)
     return ReIDSetup(data, test_loader, len(data.query), model, device, amp)
 
@@ -244,6 +248,7 @@ class ReIDObjective:
             torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
         total, terms = self.criterion(outputs, batch["pids"], batch["masks"], epoch)
         stats = {f"model/{k}": v for k, v in outputs.get("stats", {}).items()}
+        stats.update(self.criterion.stats)
         stats["sdm_temperature"] = self.criterion.sdm_temperature.value()
         return total, terms, stats
 

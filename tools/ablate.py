@@ -115,6 +115,24 @@ def run_command(spec: dict[str, Any], row: dict[str, Any], seed: int, run_dir: P
     return cmd
 
 
+def prepare_pretrained(spec: dict[str, Any], rows: list[dict[str, Any]], quick: bool, real: bool, extra: list[str], todo: list[int]) -> None:
+    """Make the pretrained towers the rows to run name (``MODEL.PRETRAIN_RECIPE``) once, with every CPU,
+    before the runs start side by side (each would otherwise wait for the first to make it)."""
+    from engine.config import load_config
+    from engine.tower_pretrain import ensure_pretrained_tower
+
+    if Path(spec["script"]).name != "train_net.py":
+        return
+    done: set[tuple[str, str]] = set()
+    for i in sorted(set(todo)):
+        row = rows[i]
+        cfg = load_config(row_config(row, quick, real), [*_flat(row.get("overrides", [])), *extra])
+        key = (cfg.MODEL.get("PRETRAIN_RECIPE", ""), cfg.MODEL.get("PRETRAIN_PATH", ""))
+        if key[0] and key not in done:
+            ensure_pretrained_tower(cfg)
+            done.add(key)
+
+
 def _flat(items: list[Any]) -> list[str]:
     """Overrides as strings; nested lists (YAML anchors shared by several rows) are spliced in."""
     out: list[str] = []
@@ -317,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                 tasks.append((i, seed, row["label"], cmd))
     if args.dry_run:
         return 0
+    prepare_pretrained(spec, rows, args.quick, args.real, args.overrides, [t[0] for t in tasks])
     errors = run_all(tasks, args.jobs)
     results = []
     for i, row in enumerate(rows):
