@@ -90,7 +90,7 @@ def test_quick_and_full_tables_use_separate_folders(tmp_path: Path) -> None:
     assert str(tmp_path / "sdm" / "no_SDM" / "seed0") in full
     # the quick runs read the small missing-modality set, the full runs the ablation-preset one
     assert quick.splitlines()[0].split("DATASETS.ROOT_DIR")[-1].split()[0] == "data/missing30"
-    assert "configs/synthetic/DeMo_SDTPS_small.yml" in full and "data/ablation_missing30" in full
+    assert "configs/synthetic/DeMo_SDTPS_pretrained.yml" in full and "data/ablation_missing30" in full
 
 
 def test_unknown_table_is_a_clear_error() -> None:

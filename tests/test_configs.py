@@ -48,6 +48,8 @@ def test_every_benchmark_has_demo_configs_and_few_shot_configs() -> None:
 @pytest.mark.parametrize("path", CONFIGS, ids=_rel)
 def test_config_builds_its_model(path: Path) -> None:
     cfg = load_config(path)
+    if cfg.MODEL.get("PRETRAIN_RECIPE"):  # a tower made by a pretraining run (tests/test_tower_pretrain.py)
+        cfg = load_config(path, ["MODEL.PRETRAIN_PATH", "", "MODEL.PRETRAIN_RECIPE", ""])
     torch.manual_seed(0)
     if cfg.DATASETS.NAMES in REID_NAMES:
         assert cfg.SOLVER.IMS_PER_BATCH % cfg.DATALOADER.NUM_INSTANCE == 0
