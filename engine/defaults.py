@@ -18,6 +18,7 @@ from engine.config import ConfigError, load_config
 from engine.launch import launch
 from engine.logger import setup_logging
 from engine.monitor import NonFiniteLossError
+from engine.run_lock import RunFolderError, RunFolderLock
 from engine.seed import seed_everything
 from utils.distributed import barrier, get_rank, is_main_process
 from utils.io import atomic_write_text
@@ -26,10 +27,6 @@ from utils.registry import NotImplementedYetError
 logger = logging.getLogger(__name__)
 
 FINISHED_MARKER = "summary.json"  # written last by a run that completed
-
-
-class RunFolderError(RuntimeError):
-    """The output folder holds a run that this command would overwrite."""
 
 
 def default_argument_parser(description: str, gate_flags: bool = False) -> argparse.ArgumentParser:
@@ -132,10 +129,10 @@ def default_setup(args: argparse.Namespace) -> CN:
         cfg.OUTPUT_DIR = str(Path(cfg.OUTPUT_DIR) / f"sweep-{os.environ['WANDB_SWEEP_ID']}" / os.environ["WANDB_RUN_ID"])
     cfg.freeze()
     output_dir = Path(cfg.OUTPUT_DIR)
+    if is_main_process():  # the run owns its folder until it ends; a second run there is refused
+        args.run_lock = RunFolderLock(output_dir).acquire()
     check_output_dir(output_dir, args.resume, args.eval_only)
     barrier()  # every rank checked before rank 0 writes anything
-    if is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(output_dir)
     logger.info("command: %s", " ".join(sys.argv))
     if is_main_process():
@@ -149,13 +146,33 @@ USER_ERRORS = (
 )
 
 
+def resume_command(argv: Sequence[str]) -> str:
+    """The command line that continues the run ``argv`` started: the same, with ``--resume``."""
+    args = list(argv)
+    if "--resume" not in args:
+        at = args.index("--config_file") + 2 if "--config_file" in args else 1
+        args.insert(min(at, len(args)), "--resume")
+    return " ".join(["python", *args])
+
+
 def run_cli(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
-    """Run ``main`` under :func:`launch`; user errors print one clear line and exit 2 (no traceback)."""
+    """Run ``main`` under :func:`launch`; user errors print one clear line and exit 2 (no traceback);
+    a run stopped by SIGINT / SIGTERM prints where its checkpoint is and how to resume (exit 130)."""
+    from engine.trainer import RunInterrupted
+
     try:
         launch(main, args)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunInterrupted as stop:
+        where = f"saved {stop.checkpoint}" if stop.checkpoint is not None else "no checkpoint written"
+        print(f"stopped by {stop}: {where}; resume with:\n  {resume_command(sys.argv)}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted with no checkpoint of this moment; --resume continues from the run's last checkpoint, "
+              "if it has one", file=sys.stderr)
+        return 130
     return 0
 
 

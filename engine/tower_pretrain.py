@@ -16,14 +16,11 @@ after; a tower made with another recipe is refused, not silently used.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +29,7 @@ from yacs.config import CfgNode as CN
 
 from engine.checkpoint import Checkpointer, read_checkpoint
 from engine.config import ConfigError, config_to_dict, load_config
+from engine.run_lock import file_lock
 from modeling.backbones.clip_vit import CLIP_VIT_CONFIGS
 from modeling.clip_checkpoint import OPEN_CLIP_CONFIG
 from utils.io import atomic_write, atomic_write_json
@@ -104,18 +102,6 @@ def read_record(out: Path) -> dict[str, Any] | None:
         return json.loads((out.parent / RECORD).read_text()) if out.is_file() else None
     except (OSError, ValueError):
         return None
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (created): concurrent runs wait for the first."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def ensure_pretrained_tower(cfg: CN) -> None:
