@@ -260,18 +260,21 @@ class SeededBatches(Sampler[list[tuple[int, int]]]):
     """
 
     def __init__(self, batches: Sampler[list[int]], seed: int = 0) -> None:
-        self.batches, self.seed, self.epoch = batches, int(seed), 0
+        self.batches, self.seed, self.epoch, self.start = batches, int(seed), 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch of the seeds and of the wrapped sampler."""
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Set the epoch of the seeds and of the wrapped sampler; the epoch's first ``start`` batches are
+        skipped (a run resumed in the middle of an epoch goes on with the batches it had not trained on)."""
+        self.epoch, self.start = int(epoch), int(start)
         self.batches.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return max(0, len(self.batches) - self.start)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         rank = int(getattr(self.batches, "rank", 0))
         for b, batch in enumerate(self.batches):
+            if b < self.start:
+                continue
             seeds = np.random.SeedSequence([self.seed, self.epoch, rank, b]).generate_state(len(batch), np.uint64)
             yield [(int(i), int(s)) for i, s in zip(batch, seeds)]

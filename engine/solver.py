@@ -137,3 +137,38 @@ def build_scheduler(cfg: Any, optimizer: torch.optim.Optimizer, steps_per_epoch:
         gamma=s.GAMMA,
         min_factor=s.MIN_LR_FACTOR,
     )
+
+
+#: what a schedule is made of (the rest of a scheduler's state is where it is: ``last_epoch``, ``_step_count``)
+SCHEDULE_FIELDS = ("total_steps", "warmup_steps", "warmup_factor", "mode", "milestones", "gamma", "min_factor",
+                   "base_lrs")
+#: optimizer settings a config sets per group (``lr`` follows the schedule)
+OPTIMIZER_FIELDS = ("weight_decay", "momentum", "nesterov", "betas", "eps")
+
+
+def adopt_configured_schedule(scheduler: LRScheduler, optimizer: torch.optim.Optimizer,
+                              configured: dict[str, Any], configured_groups: Sequence[dict[str, Any]]) -> list[str]:
+    """After a checkpoint's optimizer and schedule are loaded: keep the restored step and moments, but the
+    config's schedule and optimizer settings where they differ. Returns ``"what: old -> new"`` per change.
+
+    ``configured`` is the scheduler's ``state_dict()`` and ``configured_groups`` the optimizer's param
+    groups as the config built them, taken before loading. A run resumed with more epochs or another
+    learning rate thus continues on the new schedule from where it stopped, instead of on the old one
+    (which, past its end, leaves the learning rate at its floor).
+    """
+    restored = scheduler.state_dict()
+    fields = [k for k in SCHEDULE_FIELDS if k in configured]  # another scheduler class: what it shares
+    schedule = [f"{k} {restored.get(k)} -> {configured[k]}" for k in fields if restored.get(k) != configured[k]]
+    settings = []
+    for i, (group, wanted) in enumerate(zip(optimizer.param_groups, configured_groups)):
+        for key in OPTIMIZER_FIELDS:
+            if key in wanted and group.get(key) != wanted[key]:
+                settings.append(f"{group.get('name', f'group {i}')} {key} {group.get(key)} -> {wanted[key]}")
+                group[key] = wanted[key]
+    if schedule:
+        scheduler.load_state_dict({**restored, **{k: configured[k] for k in fields}})
+        lrs = scheduler.get_lr()
+        for group, lr, base in zip(optimizer.param_groups, lrs, configured["base_lrs"]):
+            group["lr"], group["initial_lr"] = lr, base
+        scheduler._last_lr = list(lrs)
+    return schedule + settings

@@ -21,10 +21,14 @@ the objective's state, the monitors, the best score and the run's counters (:cla
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -35,6 +39,7 @@ from engine.launch import wrap_ddp
 from engine.logger import MetricsLogger, progress
 from engine.monitor import NonFiniteGuard, SpikeDetector
 from engine.seed import set_rng_state
+from engine.solver import adopt_configured_schedule
 from utils.distributed import barrier, is_main_process
 
 logger = logging.getLogger(__name__)
@@ -49,6 +54,15 @@ class RunState:
     stage_epoch: int = 0
     global_epoch: int = 0
     step: int = 0
+    epoch_step: int = 0  # steps done in the current, unfinished epoch (a run stopped mid-epoch)
+
+
+class RunInterrupted(Exception):
+    """SIGINT / SIGTERM stopped the run at a step boundary, after writing ``checkpoint``."""
+
+    def __init__(self, signal_name: str, checkpoint: Path | None, run: RunState) -> None:
+        super().__init__(f"{signal_name} at epoch {run.global_epoch + 1}, step {run.step}")
+        self.signal_name, self.checkpoint, self.run = signal_name, checkpoint, run
 
 
 class Objective(Protocol):
@@ -144,6 +158,7 @@ class Trainer:
         self._max_nonfinite = m.MAX_NONFINITE_STEPS
         self.spikes = SpikeDetector(*self._monitor_args)
         self.guard = NonFiniteGuard(self._max_nonfinite)
+        self._stop_signal: str | None = None
 
     # ------------------------------------------------------------------------------------------
     def run_step(self, model: torch.nn.Module, stage: Stage, params: list[torch.nn.Parameter], batch: Any,
@@ -189,7 +204,7 @@ class Trainer:
             return StageResult(None, best)
         self.spikes = SpikeDetector(*self._monitor_args)
         self.guard = NonFiniteGuard(self._max_nonfinite)
-        if start_epoch > 0:  # resumed inside this stage
+        if run.stage == stage.name and (start_epoch > 0 or run.epoch_step > 0):  # resumed inside this stage
             best = self._restore(stage)
         if self.resume is not None:  # the random state the run had when the checkpoint was written
             if self.resume.get("rng") is not None:
@@ -205,39 +220,92 @@ class Trainer:
                     stage.describe())
         s = self.cfg.SOLVER
         last_results: dict[str, Any] | None = None
-        for epoch in range(start_epoch, stage.epochs):
-            stage.loader.batch_sampler.set_epoch(epoch)
-            train_model.train()
-            period = _PeriodMeans()
-            for it, batch in enumerate(progress(stage.loader, desc=f"{stage.name} {epoch + 1}/{stage.epochs}",
-                                                total=steps)):
-                batch = stage.objective.to_device(batch)
-                loss, terms, grad_norm, stats = self.run_step(train_model, stage, params, batch, epoch + it / steps)
-                stage.scheduler.step()
-                run.step += 1
-                period.add({"loss": loss, **{f"loss/{k}": v for k, v in terms.items()}, **stats})
-                if run.step % s.LOG_PERIOD == 0 or it == steps - 1:
-                    self._log(stage, period.means(), grad_norm, run.global_epoch + (it + 1) / steps)
-                    period = _PeriodMeans()
-            run.stage_epoch, run.global_epoch = epoch + 1, run.global_epoch + 1
-            last = epoch + 1 == stage.epochs
-            if stage.evaluator is not None and ((epoch + 1) % s.EVAL_PERIOD == 0 or last):
-                if is_main_process():
-                    last_results, best = self._evaluate(stage, best)
-                barrier()
-            if (epoch + 1) % s.CHECKPOINT_PERIOD == 0 or last:
-                self.ckpt.save(f"epoch{run.global_epoch:04d}", model=self.model, optimizer=stage.optimizer,
-                               scheduler=stage.scheduler, scaler=self.amp.scaler, epoch=run.global_epoch,
-                               step=run.step, extra=self._extra(stage, best))
+        with self._stop_on_signals():
+            for epoch in range(start_epoch, stage.epochs):
+                skip = run.epoch_step if epoch == start_epoch else 0
+                if skip:  # resumed mid-epoch: the batches not yet trained on, augmented as they would have been
+                    stage.loader.batch_sampler.set_epoch(epoch, start=skip)
+                else:
+                    stage.loader.batch_sampler.set_epoch(epoch)
+                train_model.train()
+                period = _PeriodMeans()
+                batches = progress(stage.loader, desc=f"{stage.name} {epoch + 1}/{stage.epochs}", total=steps - skip)
+                for it, batch in enumerate(batches, start=skip):
+                    batch = stage.objective.to_device(batch)
+                    loss, terms, grad_norm, stats = self.run_step(train_model, stage, params, batch, epoch + it / steps)
+                    stage.scheduler.step()
+                    run.step += 1
+                    run.epoch_step = it + 1
+                    period.add({"loss": loss, **{f"loss/{k}": v for k, v in terms.items()}, **stats})
+                    if run.step % s.LOG_PERIOD == 0 or it == steps - 1:
+                        self._log(stage, period.means(), grad_norm, run.global_epoch + (it + 1) / steps)
+                        period = _PeriodMeans()
+                    if self._stop_signal is not None and it < steps - 1:
+                        self._stop(stage, best)
+                run.stage_epoch, run.global_epoch, run.epoch_step = epoch + 1, run.global_epoch + 1, 0
+                last = epoch + 1 == stage.epochs
+                if stage.evaluator is not None and ((epoch + 1) % s.EVAL_PERIOD == 0 or last):
+                    if is_main_process():
+                        last_results, best = self._evaluate(stage, best)
+                    barrier()
+                saved = (epoch + 1) % s.CHECKPOINT_PERIOD == 0 or last
+                if saved:
+                    self.ckpt.save(f"epoch{run.global_epoch:04d}", model=self.model, optimizer=stage.optimizer,
+                                   scheduler=stage.scheduler, scaler=self.amp.scaler, epoch=run.global_epoch,
+                                   step=run.step, extra=self._extra(stage, best))
+                if self._stop_signal is not None and not last:
+                    self._stop(stage, best, saved=self.ckpt.latest() if saved else None)
         return StageResult(last_results, best)
+
+    # ------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """While training, SIGINT / SIGTERM ask for a stop at the next step boundary (with a checkpoint);
+        a second one stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous: dict[int, Any] = {}
+
+        def request(signum: int, _frame: Any) -> None:
+            name = signal.Signals(signum).name
+            if self._stop_signal is not None:
+                signal.signal(signum, previous[signum])
+                raise KeyboardInterrupt(f"second {name}: stopped without a checkpoint")
+            self._stop_signal = name
+            logger.warning("%s: stopping after this step with a checkpoint (send it again to stop at once)", name)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, request)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _stop(self, stage: Stage, best: dict[str, Any], saved: Path | None = None) -> None:
+        """Write the resumable state at this step boundary (unless just written) and raise :class:`RunInterrupted`."""
+        path = saved
+        if path is None and self.ckpt is not None:
+            path = self.ckpt.save("interrupted", model=self.model, optimizer=stage.optimizer,
+                                  scheduler=stage.scheduler, scaler=self.amp.scaler, epoch=self.run.global_epoch,
+                                  step=self.run.step, extra=self._extra(stage, best), periodic=False)
+        barrier()
+        raise RunInterrupted(self._stop_signal or "stop", path, self.run)
 
     # ------------------------------------------------------------------------------------------
     def _restore(self, stage: Stage) -> dict[str, Any]:
         """Restore the stage's optimizer, schedule, scaler, monitors and objective from the resume checkpoint."""
         state = self.resume
         assert state is not None
+        configured = stage.scheduler.state_dict(), [dict(g, params=None) for g in stage.optimizer.param_groups]
         stage.optimizer.load_state_dict(state["optimizer"])
         stage.scheduler.load_state_dict(state["scheduler"])
+        changes = adopt_configured_schedule(stage.scheduler, stage.optimizer, *configured)
+        if changes:
+            logger.warning("the config's schedule differs from the checkpoint's (%s): continuing with the config's "
+                           "from step %d (lr now %.3g)", "; ".join(changes), self.run.step,
+                           stage.optimizer.param_groups[0]["lr"])
         if state.get("scaler") is not None and self.amp.scaler.is_enabled():
             self.amp.scaler.load_state_dict(state["scaler"])
         extra = state["extra"]
@@ -245,7 +313,13 @@ class Trainer:
         self.guard.load_state_dict(extra["guard"])
         if extra.get("objective") is not None:
             stage.objective.load_state_dict(extra["objective"])
-        logger.info("resuming stage %s after epoch %d (step %d)", stage.name, self.run.stage_epoch, self.run.step)
+        where = f"epoch {self.run.stage_epoch}" + (f" and {self.run.epoch_step} steps" if self.run.epoch_step else "")
+        logger.info("resuming stage %s after %s (step %d)", stage.name, where, self.run.step)
+        if self.ckpt is not None:
+            periodic = sorted(p.name for p in self.ckpt.save_dir.glob("checkpoint_epoch*.pth"))
+            if len(periodic) >= self.ckpt.keep:
+                logger.warning("this run keeps its newest %d periodic checkpoints: %s will be deleted as new ones "
+                               "are written (copy them elsewhere to keep them)", self.ckpt.keep, ", ".join(periodic))
         return dict(extra["best"])
 
     def _extra(self, stage: Stage, best: dict[str, Any]) -> dict[str, Any]:

@@ -179,3 +179,40 @@ def test_loader_workers_and_resume_do_not_change_the_numbers(tiny_rgbnt_root: Pa
     for key, value in straight.items():
         assert torch.equal(value, resumed[key]), key
         assert torch.equal(value, single[key]), key
+
+
+@pytest.mark.slow
+def test_ctrl_c_writes_a_checkpoint_and_the_printed_command_finishes_the_run_identically(
+        tiny_rgbnt_root: Path, tmp_path: Path) -> None:
+    import shlex
+    import signal
+    import time
+
+    def overrides(out: Path) -> list[str]:
+        return [*_overrides(tiny_rgbnt_root, out, epochs=6), "SOLVER.LOG_PERIOD", "1", "DETERMINISTIC", "True"]
+
+    straight = _train(*overrides(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "train_net.py", "--config_file", str(TINY), *overrides(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TQDM_DISABLE": "1"})
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.is_file() and "train/loss" in metrics.read_text()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "stopped by SIGINT at epoch" in err
+    resume_line = err.strip().splitlines()[-1].strip()
+    assert resume_line.startswith("python train_net.py --config_file") and " --resume " in resume_line
+    assert not (out / "summary.json").exists() and (out / "last_checkpoint").is_file()
+
+    resumed = subprocess.run([sys.executable, *shlex.split(resume_line)[1:]], cwd=REPO, capture_output=True,
+                             text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    b = json.loads((out / "summary.json").read_text())
+    assert a == b  # every metric, the step count and the stability score

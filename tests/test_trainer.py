@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,8 @@ from engine.config import load_config
 from engine.device import build_amp_policy
 from engine.logger import MetricsLogger
 from engine.monitor import NonFiniteLossError
-from engine.trainer import Stage, Trainer
+from engine.solver import WarmupScheduler, adopt_configured_schedule
+from engine.trainer import RunInterrupted, Stage, Trainer
 
 DEVICE = torch.device("cpu")
 
@@ -24,17 +27,22 @@ DEVICE = torch.device("cpu")
 class _Sampler:
     def __init__(self) -> None:
         self.epochs: list[int] = []
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epochs.append(epoch)
+        self.start = start
 
 
 class _Loader(list):
-    """A fixed list of batches with the ``batch_sampler.set_epoch`` the trainer calls."""
+    """A fixed list of batches with the ``batch_sampler.set_epoch`` the trainer calls (``start`` skips)."""
 
     def __init__(self, batches: list[Any]) -> None:
         super().__init__(batches)
         self.batch_sampler = _Sampler()
+
+    def __iter__(self):
+        return iter(list.__getitem__(self, slice(self.batch_sampler.start, None)))
 
 
 class _Regression:
@@ -158,7 +166,7 @@ def test_fit_logs_period_means_evaluates_and_keeps_the_best(tmp_path: Path) -> N
     best = read_checkpoint(tmp_path / "checkpoint_best.pth")
     assert best["extra"]["best"] == {"score": 0.5, "epoch": 2} and best["epoch"] == 2
     last = read_checkpoint(tmp_path / "checkpoint_epoch0003.pth")
-    assert last["extra"]["run"] == {"stage": "train", "stage_epoch": 3, "global_epoch": 3, "step": 12}
+    assert last["extra"]["run"] == {"stage": "train", "stage_epoch": 3, "global_epoch": 3, "step": 12, "epoch_step": 0}
 
 
 def test_resume_inside_a_stage_and_after_a_finished_one(tmp_path: Path) -> None:
@@ -177,7 +185,8 @@ def test_resume_inside_a_stage_and_after_a_finished_one(tmp_path: Path) -> None:
     straight = run(tmp_path / "straight", None)
     run(tmp_path / "killed", None, second_epochs=1)  # stops after the first epoch of the second stage
     state = read_checkpoint(tmp_path / "killed" / "checkpoint_epoch0003.pth")
-    assert state["extra"]["run"] == {"stage": "second", "stage_epoch": 1, "global_epoch": 3, "step": 12}
+    assert state["extra"]["run"] == {"stage": "second", "stage_epoch": 1, "global_epoch": 3, "step": 12,
+                                     "epoch_step": 0}
     resumed = run(tmp_path / "killed", state)
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
@@ -202,3 +211,77 @@ def test_deterministic_mode_forbids_the_fused_attention_kernels() -> None:
         seed_everything(0, deterministic=False)
         torch.use_deterministic_algorithms(False)
     assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+
+
+class _Interrupting(_Regression):
+    """Sends this process SIGINT during its ``at``-th loss, as Ctrl-C would."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+
+    def loss(self, outputs: torch.Tensor, batch: Any, epoch: float) -> tuple[torch.Tensor, dict, dict]:
+        if self.calls + 1 == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().loss(outputs, batch, epoch)
+
+
+def test_sigint_stops_at_the_next_step_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path: Path) -> None:
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 1))
+
+    straight = model()
+    _trainer(tmp_path / "straight", straight, ["SOLVER.CHECKPOINT_PERIOD", "10"]).fit(_stage(straight, epochs=3))
+
+    stopped = model()
+    trainer = _trainer(tmp_path / "stopped", stopped, ["SOLVER.CHECKPOINT_PERIOD", "10"])
+    with pytest.raises(RunInterrupted) as info:
+        trainer.fit(_stage(stopped, epochs=3, objective=_Interrupting(at=6)))  # epoch 2, its 2nd of 4 steps
+    assert info.value.signal_name == "SIGINT" and info.value.checkpoint.name == "checkpoint_interrupted.pth"
+    state = read_checkpoint(info.value.checkpoint)
+    assert state["extra"]["run"] == {"stage": "train", "stage_epoch": 1, "global_epoch": 1, "step": 6,
+                                     "epoch_step": 2}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+    resumed = model()
+    resumed.load_state_dict(state["model"])
+    again = _trainer(tmp_path / "stopped", resumed, ["SOLVER.CHECKPOINT_PERIOD", "10"], resume=state)
+    again.fit(_stage(resumed, epochs=3))
+    assert again.run.step == 12
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_resumed_run_follows_the_configs_new_schedule_from_the_restored_step() -> None:
+    def build(base_lr: float, total: int, weight_decay: float) -> tuple[torch.optim.Optimizer, WarmupScheduler]:
+        opt = torch.optim.AdamW([nn.Parameter(torch.zeros(2))], lr=base_lr, weight_decay=weight_decay)
+        return opt, WarmupScheduler(opt, total_steps=total, warmup_steps=2, warmup_factor=0.01, mode="cosine")
+
+    opt, sched = build(0.1, total=10, weight_decay=5e-4)
+    for _ in range(10):  # the first run ran to its end: lr at the floor
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    saved_opt, saved_sched = opt.state_dict(), sched.state_dict()
+
+    opt2, sched2 = build(0.05, total=20, weight_decay=1e-3)  # resumed with twice the epochs and a new lr
+    configured = sched2.state_dict(), [dict(g, params=None) for g in opt2.param_groups]
+    opt2.load_state_dict(saved_opt)
+    sched2.load_state_dict(saved_sched)
+    changes = adopt_configured_schedule(sched2, opt2, *configured)
+    assert any(c.startswith("total_steps 10 -> 20") for c in changes)
+    assert any(c.startswith("base_lrs [0.1] -> [0.05]") for c in changes)
+    assert any("weight_decay 0.0005 -> 0.001" in c for c in changes)
+    # hand-computed: cosine from the end of warm-up (step 2) to step 20, evaluated at step 10
+    expected = 0.05 * 0.5 * (1 + math.cos(math.pi * (10 - 2) / (20 - 2)))
+    assert opt2.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)
+    assert opt2.param_groups[0]["weight_decay"] == 1e-3
+    sched2.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 9 / 18)), rel=1e-12)
+    # nothing changed: nothing reported, nothing touched
+    opt3, sched3 = build(0.1, total=10, weight_decay=5e-4)
+    configured = sched3.state_dict(), [dict(g, params=None) for g in opt3.param_groups]
+    opt3.load_state_dict(saved_opt)
+    sched3.load_state_dict(saved_sched)
+    assert adopt_configured_schedule(sched3, opt3, *configured) == []
