@@ -156,8 +156,8 @@ class Checkpointer:
         """Load the weights of a checkpoint already read (from ``path``, named in the error) into ``model``."""
         try:
             unwrap(model).load_state_dict(state["model"], strict=strict)
-        except RuntimeError as err:
-            raise CheckpointError(f"checkpoint {path} does not fit this model: {err}") from err
+        except RuntimeError:
+            raise CheckpointError(mismatch_message(state, path, unwrap(model))) from None
 
     def _prune(self, keep_also: Path) -> None:
         periodic = sorted(self.save_dir.glob("checkpoint_epoch*.pth"))  # tags are zero-padded: epoch0007
@@ -209,3 +209,67 @@ def _list_checkpoints(directory: Path, exclude: Path) -> list[str]:
     if not directory.is_dir():
         return []
     return sorted(str(p) for p in directory.glob("checkpoint_*.pth") if p.resolve() != exclude.resolve())
+
+
+SCRIPTS = {"reid": "train_net.py", "fewshot": "train_b1_improvement.py"}
+
+
+def checkpoint_meta(cfg: Any) -> dict[str, Any]:
+    """What a checkpoint records about where it came from: the model name, its family and the whole config."""
+    from engine.config import MODEL_FAMILIES
+
+    return {"model": cfg.MODEL.NAME, "family": MODEL_FAMILIES.get(cfg.MODEL.NAME), "config": cfg.dump()}
+
+
+def mismatch_message(state: dict[str, Any], path: str | Path, model: nn.Module) -> str:
+    """One paragraph on why checkpoint ``state`` does not load into ``model``: which model it is from (when
+    it says), and the first keys that are missing, unexpected or of another shape."""
+    meta = (state.get("extra") or {}).get("meta") or {}
+    own = model.state_dict()
+    theirs = state["model"]
+    missing = [k for k in own if k not in theirs]
+    unexpected = [k for k in theirs if k not in own]
+    shapes = [k for k in own if k in theirs and tuple(own[k].shape) != tuple(theirs[k].shape)]
+    origin = ""
+    if meta.get("model"):
+        family = meta.get("family")
+        origin = f" It was written by a run of MODEL.NAME {meta['model']}"
+        if family in SCRIPTS:
+            origin += f" ({'ReID' if family == 'reid' else 'few-shot'}: {SCRIPTS[family]})"
+        origin += "."
+    parts = [f"{len(v)} {what} (e.g. {', '.join(v[:2])})" for what, v in
+             (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if v]
+    return (f"checkpoint {path} does not fit this {type(model).__name__} model: {'; '.join(parts) or 'keys differ'}."
+            f"{origin} Evaluate it with the config it was trained with (its run folder's config.yaml).")
+
+
+def config_differences(state: dict[str, Any], cfg: Any, prefixes: tuple[str, ...] = ("MODEL.", "INPUT.")) -> list[str]:
+    """``KEY: trained -> now`` for the keys under ``prefixes`` whose value in ``cfg`` differs from the config
+    the checkpoint was trained with (empty when the checkpoint does not record it)."""
+    import yaml
+
+    meta = (state.get("extra") or {}).get("meta") or {}
+    if not meta.get("config"):
+        return []
+
+    def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    trained = flat(yaml.safe_load(meta["config"]))
+    now = flat(yaml.safe_load(cfg.dump()))
+    ignore = {"MODEL.WEIGHTS", "MODEL.PRETRAIN_PATH", "MODEL.PRETRAIN_RECIPE", "MODEL.COMPILE"}
+    return [f"{k}: {trained[k]!r} -> {now[k]!r}" for k in sorted(trained)
+            if k.startswith(prefixes) and k not in ignore and k in now and now[k] != trained[k]]
+
+
+def warn_config_differences(state: dict[str, Any], cfg: Any, path: str | Path) -> list[str]:
+    """Log, as a warning, the model and input keys in which ``cfg`` differs from the config checkpoint
+    ``state`` (as :meth:`Checkpointer.load` returns it) was trained with; returns them."""
+    changed = config_differences(state, cfg)
+    if changed:
+        logger.warning("evaluating %s under a config that differs from its training config in %d model/input "
+                       "key(s): %s", path, len(changed), "; ".join(changed))
+    return changed

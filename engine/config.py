@@ -171,6 +171,9 @@ def base_config() -> CN:
     _C.MONITOR.SPIKE_SIGMAS = 6.0
     # Non-finite loss/gradient steps are skipped; this many in a row stop the run (last good checkpoint kept).
     _C.MONITOR.MAX_NONFINITE_STEPS = 5
+    # > 0: a step whose loss lies more than this many spike bands (threshold - median) above the median is not
+    # applied either (a blow-up: e.g. a learning rate far too large); counted with the non-finite steps.
+    _C.MONITOR.BLOWUP_FACTOR = 0.0
 
     _C.TEST = CN()
     _C.TEST.IMS_PER_BATCH = 128
@@ -252,6 +255,20 @@ def validate(cfg: CN) -> None:
             missing_modalities(cfg.TEST.MISS)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+    device = str(cfg.DEVICE.NAME).lower()
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"DEVICE.NAME is '{cfg.DEVICE.NAME}' but no CUDA device is visible; use DEVICE.NAME cpu "
+                              "(or auto)")
+    if "NUM_INSTANCE" in cfg.DATALOADER:  # ReID's P x K identity batches
+        batch, k = cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_INSTANCE
+        if k < 1 or batch < k or batch % k:
+            raise ConfigError(
+                f"SOLVER.IMS_PER_BATCH ({batch}) must be a multiple of DATALOADER.NUM_INSTANCE ({k}): a batch is P "
+                f"identities x K images; e.g. SOLVER.IMS_PER_BATCH {max(k, 1) * max(1, batch // max(k, 1))}"
+            )
 
 
 def _family_owning(key: str) -> str | None:

@@ -36,7 +36,14 @@ from yacs.config import CfgNode as CN
 
 import datasets
 from datasets.loader import fewshot_train_loader
-from engine.checkpoint import Checkpointer, eval_weights, read_checkpoint, resolve_resume, unwrap
+from engine.checkpoint import (
+    Checkpointer,
+    eval_weights,
+    read_checkpoint,
+    resolve_resume,
+    unwrap,
+    warn_config_differences,
+)
 from engine.config import ConfigError
 from engine.defaults import default_setup
 from engine.device import AmpPolicy, build_amp_policy, resolve_device
@@ -248,6 +255,7 @@ def evaluate_only(cfg: CN, model: torch.nn.Module, data: Any, device: torch.devi
     """``--eval-only``: test the checkpoint ``--resume`` names, else ``MODEL.WEIGHTS``, else the newest one."""
     weights = eval_weights(ckpt, resume_path, cfg.MODEL.WEIGHTS)
     state = ckpt.load(weights, model=model, restore_rng=False)
+    warn_config_differences(state, cfg, weights)
     results = evaluate_split(cfg, model, data, cfg.FEWSHOT.TEST_SPLIT, device, shots=cfg.FEWSHOT.TEST_SHOTS,
                              n_episodes=cfg.FEWSHOT.TEST_EPISODES, amp=amp)
     label = f"{cfg.MODEL.NAME} ({Path(weights).name}) on {cfg.DATASETS.NAMES} {cfg.FEWSHOT.TEST_SPLIT}"

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -114,6 +114,19 @@ class SpikeDetector:
         self.last_is_spike = is_spike
         return is_spike
 
+    def is_blowup(self, value: float, factor: float) -> bool:
+        """True when ``value`` lies more than ``factor`` spike bands above the window's median (or is not
+        finite); False during warm-up or with ``factor <= 0``. Does not change the detector's state."""
+        if factor <= 0:
+            return False
+        if not math.isfinite(value):
+            return True
+        thr = self.threshold()
+        if thr is None:
+            return False
+        med = float(np.median(np.fromiter(self.history, dtype=np.float64)))
+        return value > med + factor * (thr - med)
+
     @property
     def stability(self) -> float:
         """1 - spikes / checked (1.0 when nothing was judged yet)."""
@@ -182,8 +195,10 @@ class NonFiniteGuard:
         self,
         terms: Mapping[str, torch.Tensor | float],
         grad_norm: torch.Tensor | float | None = None,
+        also_bad: Sequence[str] = (),
     ) -> bool:
-        """True if every term (and the grad norm, if given) is finite; else count, log, maybe raise."""
+        """True if every term (and the grad norm, if given) is finite and ``also_bad`` (other reasons not
+        to apply the step, e.g. a loss blow-up) is empty; else count, log, maybe raise."""
         names = list(terms)
         values: list[torch.Tensor | float] = list(terms.values())
         if grad_norm is not None:
@@ -191,27 +206,30 @@ class NonFiniteGuard:
             values.append(grad_norm)
         finite = self._all_finite(values)
         self.steps += 1
-        if all(finite):
+        bad = [n for n, ok in zip(names, finite) if not ok] + list(also_bad)
+        if not bad:
             self.consecutive = 0
             self.last_bad = []
             return True
-        bad = [n for n, ok in zip(names, finite) if not ok]
+        return self.reject(bad)
+
+    def reject(self, bad: list[str]) -> bool:
+        """Count a step that must not be applied (``bad``: what was wrong with it), log it, and raise
+        :class:`NonFiniteLossError` after ``max_consecutive`` in a row. Returns False."""
         self.skipped += 1
         self.consecutive += 1
         self.last_bad = bad
         for n in bad:
             self.bad_counts[n] = self.bad_counts.get(n, 0) + 1
         logger.warning(
-            "non-finite step %d skipped (not applied): %s (%d in a row, %d skipped in total)",
+            "step %d skipped (not applied): %s (%d in a row, %d skipped in total)",
             self.steps, ", ".join(bad), self.consecutive, self.skipped,
         )
         if self.consecutive >= self.max_consecutive:
             raise NonFiniteLossError(
-                f"{self.consecutive} consecutive training steps had non-finite values "
-                f"(last: {', '.join(bad)}; counts per term: {self.bad_counts}); stopping. "
-                f"No update from these steps was applied, so the last checkpoint written is from a good "
-                f"step. Lower the learning rate, check the data, or raise the max_consecutive setting "
-                f"(now {self.max_consecutive})."
+                f"{self.consecutive} training steps in a row could not be applied (last: {', '.join(bad)}; counts: "
+                f"{self.bad_counts}); stopping. Lower the learning rate, check the data, or raise "
+                f"MONITOR.MAX_NONFINITE_STEPS (now {self.max_consecutive})."
             )
         return False
 

@@ -20,7 +20,14 @@ import torch
 from yacs.config import CfgNode as CN
 
 import datasets
-from engine.checkpoint import Checkpointer, eval_weights, read_checkpoint, resolve_resume, unwrap
+from engine.checkpoint import (
+    Checkpointer,
+    eval_weights,
+    read_checkpoint,
+    resolve_resume,
+    unwrap,
+    warn_config_differences,
+)
 from engine.config import ConfigError
 from engine.device import AmpPolicy, build_amp_policy, resolve_device
 from engine.evaluation import (
@@ -298,6 +305,7 @@ def run_reid(cfg: CN, args: argparse.Namespace) -> dict[str, Any]:
         if args.eval_only:
             weights = eval_weights(ckpt, resume_path, cfg.MODEL.WEIGHTS)
             state = ckpt.load(weights, model=model, restore_rng=False)
+            warn_config_differences(state, cfg, weights)
             results = evaluator(model)
             for line in evaluator.lines(results):
                 logger.info(line)

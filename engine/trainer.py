@@ -33,16 +33,19 @@ from typing import Any, Protocol
 
 import torch
 
-from engine.checkpoint import Checkpointer, unwrap
+from engine.checkpoint import Checkpointer, checkpoint_meta, read_checkpoint, unwrap
 from engine.device import AmpPolicy
 from engine.launch import wrap_ddp
 from engine.logger import MetricsLogger, progress
-from engine.monitor import NonFiniteGuard, SpikeDetector
+from engine.monitor import NonFiniteGuard, NonFiniteLossError, SpikeDetector
 from engine.seed import set_rng_state
 from engine.solver import adopt_configured_schedule
 from utils.distributed import barrier, is_main_process
 
 logger = logging.getLogger(__name__)
+
+#: a weight larger than this (in absolute value) means the model has blown up
+WEIGHT_RANGE = 1e4
 
 
 @dataclass
@@ -176,7 +179,10 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
         host = torch.stack([loss.detach().float(), grad_norm.float(), *(t.float() for t in terms.values())]).tolist()
         term_values = dict(zip(terms, host[2:]))
-        if self.guard.check(term_values or {"loss": host[0]}, None if scaler.is_enabled() else host[1]):
+        factor = self.cfg.MONITOR.BLOWUP_FACTOR
+        blowup = [f"loss {host[0]:.4g} (a blow-up: over {factor:g} spike bands above the median, "
+                  "MONITOR.BLOWUP_FACTOR)"] if math.isfinite(host[0]) and self.spikes.is_blowup(host[0], factor) else []
+        if self.guard.check(term_values or {"loss": host[0]}, None if scaler.is_enabled() else host[1], blowup):
             scaler.step(optimizer)
             self.spikes.update(host[0])
         scaler.update()
@@ -232,7 +238,11 @@ class Trainer:
                 batches = progress(stage.loader, desc=f"{stage.name} {epoch + 1}/{stage.epochs}", total=steps - skip)
                 for it, batch in enumerate(batches, start=skip):
                     batch = stage.objective.to_device(batch)
-                    loss, terms, grad_norm, stats = self.run_step(train_model, stage, params, batch, epoch + it / steps)
+                    try:
+                        loss, terms, grad_norm, stats = self.run_step(train_model, stage, params, batch,
+                                                                      epoch + it / steps)
+                    except NonFiniteLossError as err:
+                        raise NonFiniteLossError(f"{err} {self._checkpoint_report()}") from None
                     stage.scheduler.step()
                     run.step += 1
                     run.epoch_step = it + 1
@@ -283,6 +293,19 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    def _checkpoint_report(self) -> str:
+        """What the run's last checkpoint is worth after the run blew up: absent, already out of range, or good."""
+        latest = self.ckpt.latest() if self.ckpt is not None else None
+        if latest is None:
+            return "No checkpoint was written before this: there is nothing to resume from."
+        weights = [t for t in read_checkpoint(latest)["model"].values() if t.is_floating_point() and t.numel()]
+        peak = max((float(t.detach().abs().max()) for t in weights), default=0.0)
+        if not math.isfinite(peak) or peak > WEIGHT_RANGE:
+            return (f"The last checkpoint, {latest.name}, already holds weights up to {peak:.3g}: resume from an "
+                    f"earlier one, or start again with a lower learning rate.")
+        return (f"The last checkpoint, {latest.name}, holds weights in range (largest {peak:.3g}): --resume "
+                f"continues from it, e.g. with a lower SOLVER.BASE_LR.")
+
     def _stop(self, stage: Stage, best: dict[str, Any], saved: Path | None = None) -> None:
         """Write the resumable state at this step boundary (unless just written) and raise :class:`RunInterrupted`."""
         path = saved
@@ -324,7 +347,7 @@ class Trainer:
 
     def _extra(self, stage: Stage, best: dict[str, Any]) -> dict[str, Any]:
         return {"run": asdict(self.run), "spikes": self.spikes.state_dict(), "guard": self.guard.state_dict(),
-                "objective": stage.objective.state_dict(), "best": best}
+                "objective": stage.objective.state_dict(), "best": best, "meta": checkpoint_meta(self.cfg)}
 
     def _evaluate(self, stage: Stage, best: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         evaluator = stage.evaluator
@@ -337,7 +360,8 @@ class Trainer:
         if score > best["score"]:
             best = {"score": float(score), "epoch": self.run.global_epoch}
             self.ckpt.save("best", model=self.model, epoch=self.run.global_epoch, step=self.run.step,
-                           extra={"run": asdict(self.run), "best": best}, periodic=False, resumable=False)
+                           extra={"run": asdict(self.run), "best": best, "meta": checkpoint_meta(self.cfg)},
+                           periodic=False, resumable=False)
         return results, best
 
     def _log(self, stage: Stage, means: dict[str, float], grad_norm: float, epoch: float) -> None:

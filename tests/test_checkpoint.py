@@ -104,3 +104,38 @@ def test_truncated_and_corrupt_checkpoints_give_clear_errors(tmp_path: Path) -> 
     with pytest.raises(CheckpointError, match="does not fit"):
         ckpt.load(good, model=nn.Linear(5, 2))
     assert good.is_file()  # nothing good was touched
+
+
+def test_a_full_disk_is_one_clear_error_and_the_old_file_survives(tmp_path: Path) -> None:
+    import errno
+
+    from engine.defaults import USER_ERRORS
+    from utils.io import DiskFullError, atomic_write
+
+    path = tmp_path / "checkpoint_epoch0001.pth"
+    path.write_bytes(b"the good checkpoint")
+
+    def full(_handle: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(DiskFullError, match="no space left on the device while writing .*--resume") as info:
+        atomic_write(path, full)
+    assert isinstance(info.value, USER_ERRORS)
+    assert path.read_bytes() == b"the good checkpoint" and list(tmp_path.iterdir()) == [path]
+
+
+def test_wrong_checkpoint_says_where_it_comes_from_and_config_differences_are_listed() -> None:
+    from engine.checkpoint import checkpoint_meta, config_differences, mismatch_message
+    from engine.config import load_config
+
+    fewshot_cfg = load_config(None, ["MODEL.NAME", "ExpB1"])
+    state = {"model": {"backbone.layer1.weight": torch.zeros(2)}, "extra": {"meta": checkpoint_meta(fewshot_cfg)}}
+    text = mismatch_message(state, "ckpt.pth", nn.Linear(2, 2))
+    assert "written by a run of MODEL.NAME ExpB1 (few-shot: train_b1_improvement.py)" in text
+    assert "2 missing (e.g. weight, bias)" in text and "1 unexpected (e.g. backbone.layer1.weight)" in text
+
+    trained = load_config(None, ["MODEL.NAME", "DeMo_SDTPS"])
+    now = load_config(None, ["MODEL.NAME", "DeMo_SDTPS", "MODEL.SDTPS.KEEP_RATIO", "0.25", "SOLVER.BASE_LR", "1.0"])
+    state = {"extra": {"meta": checkpoint_meta(trained)}}
+    assert config_differences(state, now) == ["MODEL.SDTPS.KEEP_RATIO: 0.5 -> 0.25"]  # training keys do not count
+    assert config_differences({"extra": {}}, now) == []  # an old checkpoint records nothing

@@ -124,8 +124,22 @@ def test_guard_raises_after_max_consecutive() -> None:
     bad = {"triplet": torch.tensor(float("inf")), "id": torch.tensor(0.3)}
     assert guard.check(bad) is False
     assert guard.check(bad) is False
-    with pytest.raises(NonFiniteLossError, match=r"3 consecutive.*triplet.*checkpoint"):
+    with pytest.raises(NonFiniteLossError, match=r"3 training steps in a row.*triplet.*MAX_NONFINITE_STEPS") as info:
         guard.check(bad)
+    assert "checkpoint" not in str(info.value)  # the guard knows nothing of checkpoints: the trainer says
+
+
+def test_blowup_is_judged_against_the_spike_band() -> None:
+    det = SpikeDetector(window=100, warmup=20, mad_floor=0.05, rel_floor=0.15, n_sigmas=6.0)
+    assert not det.is_blowup(1e9, 10.0)  # warm-up: nothing is judged
+    for v in [1.0] * 25:
+        det.update(v)
+    # median 1.0, MAD 0 -> floors: max(0.05, 0.15 * 1.0) = 0.15; band = 6 * 1.4826 * 0.15 = 1.33434
+    band = 6 * 1.4826 * 0.15
+    assert det.is_blowup(1.0 + 10 * band + 1e-6, 10.0) and not det.is_blowup(1.0 + 10 * band - 1e-6, 10.0)
+    assert not det.is_blowup(1e9, 0.0)  # off
+    assert det.is_blowup(float("nan"), 10.0)
+    assert det.steps == 25  # judging changes nothing
 
 
 def test_guard_checks_every_element_and_state_dict() -> None:

@@ -285,3 +285,40 @@ def test_a_resumed_run_follows_the_configs_new_schedule_from_the_restored_step()
     opt3.load_state_dict(saved_opt)
     sched3.load_state_dict(saved_sched)
     assert adopt_configured_schedule(sched3, opt3, *configured) == []
+
+
+class _Exploding(_Regression):
+    """From the ``at``-th loss on, the loss is huge but finite (what a learning rate of 1e6 does)."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+
+    def loss(self, outputs: torch.Tensor, batch: Any, epoch: float) -> tuple[torch.Tensor, dict, dict]:
+        loss, terms, stats = super().loss(outputs, batch, epoch)
+        if self.calls >= self.at:
+            loss = loss * 1e12
+            terms = {"mse": loss.detach()}
+        return loss, terms, stats
+
+
+def test_blowup_steps_are_not_applied_and_the_stop_says_what_the_checkpoint_is_worth(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    over = ["MONITOR.BLOWUP_FACTOR", "10", "MONITOR.SPIKE_WARMUP", "4", "MONITOR.MAX_NONFINITE_STEPS", "3"]
+    trainer = _trainer(tmp_path / "a", model, over)
+    stage = _stage(model, epochs=5, objective=_Exploding(at=9))  # 4 steps an epoch: from epoch 3's first
+    with pytest.raises(NonFiniteLossError) as info:
+        trainer.fit(stage)
+    assert trainer.guard.skipped == 3 and trainer.run.step == 10  # steps 9, 10 and 11: none applied
+    kept = read_checkpoint(tmp_path / "a" / "checkpoint_epoch0002.pth")["model"]
+    assert all(torch.equal(kept[k], v) for k, v in model.state_dict().items())  # nothing applied after epoch 2
+    assert "blow-up" in str(info.value) or "could not be applied" in str(info.value)
+    assert "checkpoint_epoch0002.pth, holds weights in range" in str(info.value)
+
+    # no checkpoint yet: the message says so instead of promising one
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    with pytest.raises(NonFiniteLossError, match="No checkpoint was written before this"):
+        _trainer(tmp_path / "b", model, [*over, "SOLVER.CHECKPOINT_PERIOD", "10"]).fit(
+            _stage(model, epochs=5, objective=_Exploding(at=6)))

@@ -42,14 +42,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     """Load the checkpoint once, evaluate the six settings, write and print the table."""
     args.eval_only = True  # never a training run: the folder may hold one
     cfg = default_setup(args)
-    from engine.checkpoint import Checkpointer, eval_weights, resolve_resume
+    from engine.checkpoint import Checkpointer, eval_weights, resolve_resume, warn_config_differences
     from engine.reid import build_reid_setup, missing_record
 
     setup = build_reid_setup(cfg)
     out_dir = Path(cfg.OUTPUT_DIR)
     ckpt = Checkpointer(out_dir)
     weights = eval_weights(ckpt, resolve_resume(ckpt, args.resume), cfg.MODEL.WEIGHTS)
-    ckpt.load(weights, model=setup.model, restore_rng=False)
+    warn_config_differences(ckpt.load(weights, model=setup.model, restore_rng=False), cfg, weights)
     rows: dict[str, dict[str, float]] = {}
     record: dict[str, Any] = {"checkpoint": str(weights), "miss_mode": cfg.TEST.MISS_MODE, "feature": "feat",
                               "settings": {}}
