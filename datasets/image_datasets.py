@@ -33,6 +33,11 @@ ReIDBatch = dict[str, Any]
 SampleKey = int | tuple[int, int]  # a dataset index, or (index, seed) from datasets.samplers.SeededBatches
 
 
+#: what to do about an unreadable image, appended to the error when no skipping is configured
+SKIP_HINT = (". Set DATASETS.SKIP_CORRUPT True to skip unreadable images (they are counted in the log), or "
+             "DATASETS.VERIFY_IMAGES True to check every image before training")
+
+
 @contextlib.contextmanager
 def _sample_rng(key: SampleKey) -> Iterator[int]:
     """Yield the index of ``key``; with an ``(index, seed)`` key, the body's torch draws (the random
@@ -128,7 +133,7 @@ class ReIDImageDataset(Dataset):
             return self._load(index)
         except ImageReadError as exc:
             if self._skipper is None:
-                raise
+                raise ImageReadError(f"{exc}{SKIP_HINT}") from exc
             self._skipper.note(exc)
             for j in self._skipper.candidates(index, self.items[index][1]):
                 try:
@@ -195,7 +200,7 @@ class FewShotImageDataset(Dataset):
             return self.transform(read_image(path, self.arrays)), label
         except ImageReadError as exc:
             if self._skipper is None:
-                raise
+                raise ImageReadError(f"{exc}{SKIP_HINT}") from exc
             self._skipper.note(exc)
             for j in self._skipper.candidates(index, label):
                 try:

@@ -8,7 +8,9 @@ augmentation draws are reproducible.
 
 from __future__ import annotations
 
+import logging
 import os
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +36,8 @@ from datasets.transforms import (
     build_reid_transform,
 )
 from utils.distributed import get_world_size
+
+logger = logging.getLogger(__name__)
 
 
 def default_num_workers(world_size: int | None = None, cap: int = 8) -> int:
@@ -90,6 +94,7 @@ def build_reid_train_loader(
     ws = get_world_size() if world_size is None else world_size
     if batch_size % ws:
         raise ValueError(f"global batch size {batch_size} is not divisible by world_size {ws}")
+    warn_small_identities([it[1] for it in items], num_instance)
     sampler = SeededBatches(RandomIdentitySampler([it[1] for it in items], batch_size // ws, num_instance,
                                                   seed=seed, rank=rank, world_size=ws), seed=seed)
     transform = build_reid_transform(size, train=True, flip_prob=flip_prob, padding=padding, re_prob=re_prob,
@@ -185,6 +190,22 @@ def config_workers(cfg: Any) -> int | None:
     """``DATALOADER.NUM_WORKERS``; ``-1`` means the CPUs available to this rank (:func:`default_num_workers`)."""
     n = int(cfg.DATALOADER.NUM_WORKERS)
     return None if n < 0 else n
+
+
+def warn_small_identities(pids: Sequence[int], num_instance: int) -> list[int]:
+    """Warn about training identities with fewer than ``num_instance`` images (the identity sampler
+    repeats their images to fill K slots); returns those identities."""
+    counts = Counter(int(p) for p in pids)
+    small = sorted(p for p, n in counts.items() if n < num_instance)
+    if small:
+        fewest = min(counts[p] for p in small)
+        logger.warning(
+            "%d of %d training identities have fewer than DATALOADER.NUM_INSTANCE=%d images (fewest: %d; ids %s%s): "
+            "their images are repeated within a batch to fill the %d slots; DATALOADER.NUM_INSTANCE %d avoids it",
+            len(small), len(counts), num_instance, fewest, ", ".join(map(str, small[:8])),
+            " ..." if len(small) > 8 else "", num_instance, fewest,
+        )
+    return small
 
 
 def reid_train_loader(cfg: Any, items: Sequence[ReIDItem]) -> DataLoader:

@@ -13,6 +13,8 @@ from typing import Any
 
 from yacs.config import CfgNode as CN
 
+from datasets.bases import ModalityMismatchError
+from datasets.image_io import ImageReadError
 from engine.checkpoint import CheckpointError
 from engine.config import ConfigError, load_config
 from engine.launch import launch
@@ -20,8 +22,9 @@ from engine.logger import setup_logging
 from engine.monitor import NonFiniteLossError
 from engine.run_lock import RunFolderError, RunFolderLock
 from engine.seed import seed_everything
+from modeling.clip_checkpoint import ClipWeightsError
 from utils.distributed import barrier, get_rank, is_main_process
-from utils.io import atomic_write_text
+from utils.io import DiskFullError, atomic_write_text
 from utils.registry import NotImplementedYetError
 
 logger = logging.getLogger(__name__)
@@ -50,6 +53,8 @@ def default_argument_parser(description: str, gate_flags: bool = False) -> argpa
         help="continue a run: without PATH from the newest checkpoint in OUTPUT_DIR, else from PATH",
     )
     parser.add_argument("--eval-only", "--eval_only", action="store_true", help="evaluate only (with --resume or MODEL.WEIGHTS)")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of an error caused by the input (also: {DEBUG_ENV}=1)")
     if gate_flags:
         parser.add_argument("--init_scale", type=float, default=None, help="cosine gate scale init (MODEL.SDTPS.GATE_INIT_SCALE)")
         parser.add_argument("--init_bias", type=float, default=None, help="cosine gate bias init (MODEL.SDTPS.GATE_INIT_BIAS)")
@@ -143,7 +148,21 @@ def default_setup(args: argparse.Namespace) -> CN:
 
 USER_ERRORS = (
     ConfigError, FileNotFoundError, RunFolderError, CheckpointError, NotImplementedYetError, NonFiniteLossError,
+    ImageReadError, ModalityMismatchError, ClipWeightsError, DiskFullError,
 )
+#: set to 1 (or pass --debug) to see the traceback of a user error
+DEBUG_ENV = "TRAIN_DEBUG"
+
+
+def user_message(err: BaseException) -> str:
+    """The one line a user sees for ``err``: for an error re-raised from a data loader worker, the
+    worker's own message rather than the worker's traceback."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        name = type(err).__name__
+        text = last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+    return text
 
 
 def resume_command(argv: Sequence[str]) -> str:
@@ -163,7 +182,9 @@ def run_cli(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace)
     try:
         launch(main, args)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        if getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print(f"error: {user_message(err)}", file=sys.stderr)
         return 2
     except RunInterrupted as stop:
         where = f"saved {stop.checkpoint}" if stop.checkpoint is not None else "no checkpoint written"

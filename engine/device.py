@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -21,12 +23,12 @@ def resolve_device(name: str = "auto") -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError(f"DEVICE.NAME is '{name}' but no CUDA device is visible; use DEVICE.NAME cpu")
+            raise ConfigError(f"DEVICE.NAME is '{name}' but no CUDA device is visible; use DEVICE.NAME cpu (or auto)")
         if name == "cuda":
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device(name)
     if name != "cpu":
-        raise ValueError(f"DEVICE.NAME must be auto, cpu, cuda or cuda:N, got '{name}'")
+        raise ConfigError(f"DEVICE.NAME must be auto, cpu, cuda or cuda:N, got '{name}'")
     return torch.device("cpu")
 
 

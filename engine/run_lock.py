@@ -58,8 +58,15 @@ class RunFolderLock:
         self._handle: IO[str] | None = None
 
     def acquire(self) -> RunFolderLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")  # noqa: SIM115  (held open for the run's lifetime)
+        folder = self.path.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path, "a+")  # noqa: SIM115  (held open for the run's lifetime)
+        except (FileExistsError, NotADirectoryError):
+            raise RunFolderError(f"OUTPUT_DIR {folder} is a file (or lies under one); choose another OUTPUT_DIR") from None
+        except OSError as err:  # read-only file system, no permission, ...
+            raise RunFolderError(f"OUTPUT_DIR {folder} cannot be written ({err.strerror}); choose another "
+                                 "OUTPUT_DIR") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

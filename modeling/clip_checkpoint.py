@@ -50,6 +50,18 @@ _FORMAT_NAMES = {
 }
 
 
+class ClipWeightsError(ValueError):
+    """A CLIP weights file that cannot be used: unreadable, not CLIP, or a training checkpoint."""
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of a loader's error, without torch's advice to unpickle arbitrary code
+    (``weights_only=False``), which is unsafe for a file of unknown origin."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    text = text.split(" In PyTorch 2.6")[0].rstrip(". ")
+    return f"{type(err).__name__}: {text}" if text else f"{type(err).__name__} (an empty or truncated file?)"
+
+
 @dataclass(frozen=True)
 class ClipFile:
     """What a CLIP weights file is, as far as the file tells.
@@ -137,10 +149,15 @@ def inspect_clip_file(path: str | os.PathLike) -> ClipFile:
     try:
         keys = _state_keys(p)
     except Exception as err:  # re-raised with the path and what was expected
-        raise RuntimeError(f"could not read CLIP weights from '{p}': {err}") from err
+        raise ClipWeightsError(f"'{p}' is not a readable weights file: {_first_line(err)}") from None
+    if {"format_version", "optimizer"} & keys or any(k.startswith("backbone.visual.") for k in keys):
+        raise ClipWeightsError(
+            f"'{p}' is a checkpoint of a model trained here, not CLIP weights: --resume {p} continues its run, "
+            f"MODEL.WEIGHTS {p} starts a new run from all its weights, --eval-only MODEL.WEIGHTS {p} evaluates it"
+        )
     if not _looks_like_clip(keys):
-        raise RuntimeError(f"'{p}' holds no CLIP tensors (expected keys like 'visual.conv1.weight' or "
-                           f"'token_embedding.weight'); first keys: {sorted(keys)[:5]}")
+        raise ClipWeightsError(f"'{p}' holds no CLIP tensors (expected keys like 'visual.conv1.weight' or "
+                               f"'token_embedding.weight'); first keys: {sorted(keys)[:5]}")
     if keys & set(OPENAI_EXTRA_KEYS):
         return ClipFile(str(p), "openai-state-dict", True)
     sidecar = _open_clip_sidecar(p)
@@ -213,10 +230,10 @@ def read_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             state = _torch_load(p)
         except Exception as err:  # re-raised with the path and what was expected
-            raise RuntimeError(f"could not read CLIP weights from '{p}': {err}") from err
+            raise ClipWeightsError(f"'{p}' is not a readable weights file: {_first_line(err)}") from None
     state = _unwrap(state)
     if not isinstance(state, Mapping):
-        raise RuntimeError(f"'{p}' holds a {type(state).__name__}, not a state dict")
+        raise ClipWeightsError(f"'{p}' holds a {type(state).__name__}, not a state dict")
     cleaned: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor) or key in OPENAI_EXTRA_KEYS:

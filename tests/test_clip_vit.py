@@ -18,6 +18,7 @@ from modeling.backbones.clip_vit import (
     load_clip_visual_weights,
     resize_pos_embed,
 )
+from modeling.clip_checkpoint import ClipWeightsError
 from modeling.registry import BACKBONE_REGISTRY
 
 TINY = CLIP_VIT_CONFIGS["ViT-tiny"]
@@ -199,12 +200,22 @@ def test_bad_weight_files_fail_clearly(tmp_path: Path, caplog: pytest.LogCapture
         CLIPVisionBackbone("ViT-tiny", (64, 32), pretrain_path=str(tmp_path / "nope.pt"))
     other = tmp_path / "other.pt"
     torch.save({"fc.weight": torch.zeros(2, 2)}, other)
-    with pytest.raises(RuntimeError, match="holds no CLIP tensors"):
+    with pytest.raises(ClipWeightsError, match="holds no CLIP tensors"):
         CLIPVisionBackbone("ViT-tiny", (64, 32), pretrain_path=str(other))
     wrong = tmp_path / "wrong.pt"
     torch.save(_openai_style_state_dict(), wrong)
-    with pytest.raises(RuntimeError, match="conv1.weight|shape"):
+    with pytest.raises(ClipWeightsError, match="conv1.weight|shape"):
         CLIPVisionBackbone("ViT-B-16", (64, 32), pretrain_path=str(wrong))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all" * 10)
+    with pytest.raises(ClipWeightsError, match="not a readable weights file") as info:
+        CLIPVisionBackbone("ViT-tiny", (64, 32), pretrain_path=str(garbage))
+    assert "weights_only" not in str(info.value) and "\n" not in str(info.value)  # never the unsafe advice
+    trained = tmp_path / "checkpoint_epoch0010.pth"
+    torch.save({"format_version": 1, "model": {"backbone.visual.conv1.weight": torch.zeros(1)}, "optimizer": {}},
+               trained)
+    with pytest.raises(ClipWeightsError, match=r"trained here, not CLIP weights: --resume .* MODEL.WEIGHTS"):
+        CLIPVisionBackbone("ViT-tiny", (64, 32), pretrain_path=str(trained))
     with caplog.at_level(logging.WARNING, logger="modeling.backbones.clip_vit"):
         CLIPVisionBackbone("ViT-tiny", (64, 32))
     assert "random initialisation" in caplog.text

@@ -48,3 +48,54 @@ def test_finished_or_unfinished_run_folder_is_protected(tmp_path: Path) -> None:
     res = _run("train_net.py", "OUTPUT_DIR", str(out))
     assert res.returncode == 2 and "unfinished run" in res.stderr and "--resume" in res.stderr
     assert (out / "checkpoint_epoch0003.pth").read_bytes() == b"x"
+
+
+def _tiny_reid(tmp_path: Path, data: Path, *overrides: str, flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    args = [*flags, "--config_file", "configs/synthetic/DeMo_SDTPS_tiny.yml", "OUTPUT_DIR", str(tmp_path / "run"),
+            "WANDB.MODE", "disabled", "DATASETS.ROOT_DIR", str(data), "SOLVER.IMS_PER_BATCH", "16",
+            "DATALOADER.NUM_INSTANCE", "4", "DATALOADER.NUM_WORKERS", "0", "SOLVER.MAX_EPOCHS", "1",
+            "TEST.IMS_PER_BATCH", "32", "TEST.VIS_QUERIES", "2", *overrides]
+    return subprocess.run([sys.executable, "train_net.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _one_line(res: subprocess.CompletedProcess, *needles: str) -> None:
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert lines and lines[-1].startswith("error: ") and "Traceback" not in res.stderr, res.stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[-1], (needle, lines[-1])
+
+
+def test_input_mistakes_are_one_line_before_training(tmp_path: Path, tiny_rgbnt_root: Path) -> None:
+    _one_line(_tiny_reid(tmp_path / "a", tiny_rgbnt_root, "SOLVER.IMS_PER_BATCH", "18"),
+              "SOLVER.IMS_PER_BATCH (18) must be a multiple of DATALOADER.NUM_INSTANCE (4)")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    res = subprocess.run([sys.executable, "train_net.py", "OUTPUT_DIR", str(a_file), "WANDB.MODE", "disabled"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    _one_line(res, "is a file")
+    import torch
+
+    if not torch.cuda.is_available():
+        _one_line(_tiny_reid(tmp_path / "b", tiny_rgbnt_root, "DEVICE.NAME", "cuda"), "no CUDA device")
+        assert not (tmp_path / "b" / "run").exists()  # refused before the run folder exists
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00not weights" * 50)
+    _one_line(_tiny_reid(tmp_path / "c", tiny_rgbnt_root, "MODEL.PRETRAIN_PATH", str(garbage)),
+              "not a readable weights file")
+
+
+def test_a_broken_image_read_in_a_loader_worker_is_one_line_and_debug_shows_the_traceback(
+        tmp_path: Path, tiny_rgbnt_root: Path) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_rgbnt_root, data)
+    victim = sorted((data / "synthetic_rgbnt" / "train_171" / "NI").glob("*.jpg"))[0]
+    victim.write_bytes(victim.read_bytes()[:100])  # a truncated JPEG
+    res = _tiny_reid(tmp_path, data, "DATALOADER.NUM_WORKERS", "1")
+    _one_line(res, victim.name, "DATASETS.SKIP_CORRUPT True", "DATASETS.VERIFY_IMAGES True")
+    assert "DataLoader worker" not in res.stderr
+    shown = _tiny_reid(tmp_path / "d", data, "DATALOADER.NUM_WORKERS", "1", flags=("--debug",))
+    assert shown.returncode != 0 and "Traceback" in shown.stderr and "ImageReadError" in shown.stderr

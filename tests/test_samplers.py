@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
 import numpy as np
@@ -178,3 +179,17 @@ def test_seeded_batches_give_each_sample_a_seed_of_its_place_alone() -> None:
     torch.manual_seed(0)
     ds[(5, 1234)]
     assert torch.equal(torch.get_rng_state(), before)  # the process's random state is left as it was
+
+
+def test_identities_smaller_than_num_instance_are_named(caplog: pytest.LogCaptureFixture) -> None:
+    from datasets.loader import warn_small_identities
+
+    pids = [1] * 8 + [2] * 3 + [3] * 5 + [4] * 2
+    with caplog.at_level(logging.WARNING, logger="datasets.loader"):
+        assert warn_small_identities(pids, 4) == [2, 4]
+    assert "2 of 4 training identities have fewer than DATALOADER.NUM_INSTANCE=4 images (fewest: 2; ids 2, 4)" \
+        in caplog.text and "DATALOADER.NUM_INSTANCE 2 avoids it" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="datasets.loader"):
+        assert warn_small_identities(pids, 2) == []
+    assert caplog.text == ""

@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+
+class DiskFullError(OSError):
+    """A write ran out of space; the file it was replacing is intact."""
+
+
+def _is_disk_full(err: BaseException, directory: Path) -> bool:
+    """``err`` came from a full disk: ENOSPC / EDQUOT, or torch's zip writer failing where no space is left."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(err, RuntimeError) and "write" in str(err).lower():
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(directory).free < 64 * 2**20
+    return False
 
 
 @contextlib.contextmanager
@@ -28,9 +44,12 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if _is_disk_full(err, path.parent):
+            raise DiskFullError(errno.ENOSPC, f"no space left on the device while writing {path}; the previous "
+                                f"{path.name} (if any) is intact: free some space, then --resume") from None
         raise
     _fsync_dir(path.parent)
 

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modeling.clip_checkpoint import (
+    ClipWeightsError,
     inspect_clip_file,
     log_choice,
     read_clip_state_dict,
@@ -199,13 +200,13 @@ def load_clip_visual_weights(visual: nn.Module, path: str | os.PathLike) -> tupl
         )
     matched = [k for k in state if k in own]
     if not matched:
-        raise RuntimeError(
+        raise ClipWeightsError(
             f"'{path}' has no tensor of a CLIP image tower (expected keys like 'visual.conv1.weight'); "
             f"first keys: {list(state)[:5]}"
         )
     for key in matched:
         if state[key].shape != own[key].shape:
-            raise RuntimeError(
+            raise ClipWeightsError(
                 f"'{path}': '{key}' has shape {tuple(state[key].shape)}, the tower expects {tuple(own[key].shape)} "
                 f"(wrong architecture for MODEL.BACKBONE?)"
             )
