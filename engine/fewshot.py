@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -225,7 +226,28 @@ def load_fewshot_data(cfg: CN) -> Any:
         raise ConfigError(f"MODEL.NUM_CLASSES is {cfg.MODEL.NUM_CLASSES} but {name}'s '{fs.TRAIN_SPLIT}' split "
                          f"has class ids up to {max(train_classes)} ({len(train_classes)} classes); set it to "
                          f"{max(train_classes) + 1}")
+    if "meta" in fs.STAGES:
+        check_episodes(data, fs.TRAIN_SPLIT, fs.N_WAY, fs.K_SHOT, fs.N_QUERY, "FEWSHOT.N_WAY", "FEWSHOT.K_SHOT + N_QUERY")
+    check_episodes(data, fs.VAL_SPLIT, fs.TEST_WAY, fs.K_SHOT, fs.TEST_QUERY, "FEWSHOT.TEST_WAY",
+                   "FEWSHOT.K_SHOT + TEST_QUERY (validation)")
+    check_episodes(data, fs.TEST_SPLIT, fs.TEST_WAY, max(fs.TEST_SHOTS), fs.TEST_QUERY, "FEWSHOT.TEST_WAY",
+                   "max(FEWSHOT.TEST_SHOTS) + TEST_QUERY")
     return data
+
+
+def check_episodes(data: Any, split: str, n_way: int, k_shot: int, n_query: int, way_key: str, size_key: str) -> None:
+    """Refuse, before any training, episodes that ``split`` cannot give (the episode sampler draws from every
+    class): ``n_way`` classes, each with ``k_shot + n_query`` images."""
+    counts = Counter(label for _, label in data.splits[split])
+    need = k_shot + n_query
+    if n_way > len(counts):
+        raise ConfigError(f"{way_key} is {n_way} but the '{split}' split has {len(counts)} classes; use at most "
+                          f"{len(counts)}")
+    small = [c for c, n in counts.items() if n < need]
+    if small:
+        smallest = min(counts.values())
+        raise ConfigError(f"{size_key} = {need} images per class, but {len(small)} of the '{split}' split's "
+                          f"{len(counts)} classes have fewer (smallest: {smallest}); lower them to at most {smallest}")
 
 
 def install_anchors(cfg: CN, model: torch.nn.Module, data: Any, device: torch.device) -> None:

@@ -99,3 +99,12 @@ def test_a_broken_image_read_in_a_loader_worker_is_one_line_and_debug_shows_the_
     assert "DataLoader worker" not in res.stderr
     shown = _tiny_reid(tmp_path / "d", data, "DATALOADER.NUM_WORKERS", "1", flags=("--debug",))
     assert shown.returncode != 0 and "Traceback" in shown.stderr and "ImageReadError" in shown.stderr
+
+
+def test_a_missing_modality_file_is_one_line(tmp_path: Path, tiny_rgbnt_root: Path) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_rgbnt_root, data)
+    sorted((data / "synthetic_rgbnt" / "train_171" / "TI").glob("*.jpg"))[0].unlink()
+    _one_line(_tiny_reid(tmp_path, data), "modality file(s) missing", "DATASETS.ALLOW_MISSING_MODALITY True")

@@ -185,3 +185,19 @@ def test_sap_plot_from_metrics(tmp_path) -> None:
     assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics.write_text(json.dumps({"step": 1, "train/loss": 1.0}) + "\n")
     assert plot_sap_stats(metrics, tmp_path / "none.png", n_way=5) is None
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["FEWSHOT.N_WAY", "7"], "FEWSHOT.N_WAY is 7 but the 'train' split has 6 classes"),
+    (["FEWSHOT.TEST_WAY", "6"], "FEWSHOT.TEST_WAY is 6 but the 'val' split has 5 classes"),
+    (["FEWSHOT.K_SHOT", "5", "FEWSHOT.N_QUERY", "6"], "FEWSHOT.K_SHOT + N_QUERY = 11 images per class"),
+    (["FEWSHOT.TEST_SHOTS", "[1, 5]", "FEWSHOT.TEST_QUERY", "6"], "max(FEWSHOT.TEST_SHOTS) + TEST_QUERY = 11"),
+])
+def test_episodes_a_split_cannot_give_are_refused_before_training(tiny_data, tmp_path, overrides, needle) -> None:
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, "train_b1_improvement.py", "--config_file", str(TINY_CFG),
+                          *tiny_overrides(tiny_data, out), *overrides], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert needle in res.stderr.strip().splitlines()[-1]
+    assert not list(out.glob("checkpoint_*.pth"))  # nothing trained
