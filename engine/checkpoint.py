@@ -17,7 +17,7 @@ from torch import nn
 
 from engine.seed import get_rng_state, set_rng_state
 from utils.distributed import is_main_process
-from utils.io import atomic_write, atomic_write_text
+from utils.io import atomic_write, atomic_write_text, load_error_summary
 
 logger = logging.getLogger(__name__)
 
@@ -197,9 +197,9 @@ def read_checkpoint(path: str | Path, search_dir: str | Path | None = None) -> d
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, bad pickle, wrong format: all mean "unreadable"
         raise CheckpointError(
-            f"checkpoint {path} is unreadable (truncated or corrupt: {type(err).__name__}: {err}).{hint} "
+            f"checkpoint {path} is unreadable (truncated or corrupt: {load_error_summary(err)}).{hint} "
             "Pass one of them with --resume PATH; nothing was overwritten."
-        ) from err
+        ) from None
     if not isinstance(state, dict) or "model" not in state or "format_version" not in state:
         raise CheckpointError(f"{path} is not a training checkpoint of this repository (no model/format_version)")
     return state

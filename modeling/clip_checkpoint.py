@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from utils.io import load_error_summary
+
 logger = logging.getLogger(__name__)
 
 CLIP_ACTIVATIONS = ("auto", "quick_gelu", "gelu")
@@ -52,14 +54,6 @@ _FORMAT_NAMES = {
 
 class ClipWeightsError(ValueError):
     """A CLIP weights file that cannot be used: unreadable, not CLIP, or a training checkpoint."""
-
-
-def _first_line(err: BaseException) -> str:
-    """The first line of a loader's error, without torch's advice to unpickle arbitrary code
-    (``weights_only=False``), which is unsafe for a file of unknown origin."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    text = text.split(" In PyTorch 2.6")[0].rstrip(". ")
-    return f"{type(err).__name__}: {text}" if text else f"{type(err).__name__} (an empty or truncated file?)"
 
 
 @dataclass(frozen=True)
@@ -149,7 +143,7 @@ def inspect_clip_file(path: str | os.PathLike) -> ClipFile:
     try:
         keys = _state_keys(p)
     except Exception as err:  # re-raised with the path and what was expected
-        raise ClipWeightsError(f"'{p}' is not a readable weights file: {_first_line(err)}") from None
+        raise ClipWeightsError(f"'{p}' is not a readable weights file: {load_error_summary(err)}") from None
     if {"format_version", "optimizer"} & keys or any(k.startswith("backbone.visual.") for k in keys):
         raise ClipWeightsError(
             f"'{p}' is a checkpoint of a model trained here, not CLIP weights: --resume {p} continues its run, "
@@ -230,7 +224,7 @@ def read_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             state = _torch_load(p)
         except Exception as err:  # re-raised with the path and what was expected
-            raise ClipWeightsError(f"'{p}' is not a readable weights file: {_first_line(err)}") from None
+            raise ClipWeightsError(f"'{p}' is not a readable weights file: {load_error_summary(err)}") from None
     state = _unwrap(state)
     if not isinstance(state, Mapping):
         raise ClipWeightsError(f"'{p}' holds a {type(state).__name__}, not a state dict")

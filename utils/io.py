@@ -91,3 +91,11 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def load_error_summary(err: BaseException) -> str:
+    """One line for an error raised while loading a file: its first line, without torch's advice to
+    unpickle arbitrary code (``weights_only=False``), which is unsafe for a file of unknown origin."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    text = text.split(" In PyTorch 2.6")[0].rstrip(". ")
+    return f"{type(err).__name__}: {text}" if text else f"{type(err).__name__} (an empty or truncated file?)"
