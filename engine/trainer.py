@@ -180,8 +180,9 @@ class Trainer:
         host = torch.stack([loss.detach().float(), grad_norm.float(), *(t.float() for t in terms.values())]).tolist()
         term_values = dict(zip(terms, host[2:]))
         factor = self.cfg.MONITOR.BLOWUP_FACTOR
-        blowup = [f"loss {host[0]:.4g} (a blow-up: over {factor:g} spike bands above the median, "
-                  "MONITOR.BLOWUP_FACTOR)"] if math.isfinite(host[0]) and self.spikes.is_blowup(host[0], factor) else []
+        blowup = []  # a finite loss far above the spike band: not applied either (MONITOR.BLOWUP_FACTOR)
+        if math.isfinite(host[0]) and self.spikes.is_blowup(host[0], factor):
+            blowup.append(f"loss {host[0]:.4g} (over {factor:g} spike bands above the median: a blow-up)")
         if self.guard.check(term_values or {"loss": host[0]}, None if scaler.is_enabled() else host[1], blowup):
             scaler.step(optimizer)
             self.spikes.update(host[0])

@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from yacs.config import CfgNode as CN
+
 from engine.checkpoint import Checkpointer
 from engine.config import ConfigError
 from engine.defaults import FINISHED_MARKER, default_argument_parser, default_setup, main_entry
@@ -44,7 +46,8 @@ def main(args: argparse.Namespace) -> None:
     print(f"pretrained tower: {out} (test mAP {100 * summary.get('mAP', float('nan')):.2f}%)")
 
 
-def _finished_config(args: argparse.Namespace):
+def _finished_config(args: argparse.Namespace) -> CN:
+    """The recipe's config for a pretraining that already finished (no run folder set-up needed)."""
     from engine.config import load_config
     from engine.defaults import overrides_from_args
 
