@@ -99,7 +99,7 @@ def test_feature_cached_evaluation_equals_the_episode_forward() -> None:
 
 # ------------------------------------------------------------------------------ end to end
 @pytest.mark.slow
-def test_tiny_train_then_eval_only_through_the_entry_script(tiny_data, tmp_path) -> None:
+def test_tiny_train_then_eval_only_through_the_entry_script(tiny_data, tmp_path, tiny_rgbnt_root) -> None:
     out = tmp_path / "run"
     base = [sys.executable, "train_b1_improvement.py", "--config_file", str(TINY_CFG)]
     env = {**os.environ, "TQDM_DISABLE": "1"}
@@ -132,6 +132,15 @@ def test_tiny_train_then_eval_only_through_the_entry_script(tiny_data, tmp_path)
     again = json.loads((out / "eval_only_results.json").read_text())
     assert again["5way_1shot"]["episode_acc"] == results["5way_1shot"]["episode_acc"]
     assert again["5way_5shot"]["acc"] == pytest.approx(results["5way_5shot"]["acc"])
+
+    # the same checkpoint given to the ReID script: one line saying which run wrote it
+    wrong = subprocess.run([sys.executable, "train_net.py", "--config_file", "configs/synthetic/DeMo_SDTPS_tiny.yml",
+                            "--eval-only", "MODEL.WEIGHTS", str(ckpt), "OUTPUT_DIR", str(tmp_path / "reid"),
+                            "WANDB.MODE", "disabled", "DATASETS.ROOT_DIR", str(tiny_rgbnt_root)],
+                           cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr, wrong.stderr[-3000:]
+    line = wrong.stderr.strip().splitlines()[-1]
+    assert "written by a run of MODEL.NAME ExpB1 (few-shot: train_b1_improvement.py)" in line and len(line) < 1000
 
 
 def test_killed_run_resumes_bit_identically(tiny_data, tmp_path, monkeypatch) -> None:

@@ -59,3 +59,14 @@ def test_training_into_a_folder_in_use_is_refused_and_writes_nothing(tmp_path: P
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written, nothing replaced
     time.sleep(0.1)
     RunFolderLock(out).acquire().release()  # the holder is gone: the folder is free
+
+
+def test_an_output_dir_that_cannot_be_written_is_one_clear_error(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    def read_only(self: Path, *args: object, **kwargs: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(RunFolderError, match=r"cannot be written \(Read-only file system\); choose another"):
+        RunFolderLock(tmp_path / "run").acquire()
