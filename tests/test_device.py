@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.config import ConfigError
 from engine.device import build_amp_policy, resolve_device
 
 
@@ -23,9 +24,9 @@ def test_auto_device_and_precision_on_cpu() -> None:
 def test_cuda_request_without_gpu_is_a_clear_error() -> None:
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")
-    with pytest.raises(RuntimeError, match="no CUDA device"):
+    with pytest.raises(ConfigError, match="no CUDA device"):  # a user error: one line, exit 2
         resolve_device("cuda")
-    with pytest.raises(ValueError, match="DEVICE.NAME"):
+    with pytest.raises(ConfigError, match="DEVICE.NAME"):
         resolve_device("tpu")
 
 
