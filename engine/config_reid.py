@@ -117,6 +117,10 @@ def add_reid_config(cfg: CN) -> None:
     t.FEAT_NORM = True  # L2-normalise retrieval features before distances
     t.METRIC = "euclidean"  # euclidean | cosine
     t.RE_RANKING = False
+    # k-reciprocal re-ranking's neighbourhood, query expansion and distance weight (DeMo's values)
+    t.RE_RANKING_K1 = 50
+    t.RE_RANKING_K2 = 15
+    t.RE_RANKING_LAMBDA = 0.3
     t.MAX_RANK = 50
     # Missing-modality test setting, DeMo's meaning: the letters name the modalities MISSING at test time
     # (r = RGB, n = NI, t = TI: "r", "n", "t", "rn", "rt", "nt"); "nothing" (or "") = all present.

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.re_ranking import re_ranking  # noqa: F401  (importable from here too)
+
 ArrayLike = np.ndarray | torch.Tensor
 
 
@@ -176,44 +178,3 @@ def evaluate_reid_features(
         sl = slice(start, start + block_size)
         acc.add(pairwise_distance(qf[sl], gf, metric), qp[sl], gp, qc[sl], gc)
     return acc.result()
-
-
-def re_ranking(qf: torch.Tensor, gf: torch.Tensor, k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> torch.Tensor:
-    """k-reciprocal re-ranking (Zhong et al., CVPR 2017) -> (Q, G) distance.
-
-    Builds the full (Q+G, Q+G) distance, so it is meant for benchmark-sized
-    sets (tens of thousands of images), not 100k galleries. Features are
-    L2-normalised first; the original distance is squared Euclidean.
-    """
-    feats = F.normalize(torch.cat([qf, gf]).float(), dim=1)
-    num_q, n = qf.shape[0], feats.shape[0]
-    original = pairwise_distance(feats, feats)
-    original = original / original.max(dim=0, keepdim=True).values.clamp_min(1e-12)  # column-normalised
-    ranks = torch.argsort(original, dim=1)
-    topk1 = ranks[:, : k1 + 1]
-    # k-reciprocal sets R(p, k1), expanded with half-size reciprocal sets of their members
-    is_recip = (topk1[topk1] == torch.arange(n, device=feats.device)[:, None, None]).any(-1)  # (n, k1+1)
-    half = int(round(k1 / 2))
-    topk_half = ranks[:, : half + 1]
-    recip_half = (topk_half[topk_half] == torch.arange(n, device=feats.device)[:, None, None]).any(-1)
-    weights = torch.zeros(n, n, device=feats.device)
-    for i in range(n):
-        rset = topk1[i][is_recip[i]]
-        expanded = [rset]
-        for cand in rset.tolist():
-            cset = topk_half[cand][recip_half[cand]]
-            if len(set(cset.tolist()) & set(rset.tolist())) > 2 / 3 * len(cset):
-                expanded.append(cset)
-        idx = torch.unique(torch.cat(expanded))
-        w = torch.exp(-original[i, idx])
-        weights[i, idx] = w / w.sum()
-    if k2 > 1:  # local query expansion
-        weights = weights[ranks[:, :k2]].mean(1)
-    # Jaccard distance through the min of the weight vectors
-    jaccard = torch.zeros(num_q, n, device=feats.device)
-    for i in range(num_q):
-        inter = torch.minimum(weights[i][None, :], weights).sum(1)
-        union = torch.maximum(weights[i][None, :], weights).sum(1)
-        jaccard[i] = 1.0 - inter / union.clamp_min(1e-12)
-    final = jaccard * (1 - lambda_value) + original[:num_q] * lambda_value
-    return final[:, num_q:]

@@ -165,7 +165,9 @@ def evaluate(
         qf, gf = feat[:num_query], feat[num_query:]
         args = (pids[:num_query], pids[num_query:], groups[:num_query], groups[num_query:])
         if cfg.TEST.RE_RANKING:
-            results[name] = evaluate_reid(re_ranking(qf, gf), *args, max_rank=cfg.TEST.MAX_RANK)
+            dist = re_ranking(qf, gf, k1=cfg.TEST.RE_RANKING_K1, k2=cfg.TEST.RE_RANKING_K2,
+                              lambda_value=cfg.TEST.RE_RANKING_LAMBDA)
+            results[name] = evaluate_reid(dist, *args, max_rank=cfg.TEST.MAX_RANK)
         else:
             results[name] = evaluate_reid_features(qf, gf, *args, metric=cfg.TEST.METRIC, max_rank=cfg.TEST.MAX_RANK)
         r = results[name]

@@ -126,3 +126,51 @@ def test_query_ap_and_the_identity_bootstrap_by_hand() -> None:
     assert low == 0.0 and high == 1.0
     low, high = bootstrap_map_ci([1.0, 1.0, 1.0, 0.0], ["A", "A", "A", "B"], n_boot=4000, level=0.4)
     assert low == high == 0.75  # the middle half of the draws are AB
+
+
+def _reference_re_ranking(qf: np.ndarray, gf: np.ndarray, k1: int, k2: int, lam: float) -> np.ndarray:
+    """k-reciprocal re-ranking written out densely in float64, step by step as the published code does it."""
+    f = np.concatenate([qf, gf]).astype(np.float64)
+    n, nq = len(f), len(qf)
+    d = ((f[:, None, :] - f[None, :, :]) ** 2).sum(-1)
+    d = d / d.max(axis=1, keepdims=True)  # each row scaled by its own maximum
+    rank = np.argsort(d, axis=1, kind="stable")
+
+    def reciprocal(i: int, k: int) -> list[int]:
+        return [j for j in rank[i, : k + 1] if i in rank[j, : k + 1]]
+
+    half = int(round(k1 / 2))
+    v = np.zeros((n, n))
+    for i in range(n):
+        own = reciprocal(i, k1)
+        members = set(own)
+        for c in own:
+            theirs = reciprocal(c, half)
+            if len(set(theirs) & set(own)) > 2 / 3 * len(theirs):
+                members |= set(theirs)
+        idx = np.array(sorted(members))
+        weight = np.exp(-d[i, idx])
+        v[i, idx] = weight / weight.sum()
+    if k2 != 1:
+        v = np.stack([v[rank[i, :k2]].mean(0) for i in range(n)])
+    inter = np.minimum(v[:nq, None, :], v[None, :, :]).sum(-1)
+    jaccard = 1 - inter / (2 - inter)
+    return ((1 - lam) * jaccard + lam * d[:nq])[:, nq:]
+
+
+@pytest.mark.parametrize("k1, k2, block", [(20, 6, 4096), (10, 1, 16), (7, 3, 5)])
+def test_re_ranking_equals_the_dense_reference(k1: int, k2: int, block: int) -> None:
+    g = torch.Generator().manual_seed(k1)
+    centers = torch.randn(12, 16, generator=g)
+    pids = torch.arange(12).repeat_interleave(10)
+    feats = torch.nn.functional.normalize(centers[pids] + 0.8 * torch.randn(120, 16, generator=g), dim=1)
+    qf, gf = feats[:30], feats[30:]
+    fast = re_ranking(qf, gf, k1=k1, k2=k2, lambda_value=0.3, block_size=block)
+    ref = _reference_re_ranking(qf.numpy(), gf.numpy(), k1, k2, 0.3)
+    assert fast.shape == (30, 90)
+    assert np.abs(fast.double().numpy() - ref).max() < 1e-5
+
+
+def test_re_ranking_refuses_a_query_expansion_beyond_the_neighbourhood() -> None:
+    with pytest.raises(ValueError, match="k2 <= k1 \\+ 1"):
+        re_ranking(torch.randn(3, 4), torch.randn(5, 4), k1=2, k2=4)
