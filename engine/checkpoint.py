@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,17 @@ def write_weights(path: str | Path, model: Mapping[str, torch.Tensor], extra: di
     atomic_write(path, lambda handle: torch.save(checkpoint_state(model, extra=extra), handle))
 
 
+def _to_host(obj: Any) -> Any:
+    """A copy of ``obj`` with every tensor copied to host memory (a copy even of CPU tensors)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_host(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_to_host(v) for v in obj)
+    return obj
+
+
 class Checkpointer:
     """Saves and restores the full training state of one run folder.
 
@@ -69,9 +81,13 @@ class Checkpointer:
     are never deleted).
     """
 
-    def __init__(self, save_dir: str | Path, keep: int = 2) -> None:
+    def __init__(self, save_dir: str | Path, keep: int = 2, background: bool = False) -> None:
         self.save_dir = Path(save_dir)
         self.keep = keep
+        # background: save() copies the state to host memory and returns; one writer thread writes the
+        # files in order (the step does not wait for the disk). wait() joins it and raises its error.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if background else None
+        self._pending: list[Future[None]] = []
 
     def path_for(self, tag: str) -> Path:
         """Where the checkpoint called ``tag`` lives."""
@@ -109,16 +125,38 @@ class Checkpointer:
             epoch=epoch, step=step, rng=get_rng_state(), extra=extra,
         )
         path = self.path_for(tag)
+        if self._writer is None:
+            self._write(state, path, resumable, periodic)
+        else:
+            self._raise_failed()
+            snapshot = _to_host(state)  # the next step changes the live tensors; the file holds this moment
+            self._pending.append(self._writer.submit(self._write, snapshot, path, resumable, periodic))
+        return path
+
+    def _write(self, state: dict[str, Any], path: Path, resumable: bool, periodic: bool) -> None:
         atomic_write(path, lambda handle: torch.save(state, handle))
         if resumable:
             atomic_write_text(self.save_dir / LAST_POINTER, path.name + "\n")
         if periodic:
             self._prune(keep_also=path)
-        logger.info("saved checkpoint %s (epoch %d, step %d)", path, epoch, step)
-        return path
+        logger.info("saved checkpoint %s (epoch %d, step %d)", path, state["epoch"], state["step"])
+
+    def _raise_failed(self) -> None:
+        """Re-raise the error of a background write that has failed (the files before it are intact)."""
+        done = [f for f in self._pending if f.done()]
+        self._pending = [f for f in self._pending if not f.done()]
+        for future in done:
+            future.result()
+
+    def wait(self) -> None:
+        """Block until every background write is on disk; raise the first one's error, if any."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
 
     def latest(self) -> Path | None:
-        """The checkpoint ``last_checkpoint`` names, if it exists."""
+        """The checkpoint ``last_checkpoint`` names, if it exists (after the pending writes)."""
+        self.wait()
         pointer = self.save_dir / LAST_POINTER
         if not pointer.is_file():
             return None

@@ -161,6 +161,8 @@ def base_config() -> CN:
     _C.SOLVER.CHECKPOINT_PERIOD = 1  # epochs
     _C.SOLVER.EVAL_PERIOD = 5  # epochs
     _C.SOLVER.LOG_PERIOD = 20  # steps
+    # write checkpoints from a background thread: the state is copied to host memory, the step goes on
+    _C.SOLVER.CHECKPOINT_ASYNC = True
 
     # Training monitors: the robust loss-spike detector and the non-finite step guard.
     _C.MONITOR = CN()

@@ -85,7 +85,7 @@ def run_fewshot(cfg: CN, resume: str | None = None, eval_only: bool = False) -> 
     data = load_fewshot_data(cfg)
     model = build_model(cfg).to(device)
     install_anchors(cfg, model, data, device)
-    ckpt = Checkpointer(out_dir)
+    ckpt = Checkpointer(out_dir, background=cfg.SOLVER.CHECKPOINT_ASYNC)
     with MetricsLogger.from_config(cfg) as metrics:
         resume_path = resolve_resume(ckpt, resume)
         if eval_only:

@@ -300,7 +300,7 @@ def run_reid(cfg: CN, args: argparse.Namespace) -> dict[str, Any]:
     setup = build_reid_setup(cfg)
     model, device, amp = setup.model, setup.device, setup.amp
     criterion = ReIDCriterion(cfg, bn_feat_dim=getattr(model, "bn_feat_dim", None)).to(device)
-    ckpt = Checkpointer(out_dir)
+    ckpt = Checkpointer(out_dir, background=cfg.SOLVER.CHECKPOINT_ASYNC)
     evaluator = ReIDEvaluator(setup, cfg)
     with MetricsLogger.from_config(cfg) as metrics:
         resume_path = resolve_resume(ckpt, args.resume)

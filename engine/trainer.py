@@ -266,6 +266,8 @@ class Trainer:
                                    step=run.step, extra=self._extra(stage, best))
                 if self._stop_signal is not None and not last:
                     self._stop(stage, best, saved=self.ckpt.latest() if saved else None)
+        if self.ckpt is not None:
+            self.ckpt.wait()  # the stage's checkpoints are on disk before anything marks it done
         return StageResult(last_results, best)
 
     # ------------------------------------------------------------------------------------------
@@ -314,6 +316,8 @@ class Trainer:
             path = self.ckpt.save("interrupted", model=self.model, optimizer=stage.optimizer,
                                   scheduler=stage.scheduler, scaler=self.amp.scaler, epoch=self.run.global_epoch,
                                   step=self.run.step, extra=self._extra(stage, best), periodic=False)
+        if self.ckpt is not None:
+            self.ckpt.wait()
         barrier()
         raise RunInterrupted(self._stop_signal or "stop", path, self.run)
 

@@ -139,3 +139,32 @@ def test_wrong_checkpoint_says_where_it_comes_from_and_config_differences_are_li
     state = {"extra": {"meta": checkpoint_meta(trained)}}
     assert config_differences(state, now) == ["MODEL.SDTPS.KEEP_RATIO: 0.5 -> 0.25"]  # training keys do not count
     assert config_differences({"extra": {}}, now) == []  # an old checkpoint records nothing
+
+
+def test_background_writes_hold_the_moment_of_save_and_surface_their_errors(tmp_path: Path, monkeypatch) -> None:
+    model = nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = opt.state_dict()["state"][0]["exp_avg"].clone()
+    ckpt = Checkpointer(tmp_path, background=True)
+    path = ckpt.save("epoch0001", model=model, optimizer=opt, epoch=1, step=1)
+    with torch.no_grad():  # the training goes on at once and changes every live tensor
+        for p in model.parameters():
+            p.add_(1.0)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    assert ckpt.latest() == path  # waits for the write
+    state = torch.load(path, weights_only=True)
+    assert all(torch.equal(state["model"][k], v) for k, v in before.items())
+    assert torch.equal(state["optimizer"]["state"][0]["exp_avg"], moments)
+
+    def no_space(*_args: object, **_kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    ckpt.save("epoch0002", model=model, epoch=2, step=2)
+    with pytest.raises(OSError, match="no space left on the device"):
+        ckpt.wait()
+    assert ckpt.latest() == path and torch.load(path, weights_only=True)["epoch"] == 1  # the good one is intact
