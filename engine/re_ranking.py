@@ -46,12 +46,13 @@ def _trim(ids: torch.Tensor, values: torch.Tensor, sentinel: int) -> tuple[torch
 
 
 def re_ranking(qf: torch.Tensor, gf: torch.Tensor, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
-               block_size: int = 4096) -> torch.Tensor:
+               block_size: int = 4096, max_pairs: int = 2**25) -> torch.Tensor:
     """Re-ranked (Q, G) distances of queries ``qf`` (Q, D) to gallery ``gf`` (G, D), on their device.
 
     ``k1``: size of the k-reciprocal neighbourhoods (DeMo uses 50), ``k2``: query-expansion
     neighbours (DeMo: 15; 1 = none), ``lambda_value``: weight of the original distance. Features
     are used as given (normalise them first if the retrieval does, as DeMo's evaluator does).
+    ``block_size`` rows of distances and ``max_pairs`` Jaccard terms are held at a time.
     """
     if k2 < 1 or k2 > k1 + 1:
         raise ValueError(f"re-ranking needs 1 <= k2 <= k1 + 1, got k1={k1}, k2={k2}")
@@ -117,9 +118,17 @@ def re_ranking(qf: torch.Tensor, gf: torch.Tensor, k1: int = 20, k2: int = 6, la
     counts = starts[1:] - starts[:-1]
     final = torch.empty(num_q, n - num_q, device=device)
     q_ids, q_w = ids[:num_q], w[:num_q]
-    q_block = max(1, block_size // 16)  # bounds the (query non-zero, sharing row) pairs held at once
-    for start in range(0, num_q, q_block):
-        stop = min(num_q, start + q_block)
+    # query blocks holding at most max_pairs (query non-zero, row sharing its column) pairs, and block_size rows
+    q_valid = q_ids != sentinel
+    pairs = torch.where(q_valid, counts[torch.where(q_valid, q_ids, 0)], 0).sum(1)  # per query
+    bounds, start, total = [], 0, 0
+    for i, p in enumerate(pairs.tolist()):
+        if i > start and (total + p > max_pairs or i - start >= block_size):
+            bounds.append((start, i))
+            start, total = i, 0
+        total += p
+    bounds.append((start, num_q))
+    for start, stop in bounds:
         qi, qj = (q_ids[start:stop] != sentinel).nonzero(as_tuple=True)
         cols = q_ids[start:stop][qi, qj]
         reps = counts[cols]

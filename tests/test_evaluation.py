@@ -158,14 +158,14 @@ def _reference_re_ranking(qf: np.ndarray, gf: np.ndarray, k1: int, k2: int, lam:
     return ((1 - lam) * jaccard + lam * d[:nq])[:, nq:]
 
 
-@pytest.mark.parametrize("k1, k2, block", [(20, 6, 4096), (10, 1, 16), (7, 3, 5)])
-def test_re_ranking_equals_the_dense_reference(k1: int, k2: int, block: int) -> None:
+@pytest.mark.parametrize("k1, k2, block, max_pairs", [(20, 6, 4096, 2**25), (10, 1, 16, 2**25), (7, 3, 5, 300)])
+def test_re_ranking_equals_the_dense_reference(k1: int, k2: int, block: int, max_pairs: int) -> None:
     g = torch.Generator().manual_seed(k1)
     centers = torch.randn(12, 16, generator=g)
     pids = torch.arange(12).repeat_interleave(10)
     feats = torch.nn.functional.normalize(centers[pids] + 0.8 * torch.randn(120, 16, generator=g), dim=1)
     qf, gf = feats[:30], feats[30:]
-    fast = re_ranking(qf, gf, k1=k1, k2=k2, lambda_value=0.3, block_size=block)
+    fast = re_ranking(qf, gf, k1=k1, k2=k2, lambda_value=0.3, block_size=block, max_pairs=max_pairs)
     ref = _reference_re_ranking(qf.numpy(), gf.numpy(), k1, k2, 0.3)
     assert fast.shape == (30, 90)
     assert np.abs(fast.double().numpy() - ref).max() < 1e-5
