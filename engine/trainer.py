@@ -40,7 +40,7 @@ from engine.logger import MetricsLogger, progress
 from engine.monitor import NonFiniteGuard, NonFiniteLossError, SpikeDetector
 from engine.seed import set_rng_state
 from engine.solver import adopt_configured_schedule
-from utils.distributed import barrier, is_main_process
+from utils.distributed import any_rank, barrier, is_dist, is_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ class Trainer:
                     if run.step % s.LOG_PERIOD == 0 or it == steps - 1:
                         self._log(stage, period.means(), grad_norm, run.global_epoch + (it + 1) / steps)
                         period = _PeriodMeans()
-                    if self._stop_signal is not None and it < steps - 1:
+                    if it < steps - 1 and self._stop_requested(sync=run.step % s.LOG_PERIOD == 0):
                         self._stop(stage, best)
                 run.stage_epoch, run.global_epoch, run.epoch_step = epoch + 1, run.global_epoch + 1, 0
                 last = epoch + 1 == stage.epochs
@@ -264,7 +264,7 @@ class Trainer:
                     self.ckpt.save(f"epoch{run.global_epoch:04d}", model=self.model, optimizer=stage.optimizer,
                                    scheduler=stage.scheduler, scaler=self.amp.scaler, epoch=run.global_epoch,
                                    step=run.step, extra=self._extra(stage, best))
-                if self._stop_signal is not None and not last:
+                if not last and self._stop_requested(sync=True):
                     self._stop(stage, best, saved=self.ckpt.latest() if saved else None)
         if self.ckpt is not None:
             self.ckpt.wait()  # the stage's checkpoints are on disk before anything marks it done
@@ -295,6 +295,19 @@ class Trainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def _stop_requested(self, sync: bool) -> bool:
+        """Whether to stop here. One process: when it was signalled. Under DDP: when any rank was, decided
+        only at ``sync`` points (every SOLVER.LOG_PERIOD steps and at epoch ends, one all-reduce), so that
+        every rank stops at the same step."""
+        if not is_dist():
+            return self._stop_signal is not None
+        if not sync:
+            return False
+        agreed = any_rank(self._stop_signal is not None)
+        if agreed and self._stop_signal is None:
+            self._stop_signal = "a signal to another rank"
+        return agreed
 
     def _checkpoint_report(self) -> str:
         """What the run's last checkpoint is worth after the run blew up: absent, already out of range, or good."""

@@ -36,6 +36,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on any rank (one all-reduce; ``flag`` itself without a
+    process group)."""
+    if not is_dist():
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward returns this rank's slice of the summed gradient."""
 
