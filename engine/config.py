@@ -128,6 +128,8 @@ def base_config() -> CN:
     _C.MODEL.WEIGHTS = ""
     # torch.compile the training model: "" (eager) | default | max-autotune-no-cudagraphs | reduce-overhead
     _C.MODEL.COMPILE = ""
+    # where compiled kernels are kept between runs (engine/compile_cache.py); "" = torch's local cache only
+    _C.MODEL.COMPILE_CACHE_DIR = "outputs/cache/compile"
 
     _C.DATASETS = CN()
     _C.DATASETS.NAMES = ""

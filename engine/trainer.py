@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 import torch
 
+from engine import compile_cache
 from engine.checkpoint import Checkpointer, checkpoint_meta, read_checkpoint, unwrap
 from engine.device import AmpPolicy
 from engine.launch import wrap_ddp
@@ -219,7 +220,9 @@ class Trainer:
             self.resume = None
         params = [p for g in stage.optimizer.param_groups for p in g["params"]]  # clip over every group
         train_model = wrap_ddp(self.model, self.device, find_unused_parameters=stage.find_unused_parameters)
+        cache = compile_cache.cache_path(self.cfg, self.device, stage.name) if is_main_process() else None
         if self.cfg.MODEL.COMPILE:
+            compile_cache.load(cache)
             train_model = compile_model(train_model, self.cfg.MODEL.COMPILE)
         run.stage = stage.name
         steps = len(stage.loader)
@@ -254,6 +257,8 @@ class Trainer:
                     if it < steps - 1 and self._stop_requested(sync=run.step % s.LOG_PERIOD == 0):
                         self._stop(stage, best)
                 run.stage_epoch, run.global_epoch, run.epoch_step = epoch + 1, run.global_epoch + 1, 0
+                if epoch == start_epoch:  # the stage's graphs are compiled now: keep them for the next run
+                    compile_cache.save(cache)
                 last = epoch + 1 == stage.epochs
                 if stage.evaluator is not None and ((epoch + 1) % s.EVAL_PERIOD == 0 or last):
                     if is_main_process():
