@@ -1,0 +1,50 @@
+"""torch.compile computes the eager step: one optimisation step of the tiny DeMo-SDTPS, compiled and eager."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import load_config
+from engine.device import build_amp_policy
+from engine.reid import ReIDObjective
+from engine.trainer import Stage, Trainer, compile_model
+from losses.reid_criterion import ReIDCriterion
+from modeling import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+def _step(cfg, compiled: bool) -> tuple[float, dict[str, float], float, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    criterion = ReIDCriterion(cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # the update is linear in the gradient
+    stage = Stage("train", [], 1, ReIDObjective(criterion, CPU), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
+    trainer = Trainer(cfg, model, CPU, build_amp_policy("fp32", CPU), None, None, stages=("train",))
+    g = torch.Generator().manual_seed(1)
+    batch = {"images": {m: torch.randn(8, 3, 64, 32, generator=g) for m in ("RGB", "NI", "TI")},
+             "pids": torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), "camids": torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]),
+             "masks": torch.ones(8, 3, dtype=torch.bool)}
+    run_model = compile_model(model, "default") if compiled else model
+    params = [p for group in opt.param_groups for p in group["params"]]
+    loss, terms, grad_norm, _ = trainer.run_step(run_model, stage, params, batch, 0.0)
+    return loss, terms, grad_norm, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_the_eager_step() -> None:
+    cfg = load_config(REPO / "configs" / "synthetic" / "DeMo_SDTPS_tiny.yml",
+                      ["MODEL.NUM_CLASSES", "4", "MODEL.NUM_CAMERAS", "3", "INPUT.SIZE_TRAIN", "[64, 32]",
+                       "INPUT.SIZE_TEST", "[64, 32]", "MODEL.DEMO.HDM_DROPOUT", "0.0"])
+    eager = _step(cfg, compiled=False)
+    compiled = _step(cfg, compiled=True)
+    assert compiled[0] == pytest.approx(eager[0], rel=1e-4)  # the loss
+    assert set(compiled[1]) == set(eager[1]) and all(compiled[1][k] == pytest.approx(v, rel=1e-3, abs=1e-5)
+                                                     for k, v in eager[1].items())
+    assert compiled[2] == pytest.approx(eager[2], rel=1e-3)  # the gradient norm
+    worst = max(float((compiled[3][k].float() - v.float()).abs().max()) for k, v in eager[3].items())
+    assert worst < 1e-5  # the parameters after the step: 0.1 x the gradients
