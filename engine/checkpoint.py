@@ -290,14 +290,10 @@ def config_differences(state: dict[str, Any], cfg: Any, prefixes: tuple[str, ...
     if not meta.get("config"):
         return []
 
-    def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
+    from engine.config import flatten
 
-    trained = flat(yaml.safe_load(meta["config"]))
-    now = flat(yaml.safe_load(cfg.dump()))
+    trained = flatten(yaml.safe_load(meta["config"]))
+    now = flatten(yaml.safe_load(cfg.dump()))
     ignore = {"MODEL.WEIGHTS", "MODEL.PRETRAIN_PATH", "MODEL.PRETRAIN_RECIPE", "MODEL.COMPILE"}
     return [f"{k}: {trained[k]!r} -> {now[k]!r}" for k in sorted(trained)
             if k.startswith(prefixes) and k not in ignore and k in now and now[k] != trained[k]]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ast
 import difflib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -284,6 +284,17 @@ def _family_owning(key: str) -> str | None:
             continue
         return label
     return None
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"SOLVER": {"BASE_LR": 1e-3}}`` -> ``{"SOLVER.BASE_LR": 1e-3}`` (nested mappings to dotted keys)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def config_to_dict(cfg: CN) -> dict[str, Any]:

@@ -28,7 +28,7 @@ import torch
 from yacs.config import CfgNode as CN
 
 from engine.checkpoint import Checkpointer, read_checkpoint
-from engine.config import ConfigError, config_to_dict, load_config
+from engine.config import ConfigError, config_to_dict, flatten, load_config
 from engine.run_lock import file_lock
 from modeling.backbones.clip_vit import CLIP_VIT_CONFIGS
 from modeling.clip_checkpoint import OPEN_CLIP_CONFIG
@@ -55,20 +55,10 @@ def recipe_record(cfg: CN) -> dict[str, Any]:
     return record
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def recipe_changes(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """``KEY: recorded -> wanted`` for every recorded key whose value the recipe now changes (keys the
     repository gained since the tower was made are not changes)."""
-    old, new = _flatten(recorded), _flatten(wanted)
+    old, new = flatten(recorded), flatten(wanted)
     return [f"{k}: {old[k]!r} -> {new.get(k, '<no such key>')!r}" for k in sorted(old) if new.get(k, object()) != old[k]]
 
 
