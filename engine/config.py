@@ -259,13 +259,9 @@ def validate(cfg: CN) -> None:
             missing_modalities(cfg.TEST.MISS)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-    device = str(cfg.DEVICE.NAME).lower()
-    if device.startswith("cuda"):
-        import torch
+    from engine.device import resolve_device  # engine.device imports ConfigError from here
 
-        if not torch.cuda.is_available():
-            raise ConfigError(f"DEVICE.NAME is '{cfg.DEVICE.NAME}' but no CUDA device is visible; use DEVICE.NAME cpu "
-                              "(or auto)")
+    resolve_device(cfg.DEVICE.NAME)  # a name it does not know, or CUDA without a GPU
     if "NUM_INSTANCE" in cfg.DATALOADER:  # ReID's P x K identity batches
         batch, k = cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_INSTANCE
         if k < 1 or batch < k or batch % k:

@@ -83,15 +83,20 @@ class SpikeDetector:
         self.last_threshold: float | None = None
         self.last_is_spike = False
 
-    def threshold(self) -> float | None:
-        """Current threshold from the window, or None during warm-up."""
+    def _median_and_threshold(self) -> tuple[float, float] | None:
+        """The window's median and the current threshold, or None during warm-up."""
         if len(self.history) < self.warmup:
             return None
         h = np.fromiter(self.history, dtype=np.float64)
         med = float(np.median(h))
         mad = float(np.median(np.abs(h - med)))
         mad_eff = max(mad, self.mad_floor, self.rel_floor * abs(med))
-        return med + self.n_sigmas * MAD_TO_SIGMA * mad_eff
+        return med, med + self.n_sigmas * MAD_TO_SIGMA * mad_eff
+
+    def threshold(self) -> float | None:
+        """Current threshold from the window, or None during warm-up."""
+        band = self._median_and_threshold()
+        return None if band is None else band[1]
 
     def update(self, value: float | torch.Tensor) -> bool:
         """Judge one loss value (judged against the window *before* it is added); True if a spike."""
@@ -121,10 +126,10 @@ class SpikeDetector:
             return False
         if not math.isfinite(value):
             return True
-        thr = self.threshold()
-        if thr is None:
+        band = self._median_and_threshold()
+        if band is None:
             return False
-        med = float(np.median(np.fromiter(self.history, dtype=np.float64)))
+        med, thr = band
         return value > med + factor * (thr - med)
 
     @property
