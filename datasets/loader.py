@@ -94,8 +94,9 @@ def build_reid_train_loader(
     ws = get_world_size() if world_size is None else world_size
     if batch_size % ws:
         raise ValueError(f"global batch size {batch_size} is not divisible by world_size {ws}")
-    warn_small_identities([it[1] for it in items], num_instance)
-    sampler = SeededBatches(RandomIdentitySampler([it[1] for it in items], batch_size // ws, num_instance,
+    pids = [it[1] for it in items]
+    warn_small_identities(pids, num_instance)
+    sampler = SeededBatches(RandomIdentitySampler(pids, batch_size // ws, num_instance,
                                                   seed=seed, rank=rank, world_size=ws), seed=seed)
     transform = build_reid_transform(size, train=True, flip_prob=flip_prob, padding=padding, re_prob=re_prob,
                                      mean=mean, std=std)

@@ -30,9 +30,9 @@ def cache_path(cfg: Any, device: torch.device, stage: str) -> Path | None:
     if not cfg.MODEL.COMPILE or not cfg.MODEL.COMPILE_CACHE_DIR:
         return None
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    keyed = {"torch": torch.__version__, "device": device_name, "stage": stage, "model": config_to_dict(cfg)["MODEL"],
-             "input": config_to_dict(cfg)["INPUT"] if "INPUT" in cfg else None,
-             "batch": cfg.SOLVER.IMS_PER_BATCH, "precision": cfg.DEVICE.PRECISION}
+    config = config_to_dict(cfg)
+    keyed = {"torch": torch.__version__, "device": device_name, "stage": stage, "model": config["MODEL"],
+             "input": config.get("INPUT"), "batch": cfg.SOLVER.IMS_PER_BATCH, "precision": cfg.DEVICE.PRECISION}
     keyed["model"].pop("WEIGHTS", None)
     keyed["model"].pop("PRETRAIN_PATH", None)
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:16]

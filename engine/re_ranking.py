@@ -20,11 +20,6 @@ from __future__ import annotations
 import torch
 
 
-def _distance_rows(rows: torch.Tensor, feats: torch.Tensor, sq: torch.Tensor, sq_rows: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances of ``rows`` (B, D) to ``feats`` (N, D), as ``|a|^2 + |b|^2 - 2ab``."""
-    return sq_rows[:, None] + sq[None, :] - 2.0 * rows @ feats.t()
-
-
 def _merge_sorted_duplicates(ids: torch.Tensor, values: torch.Tensor, sentinel: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, sum the values of equal ids: ``ids`` (R, M) with ``sentinel`` for empty slots. Returns
     ids and values (R, M) with each id once (the rest ``sentinel`` / 0)."""
@@ -56,17 +51,18 @@ def re_ranking(qf: torch.Tensor, gf: torch.Tensor, k1: int = 20, k2: int = 6, la
     """
     if k2 < 1 or k2 > k1 + 1:
         raise ValueError(f"re-ranking needs 1 <= k2 <= k1 + 1, got k1={k1}, k2={k2}")
+    from engine.evaluation import pairwise_distance  # engine.evaluation re-exports this module's re_ranking
+
     feats = torch.cat([qf, gf]).float()
     n, num_q, device = feats.shape[0], qf.shape[0], feats.device
     k1 = min(k1, n - 1)
     half = min(int(round(k1 / 2)), n - 1)
-    sq = feats.pow(2).sum(1)
 
     # each row's maximum distance (the reference scales row i by it), then its k1 + 1 nearest
     scale = torch.empty(n, device=device)
     topk1 = torch.empty(n, k1 + 1, dtype=torch.long, device=device)
     for start in range(0, n, block_size):
-        d = _distance_rows(feats[start:start + block_size], feats, sq, sq[start:start + block_size])
+        d = pairwise_distance(feats[start:start + block_size], feats)
         scale[start:start + block_size] = d.amax(1)
         topk1[start:start + block_size] = d.topk(k1 + 1, dim=1, largest=False, sorted=True).indices
     scale = scale.clamp_min(1e-12)
@@ -99,7 +95,7 @@ def re_ranking(qf: torch.Tensor, gf: torch.Tensor, k1: int = 20, k2: int = 6, la
     w = torch.zeros(ids.shape, device=device)
     for start in range(0, n, block_size):
         stop = min(n, start + block_size)
-        d = _distance_rows(feats[start:stop], feats, sq, sq[start:stop]).gather(1, safe[start:stop])
+        d = pairwise_distance(feats[start:stop], feats).gather(1, safe[start:stop])
         w[start:stop] = torch.where(valid[start:stop], torch.exp(-d / scale[start:stop, None]), 0.0)
     w = w / w.sum(1, keepdim=True)
 
@@ -139,6 +135,6 @@ def re_ranking(qf: torch.Tensor, gf: torch.Tensor, k1: int = 20, k2: int = 6, la
         inter = torch.zeros(stop - start, n, device=device)
         inter.index_put_((qi[pair], owner[at]), overlap, accumulate=True)
         jaccard = 1.0 - inter / (2.0 - inter)
-        dist = _distance_rows(feats[start:stop], feats, sq, sq[start:stop]) / scale[start:stop, None]
+        dist = pairwise_distance(feats[start:stop], feats) / scale[start:stop, None]
         final[start:stop] = ((1.0 - lambda_value) * jaccard + lambda_value * dist)[:, num_q:]
     return final
