@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
+from engine.config import MODEL_FAMILIES, flatten
 from engine.seed import get_rng_state, set_rng_state
 from utils.distributed import is_main_process
 from utils.io import atomic_write, atomic_write_text, load_error_summary
@@ -254,8 +256,6 @@ SCRIPTS = {"reid": "train_net.py", "fewshot": "train_b1_improvement.py"}
 
 def checkpoint_meta(cfg: Any) -> dict[str, Any]:
     """What a checkpoint records about where it came from: the model name, its family and the whole config."""
-    from engine.config import MODEL_FAMILIES
-
     return {"model": cfg.MODEL.NAME, "family": MODEL_FAMILIES.get(cfg.MODEL.NAME), "config": cfg.dump()}
 
 
@@ -284,14 +284,9 @@ def mismatch_message(state: dict[str, Any], path: str | Path, model: nn.Module) 
 def config_differences(state: dict[str, Any], cfg: Any, prefixes: tuple[str, ...] = ("MODEL.", "INPUT.")) -> list[str]:
     """``KEY: trained -> now`` for the keys under ``prefixes`` whose value in ``cfg`` differs from the config
     the checkpoint was trained with (empty when the checkpoint does not record it)."""
-    import yaml
-
     meta = (state.get("extra") or {}).get("meta") or {}
     if not meta.get("config"):
         return []
-
-    from engine.config import flatten
-
     trained = flatten(yaml.safe_load(meta["config"]))
     now = flatten(yaml.safe_load(cfg.dump()))
     ignore = {"MODEL.WEIGHTS", "MODEL.PRETRAIN_PATH", "MODEL.PRETRAIN_RECIPE", "MODEL.COMPILE"}

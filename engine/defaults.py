@@ -30,6 +30,8 @@ from utils.registry import NotImplementedYetError
 logger = logging.getLogger(__name__)
 
 FINISHED_MARKER = "summary.json"  # written last by a run that completed
+#: set to 1 (or pass --debug) to see the traceback of a user error
+DEBUG_ENV = "TRAIN_DEBUG"
 
 
 def default_argument_parser(description: str, gate_flags: bool = False) -> argparse.ArgumentParser:
@@ -150,8 +152,6 @@ USER_ERRORS = (
     ConfigError, FileNotFoundError, RunFolderError, CheckpointError, NotImplementedYetError, NonFiniteLossError,
     ImageReadError, ModalityMismatchError, ClipWeightsError, DiskFullError,
 )
-#: set to 1 (or pass --debug) to see the traceback of a user error
-DEBUG_ENV = "TRAIN_DEBUG"
 
 
 def user_message(err: BaseException) -> str:

@@ -117,17 +117,17 @@ def ensure_pretrained_tower(cfg: CN) -> None:
                         out.parent / RUN_DIR / "log.txt")
             command = [sys.executable, str(_TOOL), "--config_file", recipe, "--out", str(out), "WANDB.MODE", "disabled"]
             done = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False)
-            if done.returncode != 0 or read_record(out) is None:
+            record = read_record(out)
+            if done.returncode != 0 or record is None:
                 raise ConfigError(f"pretraining the tower failed (exit {done.returncode}): {' '.join(command)}; "
                                   f"see {out.parent / RUN_DIR / 'log.txt'}")
-            record = read_record(out)
-        changed = recipe_changes(record["recipe"], wanted) if record is not None else []
+        changed = recipe_changes(record["recipe"], wanted)
         if changed:
             raise ConfigError(
                 f"{out} was pretrained with another recipe than {recipe} ({', '.join(changed[:3])}"
                 f"{' ...' if len(changed) > 3 else ''}): delete {out.parent} to pretrain again, or point "
                 f"MODEL.PRETRAIN_PATH elsewhere"
             )
-    mAP = (record or {}).get("results", {}).get("mAP")
+    mAP = record.get("results", {}).get("mAP")
     logger.info("pretrained tower %s (recipe %s; its test mAP %s)", out, recipe,
                 "n/a" if mAP is None else f"{100 * mAP:.2f}%")
