@@ -20,58 +20,9 @@ from engine.logger import MetricsLogger
 from engine.monitor import NonFiniteLossError
 from engine.solver import WarmupScheduler, adopt_configured_schedule
 from engine.trainer import RunInterrupted, Stage, Trainer
+from tests.helpers.toy_training import Regression, ToyLoader
 
 DEVICE = torch.device("cpu")
-
-
-class _Sampler:
-    def __init__(self) -> None:
-        self.epochs: list[int] = []
-        self.start = 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epochs.append(epoch)
-        self.start = start
-
-
-class _Loader(list):
-    """A fixed list of batches with the ``batch_sampler.set_epoch`` the trainer calls (``start`` skips)."""
-
-    def __init__(self, batches: list[Any]) -> None:
-        super().__init__(batches)
-        self.batch_sampler = _Sampler()
-
-    def __iter__(self):
-        return iter(list.__getitem__(self, slice(self.batch_sampler.start, None)))
-
-
-class _Regression:
-    """Least squares on ``(x, y)`` batches; ``poison`` makes the loss of those steps non-finite."""
-
-    def __init__(self, poison: set[int] = frozenset()) -> None:
-        self.poison, self.calls, self.observed = poison, 0, []
-
-    def to_device(self, batch: Any) -> Any:
-        return batch
-
-    def forward(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        return model(batch[0])
-
-    def loss(self, outputs: torch.Tensor, batch: Any, epoch: float) -> tuple[torch.Tensor, dict, dict]:
-        self.calls += 1
-        loss = ((outputs - batch[1]) ** 2).mean()
-        if self.calls in self.poison:
-            loss = loss * float("nan")
-        return loss, {"mse": loss.detach()}, {"abs_out": outputs.detach().abs().mean()}
-
-    def after_step(self, terms: dict[str, float]) -> None:
-        self.observed.append(terms["mse"])
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"calls": self.calls}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.calls = state["calls"]
 
 
 class _Evaluator:
@@ -93,16 +44,16 @@ class _Evaluator:
         return [f"score {results['score']}"]
 
 
-def _data(n: int = 4) -> _Loader:
+def _data(n: int = 4) -> ToyLoader:
     g = torch.Generator().manual_seed(0)
-    return _Loader([(torch.randn(8, 3, generator=g), torch.randn(8, 1, generator=g)) for _ in range(n)])
+    return ToyLoader([(torch.randn(8, 3, generator=g), torch.randn(8, 1, generator=g)) for _ in range(n)])
 
 
 def _stage(model: nn.Module, name: str = "train", epochs: int = 3, objective: Any = None,
            evaluator: Any = None) -> Stage:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    return Stage(name, _data(), epochs, objective or _Regression(), opt, sched, evaluator=evaluator)
+    return Stage(name, _data(), epochs, objective or Regression(), opt, sched, evaluator=evaluator)
 
 
 def _trainer(tmp: Path, model: nn.Module, overrides: list[str] = (), stages=("train",), resume=None) -> Trainer:
@@ -138,12 +89,12 @@ def test_step_matches_a_hand_written_sgd_step(tmp_path: Path) -> None:
 def test_a_non_finite_step_is_not_applied_and_too_many_stop_the_run(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
-    stage = _stage(model, objective=_Regression(poison={1}))
+    stage = _stage(model, objective=Regression(poison={1}))
     trainer = _trainer(tmp_path, model)
     before = [p.detach().clone() for p in model.parameters()]
     trainer.run_step(model, stage, list(model.parameters()), stage.loader[0], 0.0)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and trainer.guard.skipped == 1
-    stage = _stage(model, objective=_Regression(poison=set(range(1, 100))))
+    stage = _stage(model, objective=Regression(poison=set(range(1, 100))))
     with pytest.raises(NonFiniteLossError):
         _trainer(tmp_path / "stop", model, ["MONITOR.MAX_NONFINITE_STEPS", "3"]).fit(stage)
 
@@ -213,7 +164,7 @@ def test_deterministic_mode_forbids_the_fused_attention_kernels() -> None:
     assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
 
 
-class _Interrupting(_Regression):
+class _Interrupting(Regression):
     """Sends this process SIGINT during its ``at``-th loss, as Ctrl-C would."""
 
     def __init__(self, at: int) -> None:
@@ -287,7 +238,7 @@ def test_a_resumed_run_follows_the_configs_new_schedule_from_the_restored_step()
     assert adopt_configured_schedule(sched3, opt3, *configured) == []
 
 
-class _Exploding(_Regression):
+class _Exploding(Regression):
     """From the ``at``-th loss on, the loss is huge but finite (what a learning rate of 1e6 does)."""
 
     def __init__(self, at: int) -> None:

@@ -24,56 +24,26 @@ from engine.device import build_amp_policy  # noqa: E402
 from engine.launch import launch  # noqa: E402
 from engine.logger import MetricsLogger  # noqa: E402
 from engine.trainer import RunInterrupted, Stage, Trainer  # noqa: E402
+from tests.helpers.toy_training import Regression, ToyLoader  # noqa: E402
 from utils.distributed import get_rank  # noqa: E402
 
 
-class _Sampler:
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.start = start
-
-
-class _Loader(list):
-    def __init__(self, batches: list[Any]) -> None:
-        super().__init__(batches)
-        self.batch_sampler = _Sampler()
-
-
-class _Objective:
-    """Least squares; rank 1 is sent SIGINT during its first step."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def to_device(self, batch: Any) -> Any:
-        return batch
-
-    def forward(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        return model(batch[0])
+class _Interrupting(Regression):
+    """Rank 1 is sent SIGINT during its first step."""
 
     def loss(self, outputs: torch.Tensor, batch: Any, epoch: float) -> tuple[torch.Tensor, dict, dict]:
-        self.calls += 1
-        if get_rank() == 1 and self.calls == 1:
+        if get_rank() == 1 and self.calls == 0:
             os.kill(os.getpid(), signal.SIGINT)
-        loss = ((outputs - batch[1]) ** 2).mean()
-        return loss, {"mse": loss.detach()}, {}
-
-    def after_step(self, terms: dict[str, float]) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        return super().loss(outputs, batch, epoch)
 
 
 def main(out: str) -> None:
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
     g = torch.Generator().manual_seed(get_rank())
-    loader = _Loader([(torch.randn(8, 3, generator=g), torch.randn(8, 1, generator=g)) for _ in range(4)])
+    loader = ToyLoader([(torch.randn(8, 3, generator=g), torch.randn(8, 1, generator=g)) for _ in range(4)])
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    stage = Stage("train", loader, 3, _Objective(), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
+    stage = Stage("train", loader, 3, _Interrupting(), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
     cfg = load_config(None, ["SOLVER.LOG_PERIOD", "2", "SOLVER.CHECKPOINT_PERIOD", "1", "SOLVER.GRAD_CLIP", "0.0"])
     cpu = torch.device("cpu")
     trainer = Trainer(cfg, model, cpu, build_amp_policy("fp32", cpu), Checkpointer(out),
