@@ -29,7 +29,12 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
 def setup_logging(output_dir: str | Path | None = None, level: int = logging.INFO) -> None:
-    """Log to the console (rank 0 at ``level``, other ranks warnings only) and to ``<output_dir>/log.txt``."""
+    """Log to the console (rank 0 at ``level``, other ranks warnings only) and to ``<output_dir>/log.txt``.
+
+    Python warnings (among them torch's notes on kernels without a deterministic implementation under
+    ``DETERMINISTIC True``) go to the same handlers, so the run folder keeps them.
+    """
+    logging.captureWarnings(True)
     root = logging.getLogger()
     root.setLevel(level if is_main_process() else logging.WARNING)
     for handler in list(root.handlers):

@@ -86,3 +86,21 @@ def test_online_with_unreachable_server_falls_back_to_offline(tmp_path: Path) ->
     env = {"WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": "k" * 40}
     assert _probe(out, "online", env) == "MODE offline"
     assert list((out / "wandb").glob("offline-run-*"))
+
+
+def test_warnings_reach_the_run_log(tmp_path: Path) -> None:
+    import logging
+    import warnings
+
+    from engine.logger import setup_logging
+
+    setup_logging(tmp_path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("index_add_cuda_ does not have a deterministic implementation", UserWarning, stacklevel=1)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        assert "does not have a deterministic implementation" in (tmp_path / "log.txt").read_text()
+    finally:
+        setup_logging(None)
