@@ -106,8 +106,9 @@ def base_config() -> CN:
     _C = CN()
     _C.OUTPUT_DIR = "outputs/default"
     _C.SEED = 0
-    # Deterministic kernels (torch's deterministic algorithms, cuDNN deterministic, SDPA's math kernel
-    # instead of the fused ones): a run repeats bit for bit on the same machine (BENCHMARKS.md).
+    # Deterministic kernels (torch's deterministic algorithms, strict: an operation without a deterministic
+    # implementation raises; cuDNN deterministic; SDPA's math kernel instead of the fused ones): a run repeats
+    # bit for bit on the same machine, side by side with others and across a resume (BENCHMARKS.md).
     _C.DETERMINISTIC = False
 
     _C.DEVICE = CN()

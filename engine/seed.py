@@ -11,7 +11,11 @@ import torch
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """Seed Python, NumPy and torch (all devices); optionally force deterministic kernels."""
+    """Seed Python, NumPy and torch (all devices); optionally force deterministic kernels.
+
+    ``deterministic`` is strict: an operation without a deterministic implementation raises (naming it)
+    instead of silently running a nondeterministic kernel.
+    """
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -19,7 +23,7 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.use_deterministic_algorithms(True)
         # The fused attention kernels (flash, memory-efficient, cuDNN) have non-deterministic backward
         # passes that use_deterministic_algorithms does not flag; the math kernel is deterministic.
         set_fused_attention(False)

@@ -158,6 +158,9 @@ def test_deterministic_mode_forbids_the_fused_attention_kernels() -> None:
         seed_everything(0, deterministic=True)
         assert not torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.mem_efficient_sdp_enabled()
         assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+        # strict: an operation without a deterministic implementation raises instead of warning
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
     finally:
         seed_everything(0, deterministic=False)
         torch.use_deterministic_algorithms(False)
