@@ -152,3 +152,29 @@ def test_rows_that_train_the_same_model_share_runs_and_score_their_feature(tiny_
     config = yaml.safe_load((tmp_path / "demo_paper-quick" / "D___ATMoE__MoE_feature" / "seed0" /
                              "config.yaml").read_text())
     assert config["MODEL"]["NAME"] == "DeMo" and config["LOSS"]["SDM"]["ENABLED"] is False
+
+
+def test_collect_renders_finished_runs_and_trains_nothing(tmp_path: Path) -> None:
+    """Runs copied back from another machine: two seeds of one row, one of the other, nothing trained."""
+    import json
+
+    out = tmp_path / "out" / "sdm"
+    values = {("no_SDM", 0): 0.50, ("no_SDM", 1): 0.52, ("fixed___masks", 0): 0.53}
+    for (row, seed), m in values.items():
+        run = out / row / f"seed{seed}"
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text(json.dumps({"mAP": m, "rank1": m, "mINP": m, "modality_concat/mAP": m}))
+    res = _ablate("--table", "sdm", "--seeds", "2", "--collect", "--out", str(tmp_path / "out"),
+                  "--rows", "no SDM", "fixed + masks")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "===" not in res.stdout  # nothing trained
+    table = (out / "sdm.md").read_text()
+    assert "| no SDM | 51.00 ± 1.41 |" in table and "2/2 |" in table
+    assert "| fixed + masks | 53.00 ± 0.00 |" in table and "+3.00 (1 seed)" in table and "1/2 |" in table
+    # the same runs against another reference row
+    res = _ablate("--table", "sdm", "--seeds", "2", "--collect", "--out", str(tmp_path / "out"),
+                  "--rows", "no SDM", "fixed + masks", "--reference", "fixed + masks")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "| no SDM | 51.00 ± 1.41 | 51.00 ± 1.41 | 51.00 ± 1.41 | 51.00 ± 1.41 | -3.00 (1 seed) |" in res.stdout
+    bad = _ablate("--table", "sdm", "--collect", "--out", str(tmp_path / "out"), "--reference", "nope")
+    assert bad.returncode == 2 and "--reference 'nope' is not one of the rows" in bad.stderr

@@ -2,7 +2,8 @@
 """Reproduce an ablation table from one small YAML: rows x seeds, mean +- std, Markdown/CSV/PNG.
 
     python tools/ablate.py --table gate_init [--seeds 3] [--quick] [--real] [--out outputs/ablations]
-        [--jobs N] [--wandb-mode disabled|offline|online] [--rows LABEL ...] [--dry-run] [-- KEY VALUE ...]
+        [--jobs N] [--wandb-mode disabled|offline|online] [--rows LABEL ...] [--reference LABEL]
+        [--dry-run] [--collect] [-- KEY VALUE ...]
 
 A table file (``configs/ablations/<name>.yaml``) names the training script, the columns
 (keys of each run's ``summary.json``) and the rows::
@@ -26,7 +27,8 @@ repeated after a crash. With a ``reference`` row, every other row also gets, per
 paired difference to it over the seeds both have (same seed = same data order and, where the
 architectures allow, the same init): its mean and the half-width of its 95% confidence interval
 (Student t, n - 1 degrees of freedom), marked ``*`` when the interval excludes 0; the CSV has
-``delta_<column>_mean`` and ``delta_<column>_ci95``. A row that trains exactly what an earlier row trains (same config, args and
+``delta_<column>_mean`` and ``delta_<column>_ci95``; ``--reference`` compares against another row. ``--collect`` trains nothing: it renders the
+table from the runs that finished (e.g. copied back from a GPU machine), each row counting its seeds. A row that trains exactly what an earlier row trains (same config, args and
 overrides; e.g. the same model scored by another ``feature``) reads that row's runs instead of
 training again. A row whose runs fail is marked ``failed: <reason>`` and the
 others still run. Outputs: ``<table>.md``, ``<table>.csv``, ``<table>.png`` and, with
@@ -304,7 +306,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="runs side by side (e.g. several small runs on one GPU), each pinned to its share "
                              "of the CPUs")
     parser.add_argument("--wandb-mode", default="disabled", choices=("disabled", "offline", "online"))
+    parser.add_argument("--reference", default=None, help="the row the Δ columns compare with (default: the table's)")
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--collect", action="store_true",
+                        help="train nothing: render the table from the finished runs in --out")
     parser.add_argument("overrides", nargs="*", help="KEY VALUE config overrides added to every run")
     args = parser.parse_args(argv)
     try:
@@ -315,6 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
     rows = [r for r in spec["rows"] if args.rows is None or r["label"] in args.rows]
+    if args.reference is not None:
+        if args.reference not in [r["label"] for r in rows]:
+            print(f"error: --reference '{args.reference}' is not one of the rows: "
+                  f"{', '.join(r['label'] for r in rows)}", file=sys.stderr)
+            return 2
+        spec["reference"] = args.reference
     # quick, synthetic and real runs of one table never share (or reuse) each other's folders
     out = Path(args.out) / (spec["_name"] + ("-quick" if args.quick else "-real" if args.real else ""))
     tasks = []
@@ -331,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = run_command(spec, row, seed, run_dir, args.quick, args.real, args.wandb_mode, args.overrides)
             if args.dry_run:
                 print(" ".join(cmd))
-            elif not (run_dir / "summary.json").is_file():
+            elif not args.collect and not (run_dir / "summary.json").is_file():
                 tasks.append((i, seed, row["label"], cmd))
     if args.dry_run:
         return 0
@@ -348,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             summary_path = out / slug(rows[owner]["label"]) / f"seed{seed}" / "summary.json"
             if not summary_path.is_file():
+                if args.collect:  # not run (yet): the status column counts the seeds that are there
+                    continue
                 result["errors"].append(f"seed {seed}: finished without {summary_path.name}")
                 continue
             summary = json.loads(summary_path.read_text())
