@@ -178,3 +178,17 @@ def test_collect_renders_finished_runs_and_trains_nothing(tmp_path: Path) -> Non
     assert "| no SDM | 51.00 ± 1.41 | 51.00 ± 1.41 | 51.00 ± 1.41 | 51.00 ± 1.41 | -3.00 (1 seed) |" in res.stdout
     bad = _ablate("--table", "sdm", "--collect", "--out", str(tmp_path / "out"), "--reference", "nope")
     assert bad.returncode == 2 and "--reference 'nope' is not one of the rows" in bad.stderr
+
+
+def test_time_limit_starts_no_run_that_would_not_end_in_time() -> None:
+    """One slot, runs of over 1 s, a 1.5 s limit: the first runs, the other two would end too late."""
+    nap = [sys.executable, "-c", "import time; time.sleep(1.0)"]
+    tasks = [(0, 0, "a", nap), (0, 1, "a", nap), (1, 0, "b", nap)]
+    errors = ablate.run_all(tasks, jobs=1, time_limit=1.5, run_seconds=0.0)
+    assert errors == {(0, 1): "not started: it would not end within --time-limit",
+                      (1, 0): "not started: it would not end within --time-limit"}
+    # an estimate given up front keeps even the first run from starting
+    errors = ablate.run_all(tasks[:1], jobs=1, time_limit=1.0, run_seconds=5.0)
+    assert errors == {(0, 0): "not started: it would not end within --time-limit"}
+    # no limit: everything runs
+    assert ablate.run_all(tasks[:2], jobs=2) == {}

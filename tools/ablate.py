@@ -2,8 +2,8 @@
 """Reproduce an ablation table from one small YAML: rows x seeds, mean +- std, Markdown/CSV/PNG.
 
     python tools/ablate.py --table gate_init [--seeds 3] [--quick] [--real] [--out outputs/ablations]
-        [--jobs N] [--wandb-mode disabled|offline|online] [--rows LABEL ...] [--reference LABEL]
-        [--dry-run] [--collect] [-- KEY VALUE ...]
+        [--jobs N] [--time-limit SECONDS [--run-seconds S]] [--wandb-mode disabled|offline|online]
+        [--rows LABEL ...] [--reference LABEL] [--dry-run] [--collect] [-- KEY VALUE ...]
 
 A table file (``configs/ablations/<name>.yaml``) names the training script, the columns
 (keys of each run's ``summary.json``) and the rows::
@@ -27,7 +27,8 @@ repeated after a crash. With a ``reference`` row, every other row also gets, per
 paired difference to it over the seeds both have (same seed = same data order and, where the
 architectures allow, the same init): its mean and the half-width of its 95% confidence interval
 (Student t, n - 1 degrees of freedom), marked ``*`` when the interval excludes 0; the CSV has
-``delta_<column>_mean`` and ``delta_<column>_ci95``; ``--reference`` compares against another row. ``--collect`` trains nothing: it renders the
+``delta_<column>_mean`` and ``delta_<column>_ci95``; ``--reference`` compares against another row. ``--time-limit`` starts no run that would not end in time
+(a GPU lease, a batch job): the next call runs the rest. ``--collect`` trains nothing: it renders the
 table from the runs that finished (e.g. copied back from a GPU machine), each row counting its seeds. A row that trains exactly what an earlier row trains (same config, args and
 overrides; e.g. the same model scored by another ``feature``) reads that row's runs instead of
 training again. A row whose runs fail is marked ``failed: <reason>`` and the
@@ -261,33 +262,53 @@ def execute(cmd: list[str], cpus: set[int] | None) -> str | None:
     return lines[-1] if lines else f"exit {proc.returncode}"
 
 
-def run_all(tasks: list[tuple[int, int, str, list[str]]], jobs: int) -> dict[tuple[int, int], str]:
-    """Run the (row, seed, label, command) tasks, ``jobs`` at a time; errors by (row, seed)."""
+def run_all(tasks: list[tuple[int, int, str, list[str]]], jobs: int, time_limit: float | None = None,
+            run_seconds: float = 0.0) -> dict[tuple[int, int], str]:
+    """Run the (row, seed, label, command) tasks, ``jobs`` at a time; errors by (row, seed).
+
+    With ``time_limit`` (seconds from now), a run is not started unless it is expected to end in time:
+    expected to take as long as the longest run finished so far (``run_seconds`` before any has). Runs
+    already going are never stopped; those not started are reported as such and run on the next call.
+    """
     errors: dict[tuple[int, int], str] = {}
     slots: queue.Queue = queue.Queue()
     for cpus in cpu_slots(jobs):
         slots.put(cpus)
     done = 0
+    longest = float(run_seconds)
+    deadline = None if time_limit is None else time.monotonic() + time_limit
     lock = threading.Lock()
 
     def one(task: tuple[int, int, str, list[str]]) -> None:
-        nonlocal done
+        nonlocal done, longest
         row, seed, label, cmd = task
         cpus = slots.get()
         with lock:
-            print(f"=== row {row} ({label}) seed {seed}", flush=True)
+            late = deadline is not None and time.monotonic() + longest > deadline
+            if late:
+                done += 1
+                errors[(row, seed)] = "not started: it would not end within --time-limit"
+                print(f"[{done}/{len(tasks)}] row {row} seed {seed}: not started (--time-limit; about "
+                      f"{longest:.0f} s a run)", flush=True)
+            else:
+                print(f"=== row {row} ({label}) seed {seed}", flush=True)
+        if late:
+            slots.put(cpus)
+            return
         start = time.perf_counter()
         try:
             err = execute(cmd, cpus)
         finally:
             slots.put(cpus)
+        took = time.perf_counter() - start
         with lock:
             done += 1
             if err is not None:
                 errors[(row, seed)] = err
+            else:
+                longest = max(longest, took)
             state = "ok" if err is None else f"FAILED: {err}"
-            print(f"[{done}/{len(tasks)}] row {row} seed {seed}: {state} ({time.perf_counter() - start:.0f} s)",
-                  flush=True)
+            print(f"[{done}/{len(tasks)}] row {row} seed {seed}: {state} ({took:.0f} s)", flush=True)
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(one, tasks))
@@ -306,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="runs side by side (e.g. several small runs on one GPU), each pinned to its share "
                              "of the CPUs")
     parser.add_argument("--wandb-mode", default="disabled", choices=("disabled", "offline", "online"))
+    parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                        help="start no run that would not end within SECONDS (a GPU lease, a batch job's limit); "
+                             "the rest run on the next call")
+    parser.add_argument("--run-seconds", type=float, default=0.0,
+                        help="with --time-limit: how long a run takes, until one has finished here")
     parser.add_argument("--reference", default=None, help="the row the Δ columns compare with (default: the table's)")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--collect", action="store_true",
@@ -347,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     prepare_pretrained(spec, rows, args.quick, args.real, args.overrides, [t[0] for t in tasks])
-    errors = run_all(tasks, args.jobs)
+    errors = run_all(tasks, args.jobs, args.time_limit, args.run_seconds)
     results = []
     for i, row in enumerate(rows):
         result = {"label": row["label"], "values": {c: {} for c in spec["columns"]}, "errors": []}
