@@ -143,6 +143,8 @@ def base_config() -> CN:
     _C.DATALOADER = CN()
     _C.DATALOADER.NUM_WORKERS = -1  # -1: CPUs available / local ranks, at most 8
     _C.DATALOADER.PREFETCH_FACTOR = 4
+    # copy the next batch to the GPU on a side stream while the current step runs (engine/prefetch.py)
+    _C.DATALOADER.PREFETCH_TO_DEVICE = True
 
     _C.SOLVER = CN()
     _C.SOLVER.OPTIMIZER = "SGD"  # SGD | Adam | AdamW

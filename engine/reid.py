@@ -39,6 +39,7 @@ from engine.evaluation import (
 )
 from engine.logger import MetricsLogger, progress
 from engine.missing import canonical, missing_modalities, present_modalities
+from engine.prefetch import DevicePrefetcher
 from engine.solver import build_model_optimizer, build_scheduler
 from engine.tower_pretrain import ensure_pretrained_tower
 from engine.trainer import Stage, Trainer
@@ -97,19 +98,41 @@ def resolve_test_modalities(cfg: CN) -> tuple[str, ...]:
     return present_modalities(cfg.TEST.MISS)
 
 
+def _pad_rows(x: Any, rows: int) -> Any:
+    """``x`` (a tensor or a dict of them) with its last row repeated up to ``rows`` rows."""
+    if isinstance(x, dict):
+        return {k: _pad_rows(v, rows) for k, v in x.items()}
+    return torch.cat([x, x[-1:].expand(rows - x.shape[0], *x.shape[1:])])
+
+
 @torch.no_grad()
 def extract_features(
     model: torch.nn.Module, loader: Any, device: torch.device, amp: AmpPolicy, keep: tuple[str, ...], miss_mode: str
 ) -> dict[str, Any]:
     """Run ``model`` (eval mode) over ``loader`` with only the ``keep`` modalities; returns features by
-    name, ids, cameras, track/scene ids and kept token indices."""
+    name, ids, cameras, track/scene ids and kept token indices.
+
+    A compiled model (``torch.compile``) sees one batch shape: a short last batch is padded to the
+    loader's batch size with copies of its last sample (dropped from the outputs), so no graph is
+    compiled or recorded for it; its outputs are copied before the next batch runs (CUDA graphs reuse
+    their output memory).
+    """
     model.eval()
+    compiled = hasattr(model, "_orig_mod")  # what torch.compile returns
+    full = getattr(loader, "batch_size", None) if compiled else None
     feats: dict[str, list[torch.Tensor]] = {}
     keep_idx: dict[str, list[torch.Tensor]] = {}
     pids, camids, trackids = [], [], []
-    for batch in progress(loader, desc="extract features"):
-        images = {m: x.to(device, non_blocking=True) for m, x in batch["images"].items()}
-        mask = batch["masks"].to(device, non_blocking=True).clone()  # the batch itself is not changed
+
+    def to_device(batch: dict[str, Any]) -> dict[str, Any]:  # ids stay on the host
+        return {**batch, "images": {m: x.to(device, non_blocking=True) for m, x in batch["images"].items()},
+                "masks": batch["masks"].to(device, non_blocking=True),
+                "camids_dev": batch["camids"].to(device, non_blocking=True)}
+
+    # the next batch is copied while this one runs; nothing waits for the device until the end
+    for batch in progress(DevicePrefetcher(loader, to_device, device), desc="extract features"):
+        images = dict(batch["images"])
+        mask = batch["masks"].clone()  # the batch itself is not changed
         pid, camid, trackid = batch["pids"], batch["camids"], batch["trackids"]
         for col, m in enumerate(MODALITY_ORDER):
             if m not in keep:
@@ -117,14 +140,19 @@ def extract_features(
                     images[m] = torch.zeros_like(images[m])
                 else:
                     mask[:, col] = False
+        camid_dev, n = batch["camids_dev"], len(pid)
+        if full and n < full:
+            images, mask, camid_dev = (_pad_rows(x, full) for x in (images, mask, camid_dev))
+        if compiled:
+            torch.compiler.cudagraph_mark_step_begin()
         with amp.autocast():
-            out = model(images, camid.to(device, non_blocking=True), mask)
+            out = model(images, camid_dev, mask)
         named = {"feat": out["feat"], **out.get("feats", {})}
         for name, value in named.items():
-            feats.setdefault(name, []).append(value.float())
+            feats.setdefault(name, []).append(value[:n].float().clone() if compiled else value.float())
         for m, idx in (out.get("keep_indices") or {}).items():
             if idx is not None:
-                keep_idx.setdefault(m, []).append(idx.cpu())
+                keep_idx.setdefault(m, []).append(idx[:n].clone() if compiled else idx)
         pids.append(pid)
         camids.append(camid)
         trackids.append(torch.as_tensor(trackid))
@@ -133,7 +161,7 @@ def extract_features(
         "pids": torch.cat(pids),
         "camids": torch.cat(camids),
         "trackids": torch.cat(trackids),
-        "keep_indices": {k: torch.cat(v) for k, v in keep_idx.items()},
+        "keep_indices": {k: torch.cat(v).cpu() for k, v in keep_idx.items()},
     }
 
 

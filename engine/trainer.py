@@ -5,7 +5,8 @@ A run is a sequence of stages (ReID: ``train``; few-shot: ``pretrain`` then ``me
 loss (an :class:`Objective`), how to evaluate (an :class:`Evaluator`), and its optimizer and
 schedule. :class:`Trainer` runs it top to bottom:
 
-* per step (:meth:`Trainer.run_step`, the only copy of the optimisation step): forward under
+* per step (:meth:`Trainer.run_step`, the only copy of the optimisation step; on a GPU the next
+  batch is already being copied, :class:`engine.prefetch.DevicePrefetcher`): forward under
   autocast -> loss in fp32 -> backward through the grad scaler -> unscale -> clip
   (``SOLVER.GRAD_CLIP``) -> one host sync (loss, grad norm and every term) -> the step is
   applied unless a value is non-finite (:class:`NonFiniteGuard`) -> spike detector ->
@@ -39,6 +40,7 @@ from engine.device import AmpPolicy
 from engine.launch import wrap_ddp
 from engine.logger import MetricsLogger, progress
 from engine.monitor import NonFiniteGuard, NonFiniteLossError, SpikeDetector
+from engine.prefetch import DevicePrefetcher
 from engine.seed import set_rng_state
 from engine.solver import adopt_configured_schedule
 from utils.distributed import any_rank, barrier, is_dist, is_main_process
@@ -163,6 +165,7 @@ class Trainer:
         self.spikes = SpikeDetector(*self._monitor_args)
         self.guard = NonFiniteGuard(self._max_nonfinite)
         self._stop_signal: str | None = None
+        self._compiled_eval: torch.nn.Module | None = None
 
     # ------------------------------------------------------------------------------------------
     def run_step(self, model: torch.nn.Module, stage: Stage, params: list[torch.nn.Parameter], batch: Any,
@@ -239,9 +242,10 @@ class Trainer:
                     stage.loader.batch_sampler.set_epoch(epoch)
                 train_model.train()
                 period = _PeriodMeans()
-                batches = progress(stage.loader, desc=f"{stage.name} {epoch + 1}/{stage.epochs}", total=steps - skip)
+                on_device = DevicePrefetcher(stage.loader, stage.objective.to_device, self.device,
+                                             enabled=self.cfg.DATALOADER.PREFETCH_TO_DEVICE)
+                batches = progress(on_device, desc=f"{stage.name} {epoch + 1}/{stage.epochs}", total=steps - skip)
                 for it, batch in enumerate(batches, start=skip):
-                    batch = stage.objective.to_device(batch)
                     try:
                         loss, terms, grad_norm, stats = self.run_step(train_model, stage, params, batch,
                                                                       epoch + it / steps)
@@ -372,10 +376,19 @@ class Trainer:
         return {"run": asdict(self.run), "spikes": self.spikes.state_dict(), "guard": self.guard.state_dict(),
                 "objective": stage.objective.state_dict(), "best": best, "meta": checkpoint_meta(self.cfg)}
 
+    def _eval_model(self) -> torch.nn.Module:
+        """The model evaluation runs: the bare module, compiled (once per run) under ``MODEL.COMPILE``."""
+        model = unwrap(self.model)
+        if not self.cfg.MODEL.COMPILE:
+            return model
+        if self._compiled_eval is None:
+            self._compiled_eval = compile_model(model, self.cfg.MODEL.COMPILE)
+        return self._compiled_eval
+
     def _evaluate(self, stage: Stage, best: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         evaluator = stage.evaluator
         assert evaluator is not None
-        results = evaluator(unwrap(self.model))
+        results = evaluator(self._eval_model())
         for line in evaluator.lines(results):
             logger.info("%s epoch %d: %s", stage.name, self.run.stage_epoch, line)
         self.metrics.log(evaluator.scalars(results), step=self.run.step, prefix=evaluator.prefix)

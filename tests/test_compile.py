@@ -48,3 +48,38 @@ def test_compiled_step_equals_the_eager_step() -> None:
     assert compiled[2] == pytest.approx(eager[2], rel=1e-3)  # the gradient norm
     worst = max(float((compiled[3][k].float() - v.float()).abs().max()) for k, v in eager[3].items())
     assert worst < 1e-5  # the parameters after the step: 0.1 x the gradients
+
+
+class _Batches(list):
+    """Test batches with the attribute a DataLoader has."""
+
+    batch_size = 8
+
+
+@pytest.mark.slow
+def test_compiled_evaluation_equals_eager_and_pads_the_last_batch() -> None:
+    from engine.reid import extract_features
+
+    cfg = load_config(REPO / "configs" / "synthetic" / "DeMo_SDTPS_tiny.yml",
+                      ["MODEL.NUM_CLASSES", "4", "MODEL.NUM_CAMERAS", "3", "INPUT.SIZE_TRAIN", "[64, 32]",
+                       "INPUT.SIZE_TEST", "[64, 32]"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    g = torch.Generator().manual_seed(2)
+    loader = _Batches()
+    for n in (8, 8, 5):  # a short last batch
+        loader.append({"images": {m: torch.randn(n, 3, 64, 32, generator=g) for m in ("RGB", "NI", "TI")},
+                       "masks": torch.ones(n, 3, dtype=torch.bool), "pids": torch.arange(n),
+                       "camids": torch.arange(n) % 3, "trackids": torch.zeros(n, dtype=torch.long)})
+    amp = build_amp_policy("fp32", CPU)
+    keep = ("RGB", "NI", "TI")
+    eager = extract_features(model, loader, CPU, amp, keep, "drop")
+    compiled_model = compile_model(model, "default")
+    with torch._dynamo.config.patch(error_on_recompile=True):  # the short last batch is padded: no new graph
+        compiled = extract_features(compiled_model, loader, CPU, amp, keep, "drop")
+    assert set(compiled["feats"]) == set(eager["feats"])
+    for name, value in eager["feats"].items():
+        assert compiled["feats"][name].shape == value.shape == (21, value.shape[1])
+        assert torch.allclose(compiled["feats"][name], value, atol=1e-5, rtol=1e-4), name
+    for m, idx in eager["keep_indices"].items():
+        assert torch.equal(compiled["keep_indices"][m], idx)
