@@ -11,6 +11,8 @@ modalities, so the numbers measure the model step, not the data pipeline
 (``tools/bench_loader.py`` measures that). Evaluation runs at ``TEST.IMS_PER_BATCH``.
 A "sample" is one multi-modal sample (three images). The table is printed and, with
 ``--append``, appended to a Markdown file with the device, torch version and command.
+``DETERMINISTIC True`` (as a KEY VALUE) measures the step with deterministic kernels, i.e. what
+determinism costs.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def _sync(device: torch.device) -> None:
 
 def _setup(cfg, precision: str, device: torch.device, args: argparse.Namespace, compiled: bool) -> tuple:
     """Fresh model (seed 0), objective, optimizer and step state for one measurement, as the trainer builds them."""
-    seed_everything(0)
+    seed_everything(0, deterministic=cfg.DETERMINISTIC)  # DETERMINISTIC True measures what determinism costs
     amp = build_amp_policy(precision, device)
     model = build_reid_model(cfg, args.num_classes, args.num_cameras).to(device)
     criterion = ReIDCriterion(cfg, bn_feat_dim=getattr(model, "bn_feat_dim", None)).to(device)

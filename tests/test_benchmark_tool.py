@@ -1,0 +1,31 @@
+"""tools/benchmark.py measures the configured step: with DETERMINISTIC True, under deterministic kernels."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+import benchmark  # noqa: E402
+
+from engine.config import load_config  # noqa: E402
+
+
+def test_deterministic_key_reaches_the_measured_step() -> None:
+    args = argparse.Namespace(num_classes=4, num_cameras=2)
+    cpu = torch.device("cpu")
+    try:
+        for deterministic in (True, False):
+            cfg = load_config(REPO / "configs" / "synthetic" / "DeMo_SDTPS_tiny.yml",
+                              ["DETERMINISTIC", str(deterministic), "SOLVER.IMS_PER_BATCH", "8",
+                               "DATALOADER.NUM_INSTANCE", "4"])
+            *_, step = benchmark._setup(cfg, "fp32", cpu, args, compiled=False)
+            assert torch.are_deterministic_algorithms_enabled() is deterministic
+            step()  # one real step under that setting
+    finally:
+        torch.use_deterministic_algorithms(False)
