@@ -129,6 +129,9 @@ def base_config() -> CN:
     _C.MODEL.WEIGHTS = ""
     # torch.compile the training model: "" (eager) | default | max-autotune-no-cudagraphs | reduce-overhead
     _C.MODEL.COMPILE = ""
+    # what MODEL.COMPILE compiles for training: "model" (the model's forward) | "step" (the forward and the
+    # loss as one graph, where the objective supports it: ReID without LOSS.CEM; others fall back to "model")
+    _C.MODEL.COMPILE_SCOPE = "model"
     # where compiled kernels are kept between runs (engine/compile_cache.py); "" = torch's local cache only
     _C.MODEL.COMPILE_CACHE_DIR = "outputs/cache/compile"
 
@@ -237,6 +240,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "MODEL.SAP.ANCHOR_MODE": ANCHOR_MODES,
         "MODEL.SAP.ANCHOR_FALLBACK": ANCHOR_FALLBACKS,
         "SOLVER.SCHEDULER": ("cosine", "step"),
+        "MODEL.COMPILE_SCOPE": ("model", "step"),
         "LOSS.SDM.FORMULA": ("fixed", "legacy"),
         "FEWSHOT.TEST_CHECKPOINT": ("last", "best"),
         "WANDB.MODE": WANDB_MODES,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -288,6 +289,32 @@ class ReIDObjective:
         stats.update(self.criterion.stats)
         stats["sdm_temperature"] = self.criterion.sdm_temperature.value()
         return total, terms, stats
+
+    def compiled_step(self, mode: str, amp: AmpPolicy) -> Callable[..., tuple] | None:
+        """``(model, batch, epoch) -> (total, terms, stats)`` with the forward and the loss compiled as one
+        graph (``MODEL.COMPILE_SCOPE step``); ``None`` when the criterion has a term that reads the epoch
+        inside (CEM). The SDM temperature enters as a device tensor, so its schedule recompiles nothing."""
+        if self.criterion.cem is not None:
+            return None
+        criterion = self.criterion
+
+        def forward_loss(model: torch.nn.Module, batch: dict[str, Any], temperature: torch.Tensor) -> tuple:
+            with amp.autocast():
+                outputs = model(batch["images"], batch["camids"], batch["masks"])
+            total, terms, stats = criterion.compute(outputs, batch["pids"], batch["masks"], temperature)
+            return total, terms, {**{f"model/{k}": v for k, v in outputs.get("stats", {}).items()}, **stats}
+
+        compiled = torch.compile(forward_loss, mode=None if mode in ("", "default") else mode)
+        temperature = torch.zeros((), device=self.device)
+
+        def step(model: torch.nn.Module, batch: dict[str, Any], epoch: float) -> tuple:
+            criterion.sdm_temperature.set_epoch(epoch)
+            tau = criterion.sdm_temperature.value()
+            temperature.fill_(tau)
+            total, terms, stats = compiled(model, batch, temperature)
+            return total, terms, {**stats, "sdm_temperature": tau}
+
+        return step
 
     def after_step(self, terms: dict[str, float]) -> None:
         self.criterion.observe_sdm(terms)

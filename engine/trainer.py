@@ -72,7 +72,12 @@ class RunInterrupted(Exception):
 
 
 class Objective(Protocol):
-    """How a batch becomes a loss: the part of a training step that differs between families."""
+    """How a batch becomes a loss: the part of a training step that differs between families.
+
+    An objective may also offer ``compiled_step(mode, amp)``: a ``(model, batch, epoch) -> (total, terms,
+    stats)`` callable with the forward and the loss compiled as one graph, or ``None`` where it cannot
+    (``MODEL.COMPILE_SCOPE step``; :meth:`Trainer.compile_stage`).
+    """
 
     def to_device(self, batch: Any) -> Any:
         """The loader's batch on the training device."""
@@ -166,16 +171,38 @@ class Trainer:
         self.guard = NonFiniteGuard(self._max_nonfinite)
         self._stop_signal: str | None = None
         self._compiled_eval: torch.nn.Module | None = None
+        #: the objective's compiled forward + loss (``MODEL.COMPILE_SCOPE step``), set by :meth:`compile_stage`
+        self.compiled_step: Callable[..., tuple] | None = None
 
     # ------------------------------------------------------------------------------------------
+    def compile_stage(self, stage: Stage, model: torch.nn.Module) -> torch.nn.Module:
+        """The model :meth:`run_step` trains under ``MODEL.COMPILE``: compiled (``MODEL.COMPILE_SCOPE model``),
+        or as given when the objective compiles its forward and loss as one graph (``step``; then
+        :attr:`compiled_step` is set). Without ``MODEL.COMPILE``, ``model`` itself."""
+        self.compiled_step = None
+        mode = self.cfg.MODEL.COMPILE
+        if not mode:
+            return model
+        if self.cfg.MODEL.COMPILE_SCOPE == "step":
+            make = getattr(stage.objective, "compiled_step", None)
+            self.compiled_step = make(mode, self.amp) if make is not None else None
+            if self.compiled_step is not None:
+                return model
+            logger.warning("MODEL.COMPILE_SCOPE step: the %s stage's objective cannot be compiled as one graph; "
+                           "compiling the model", stage.name)
+        return compile_model(model, mode)
+
     def run_step(self, model: torch.nn.Module, stage: Stage, params: list[torch.nn.Parameter], batch: Any,
                  epoch: float) -> tuple[float, dict[str, float], float, dict[str, Any]]:
         """One optimisation step; returns ``(loss, terms, grad_norm, stats)`` with host floats for the first three."""
         obj, optimizer, scaler = stage.objective, stage.optimizer, self.amp.scaler
         torch.compiler.cudagraph_mark_step_begin()  # a new iteration for CUDA graphs (MODEL.COMPILE reduce-overhead)
-        with self.amp.autocast():
-            outputs = obj.forward(model, batch)
-        loss, terms, stats = obj.loss(outputs, batch, epoch)
+        if self.compiled_step is not None:  # MODEL.COMPILE_SCOPE step: forward and loss in one compiled graph
+            loss, terms, stats = self.compiled_step(model, batch, epoch)
+        else:
+            with self.amp.autocast():
+                outputs = obj.forward(model, batch)
+            loss, terms, stats = obj.loss(outputs, batch, epoch)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -226,7 +253,7 @@ class Trainer:
         cache = compile_cache.cache_path(self.cfg, self.device, stage.name) if is_main_process() else None
         if self.cfg.MODEL.COMPILE:
             compile_cache.load(cache)
-            train_model = compile_model(train_model, self.cfg.MODEL.COMPILE)
+        train_model = self.compile_stage(stage, train_model)
         run.stage = stage.name
         steps = len(stage.loader)
         logger.info("stage %s: epochs %d..%d of %d steps%s", stage.name, start_epoch + 1, stage.epochs, steps,

@@ -90,8 +90,22 @@ class ReIDCriterion(nn.Module):
         modality_mask: torch.Tensor | None,
         epoch: float,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self.sdm_temperature.set_epoch(epoch)
+        total, terms, self.stats = self.compute(outputs, pids, modality_mask, self.sdm_temperature.value(), epoch)
+        return total, terms
+
+    def compute(
+        self,
+        outputs: dict[str, Any],
+        pids: torch.Tensor,
+        modality_mask: torch.Tensor | None,
+        temperature: float | torch.Tensor,
+        epoch: float | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``(total, terms, stats)`` at SDM temperature ``temperature`` (a float or a 0-d tensor); changes no
+        state, so it can run inside a compiled step. ``epoch`` is needed only by the CEM term."""
         terms: dict[str, torch.Tensor] = {}
-        self.stats = {}
+        stats: dict[str, torch.Tensor] = {}
         for branch in outputs["branches"]:
             name = branch["name"]
             terms[f"id/{name}"] = self.id_weight * self.id_loss(branch["logits"], pids)[0]
@@ -100,25 +114,26 @@ class ReIDCriterion(nn.Module):
             feats = outputs["modality_feats"]
             order = [m for m in MODALITY_ORDER if m in feats]
             mask = None if modality_mask is None else modality_mask[:, [MODALITY_ORDER.index(m) for m in order]]
-            self.sdm_temperature.set_epoch(epoch)
-            tau = self.sdm_temperature.value()
+            tau = temperature
             if self.sdm_formula == "legacy":  # ablation: the ce - h formula, which has no masks
                 pairs = [self.sdm_legacy(feats[m], feats[n], pids, tau)[0] for m, n in itertools.combinations(order, 2)]
                 l_sdm = torch.stack(pairs).mean()
             else:
                 l_sdm, sdm_stats = self.sdm_fixed(feats, pids, mask if self.sdm_use_masks else None, order,
                                                   temperature=tau, center=self.sdm_center)
-                self.stats.update({"sdm/unweighted": sdm_stats["sdm"], "sdm/pos_cos": sdm_stats["sdm_pos_cos"],
-                                   "sdm/neg_cos": sdm_stats["sdm_neg_cos"]})
+                stats.update({"sdm/unweighted": sdm_stats["sdm"], "sdm/pos_cos": sdm_stats["sdm_pos_cos"],
+                              "sdm/neg_cos": sdm_stats["sdm_neg_cos"]})
             terms["sdm"] = self.sdm_weight * l_sdm
         bn_feats = outputs.get("bn_feats")
         if self.feat_norm_enabled and bn_feats is not None:
             terms["feat_norm"] = self.feat_norm(bn_feats)[0]
         if self.cem is not None and bn_feats is not None:
+            if epoch is None:
+                raise ValueError("the CEM term needs the epoch (its warm-up)")
             l_cem, _ = self.cem(bn_feats, pids, epoch=epoch)
             terms["cem"] = l_cem
         total = torch.stack([t.float() for t in terms.values()]).sum()
-        return total, {k: v.detach() for k, v in terms.items()}
+        return total, {k: v.detach() for k, v in terms.items()}, stats
 
     def observe_sdm(self, terms: dict[str, torch.Tensor]) -> None:
         """After the step's host sync: let the SDM schedule react to a non-finite SDM value."""

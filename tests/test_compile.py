@@ -18,7 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 
 
-def _step(cfg, compiled: bool) -> tuple[float, dict[str, float], float, dict[str, torch.Tensor]]:
+def _step(cfg, compiled: bool, epochs: tuple[float, ...] = (0.0,)) -> tuple[float, dict[str, float], float,
+                                                                        dict[str, torch.Tensor]]:
+    """The last of ``len(epochs)`` steps (one per epoch value): compiled as ``cfg.MODEL.COMPILE_SCOPE`` says."""
     torch.manual_seed(0)
     model = build_model(cfg).train()
     criterion = ReIDCriterion(cfg)
@@ -29,25 +31,47 @@ def _step(cfg, compiled: bool) -> tuple[float, dict[str, float], float, dict[str
     batch = {"images": {m: torch.randn(8, 3, 64, 32, generator=g) for m in ("RGB", "NI", "TI")},
              "pids": torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), "camids": torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]),
              "masks": torch.ones(8, 3, dtype=torch.bool)}
-    run_model = compile_model(model, "default") if compiled else model
+    run_model = trainer.compile_stage(stage, model) if compiled else model
     params = [p for group in opt.param_groups for p in group["params"]]
-    loss, terms, grad_norm, _ = trainer.run_step(run_model, stage, params, batch, 0.0)
+    for epoch in epochs:
+        loss, terms, grad_norm, _ = trainer.run_step(run_model, stage, params, batch, epoch)
     return loss, terms, grad_norm, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.slow
-def test_compiled_step_equals_the_eager_step() -> None:
-    cfg = load_config(REPO / "configs" / "synthetic" / "DeMo_SDTPS_tiny.yml",
-                      ["MODEL.NUM_CLASSES", "4", "MODEL.NUM_CAMERAS", "3", "INPUT.SIZE_TRAIN", "[64, 32]",
-                       "INPUT.SIZE_TEST", "[64, 32]", "MODEL.DEMO.HDM_DROPOUT", "0.0"])
-    eager = _step(cfg, compiled=False)
-    compiled = _step(cfg, compiled=True)
+def _tiny(*overrides: str):
+    return load_config(REPO / "configs" / "synthetic" / "DeMo_SDTPS_tiny.yml",
+                       ["MODEL.NUM_CLASSES", "4", "MODEL.NUM_CAMERAS", "3", "INPUT.SIZE_TRAIN", "[64, 32]",
+                        "INPUT.SIZE_TEST", "[64, 32]", "MODEL.DEMO.HDM_DROPOUT", "0.0", "MODEL.COMPILE", "default",
+                        *overrides])
+
+
+def _assert_same_step(compiled: tuple, eager: tuple) -> None:
     assert compiled[0] == pytest.approx(eager[0], rel=1e-4)  # the loss
     assert set(compiled[1]) == set(eager[1]) and all(compiled[1][k] == pytest.approx(v, rel=1e-3, abs=1e-5)
                                                      for k, v in eager[1].items())
     assert compiled[2] == pytest.approx(eager[2], rel=1e-3)  # the gradient norm
     worst = max(float((compiled[3][k].float() - v.float()).abs().max()) for k, v in eager[3].items())
     assert worst < 1e-5  # the parameters after the step: 0.1 x the gradients
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_the_eager_step() -> None:
+    cfg = _tiny()
+    _assert_same_step(_step(cfg, compiled=True), _step(cfg, compiled=False))
+
+
+@pytest.mark.slow
+def test_step_compiled_with_its_loss_equals_the_eager_step_and_compiles_once() -> None:
+    """MODEL.COMPILE_SCOPE step: forward and loss in one graph; the SDM temperature, which anneals with the
+    epoch, is a tensor input, so the second step (another epoch, another temperature) compiles nothing."""
+    cfg = _tiny("MODEL.COMPILE_SCOPE", "step", "LOSS.SDM.ANNEAL_EPOCHS", "10")
+    epochs = (0.0, 5.0)
+    eager = _step(cfg, compiled=False, epochs=epochs)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = _step(cfg, compiled=True, epochs=epochs)
+    _assert_same_step(compiled, eager)
+    assert "sdm" in compiled[1]
 
 
 class _Batches(list):

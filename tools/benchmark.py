@@ -72,22 +72,31 @@ def _setup(cfg, precision: str, device: torch.device, args: argparse.Namespace, 
     criterion = ReIDCriterion(cfg, bn_feat_dim=getattr(model, "bn_feat_dim", None)).to(device)
     optimizer = build_reid_optimizer(cfg, model, criterion)
     params = [p for g in optimizer.param_groups for p in g["params"]]  # clipped together, as the trainer does
-    run_model = compile_model(model, cfg.MODEL.COMPILE) if compiled else model
     batch = _batch(cfg, device, args.num_classes, args.num_cameras, cfg.SOLVER.IMS_PER_BATCH)
 
     trainer = Trainer(cfg, model, device, amp, ckpt=None, metrics=None, stages=("train",))
     trainer.guard = NonFiniteGuard(10**9)  # a benchmark never stops on non-finite steps
     stage = Stage("train", [batch], 1, ReIDObjective(criterion, device), optimizer, scheduler=None)
+    # as the trainer compiles a stage (MODEL.COMPILE_SCOPE model: the model; step: forward and loss as one graph)
+    run_model = trainer.compile_stage(stage, model) if compiled else model
+    # evaluation runs the compiled model, as the trainer's evaluation does
+    eval_model = run_model if run_model is not model or not compiled else compile_model(model, cfg.MODEL.COMPILE)
 
-    def step(net: torch.nn.Module = run_model) -> None:
-        trainer.run_step(net, stage, params, batch, 0.0)
+    def step(net: torch.nn.Module = run_model, eager: bool = False) -> None:
+        compiled_step = trainer.compiled_step
+        if eager:  # the FLOP counter needs the eager aten ops
+            trainer.compiled_step = None
+        try:
+            trainer.run_step(net, stage, params, batch, 0.0)
+        finally:
+            trainer.compiled_step = compiled_step
 
-    return model, run_model, amp, trainer.guard, step
+    return model, run_model, eval_model, amp, trainer.guard, step
 
 
 def bench_precision(cfg, precision: str, device: torch.device, args: argparse.Namespace) -> dict[str, float]:
     """Train and eval throughput of one precision (fresh model and optimizer)."""
-    model, run_model, amp, guard, step = _setup(cfg, precision, device, args, args.compile)
+    model, run_model, eval_model, amp, guard, step = _setup(cfg, precision, device, args, args.compile)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -109,22 +118,22 @@ def bench_precision(cfg, precision: str, device: torch.device, args: argparse.Na
 
         counter = FlopCounterMode(display=False)
         with counter:
-            step(model)  # eager: the counter needs the aten ops
+            step(model, eager=True)
         flops = float(counter.get_total_flops())
     peak_flops = _peak_flops(device)
     mfu = flops / train_time / peak_flops if peak_flops and math.isfinite(flops) else math.nan
 
     eval_batch = _batch(cfg, device, args.num_classes, args.num_cameras, cfg.TEST.IMS_PER_BATCH)
-    run_model.eval()
+    eval_model.eval()
     with torch.no_grad():
         for _ in range(max(2, args.warmup // 2)):
             with amp.autocast():
-                run_model(eval_batch["images"], eval_batch["camids"], eval_batch["masks"])
+                eval_model(eval_batch["images"], eval_batch["camids"], eval_batch["masks"])
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(args.steps):
             with amp.autocast():
-                run_model(eval_batch["images"], eval_batch["camids"], eval_batch["masks"])
+                eval_model(eval_batch["images"], eval_batch["camids"], eval_batch["masks"])
         _sync(device)
     eval_time = (time.perf_counter() - t0) / args.steps
     return {
@@ -142,7 +151,7 @@ def profile_steps(cfg, precision: str, device: torch.device, args: argparse.Name
     """torch.profiler table (top ops by device time, then by CPU time) over ``steps`` training steps."""
     from torch.profiler import ProfilerActivity, profile
 
-    _, run_model, _, _, step = _setup(cfg, precision, device, args, args.compile)
+    _, run_model, _, _, _, step = _setup(cfg, precision, device, args, args.compile)
     run_model.train()
     for _ in range(3):
         step()
