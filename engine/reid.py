@@ -266,6 +266,11 @@ def missing_record(cfg: CN, miss: str | None = None) -> dict[str, Any]:
     return {"missing_modalities": list(missing_modalities(code)), "miss_mode": cfg.TEST.MISS_MODE}
 
 
+def _model_stats(outputs: dict[str, Any]) -> dict[str, Any]:
+    """The model's own stats of a forward, as logged (``model/<name>``)."""
+    return {f"model/{k}": v for k, v in outputs.get("stats", {}).items()}
+
+
 class ReIDObjective:
     """A ReID training step's loss: the model on the batch's three modalities, then the criterion."""
 
@@ -285,8 +290,7 @@ class ReIDObjective:
     def loss(self, outputs: dict[str, Any], batch: dict[str, Any], epoch: float) -> tuple[
             torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
         total, terms = self.criterion(outputs, batch["pids"], batch["masks"], epoch)
-        stats = {f"model/{k}": v for k, v in outputs.get("stats", {}).items()}
-        stats.update(self.criterion.stats)
+        stats = {**_model_stats(outputs), **self.criterion.stats}
         stats["sdm_temperature"] = self.criterion.sdm_temperature.value()
         return total, terms, stats
 
@@ -300,9 +304,9 @@ class ReIDObjective:
 
         def forward_loss(model: torch.nn.Module, batch: dict[str, Any], temperature: torch.Tensor) -> tuple:
             with amp.autocast():
-                outputs = model(batch["images"], batch["camids"], batch["masks"])
+                outputs = self.forward(model, batch)
             total, terms, stats = criterion.compute(outputs, batch["pids"], batch["masks"], temperature)
-            return total, terms, {**{f"model/{k}": v for k, v in outputs.get("stats", {}).items()}, **stats}
+            return total, terms, {**_model_stats(outputs), **stats}
 
         compiled = torch.compile(forward_loss, mode=None if mode in ("", "default") else mode)
         temperature = torch.zeros((), device=self.device)

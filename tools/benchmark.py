@@ -79,8 +79,8 @@ def _setup(cfg, precision: str, device: torch.device, args: argparse.Namespace, 
     stage = Stage("train", [batch], 1, ReIDObjective(criterion, device), optimizer, scheduler=None)
     # as the trainer compiles a stage (MODEL.COMPILE_SCOPE model: the model; step: forward and loss as one graph)
     run_model = trainer.compile_stage(stage, model) if compiled else model
-    # evaluation runs the compiled model, as the trainer's evaluation does
-    eval_model = run_model if run_model is not model or not compiled else compile_model(model, cfg.MODEL.COMPILE)
+    # evaluation runs the compiled model, as the trainer's evaluation does (compiled here when the step was)
+    eval_model = compile_model(model, cfg.MODEL.COMPILE) if trainer.compiled_step is not None else run_model
 
     def step(net: torch.nn.Module = run_model, eager: bool = False) -> None:
         compiled_step = trainer.compiled_step
