@@ -205,7 +205,8 @@ def build_stage(name: str, cfg: CN, model: torch.nn.Module, data: Any, device: t
     return Stage(name, loader, epochs, objective, optimizer, scheduler,
                  evaluator=FewShotEvaluator(cfg, data, device, amp, name),
                  log_prefix="pretrain" if name == "pretrain" else "train", find_unused_parameters=True,
-                 describe=lambda: f", lr {base_lr:g}, {len(optimizer.param_groups)} parameter groups")
+                 describe=lambda: f", lr {base_lr:g}, {len(optimizer.param_groups)} parameter groups",
+                 samples_per_step=fs.PRETRAIN.BATCH_SIZE if name == "pretrain" else 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -392,7 +392,7 @@ def run_reid(cfg: CN, args: argparse.Namespace) -> dict[str, Any]:
             logger.info("starting from the weights of %s (MODEL.WEIGHTS)", cfg.MODEL.WEIGHTS)
         trainer = Trainer(cfg, model, device, amp, ckpt, metrics, stages=(STAGE,), resume=resume)
         stage = Stage(STAGE, loader, cfg.SOLVER.MAX_EPOCHS, ReIDObjective(criterion, device), optimizer, scheduler,
-                      evaluator=evaluator)
+                      evaluator=evaluator, samples_per_step=cfg.SOLVER.IMS_PER_BATCH)
         fit = trainer.fit(stage)
         if not is_main_process():
             return {}

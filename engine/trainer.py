@@ -27,6 +27,7 @@ import logging
 import math
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,7 +44,7 @@ from engine.monitor import NonFiniteGuard, NonFiniteLossError, SpikeDetector
 from engine.prefetch import DevicePrefetcher
 from engine.seed import set_rng_state
 from engine.solver import adopt_configured_schedule
-from utils.distributed import any_rank, barrier, is_dist, is_main_process
+from utils.distributed import any_rank, barrier, get_world_size, is_dist, is_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,8 @@ class Stage:
     log_prefix: str = "train"
     find_unused_parameters: bool = False
     describe: Callable[[], str] = field(default=lambda: "")
+    #: samples in one batch of one process (for the samples/s of the epoch timing; 0: not reported)
+    samples_per_step: int = 0
 
 
 @dataclass
@@ -272,6 +275,7 @@ class Trainer:
                 on_device = DevicePrefetcher(stage.loader, stage.objective.to_device, self.device,
                                              enabled=self.cfg.DATALOADER.PREFETCH_TO_DEVICE)
                 batches = progress(on_device, desc=f"{stage.name} {epoch + 1}/{stage.epochs}", total=steps - skip)
+                started = time.perf_counter()
                 for it, batch in enumerate(batches, start=skip):
                     try:
                         loss, terms, grad_norm, stats = self.run_step(train_model, stage, params, batch,
@@ -287,6 +291,7 @@ class Trainer:
                         period = _PeriodMeans()
                     if it < steps - 1 and self._stop_requested(sync=run.step % s.LOG_PERIOD == 0):
                         self._stop(stage, best)
+                self._log_epoch_time(stage, epoch, steps - skip, time.perf_counter() - started)
                 run.stage_epoch, run.global_epoch, run.epoch_step = epoch + 1, run.global_epoch + 1, 0
                 if epoch == start_epoch:  # the stage's graphs are compiled now: keep them for the next run
                     compile_cache.save(cache)
@@ -415,7 +420,11 @@ class Trainer:
     def _evaluate(self, stage: Stage, best: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         evaluator = stage.evaluator
         assert evaluator is not None
+        started = time.perf_counter()
         results = evaluator(self._eval_model())
+        seconds = time.perf_counter() - started
+        logger.info("%s epoch %d: evaluation took %.1f s", stage.name, self.run.stage_epoch, seconds)
+        self.metrics.log({"time/eval_s": seconds}, step=self.run.step, prefix=evaluator.prefix)
         for line in evaluator.lines(results):
             logger.info("%s epoch %d: %s", stage.name, self.run.stage_epoch, line)
         self.metrics.log(evaluator.scalars(results), step=self.run.step, prefix=evaluator.prefix)
@@ -426,6 +435,17 @@ class Trainer:
                            extra={"run": asdict(self.run), "best": best, "meta": checkpoint_meta(self.cfg)},
                            periodic=False, resumable=False)
         return results, best
+
+    def _log_epoch_time(self, stage: Stage, epoch: int, steps: int, seconds: float) -> None:
+        """How long the epoch's training steps took (data loading included, evaluation not), as a log line and
+        ``<prefix>/time/*`` metrics; the first epoch of a compiled run includes the compilation."""
+        record = {"time/epoch_s": seconds, "time/steps_per_s": steps / max(seconds, 1e-9)}
+        line = f"{stage.name} epoch {epoch + 1}: {steps} steps in {seconds:.1f} s ({record['time/steps_per_s']:.2f} steps/s"
+        if stage.samples_per_step:
+            record["time/samples_per_s"] = record["time/steps_per_s"] * stage.samples_per_step * get_world_size()
+            line += f", {record['time/samples_per_s']:.0f} samples/s"
+        logger.info(line + ")")
+        self.metrics.log(record, step=self.run.step, prefix=stage.log_prefix)
 
     def _log(self, stage: Stage, means: dict[str, float], grad_norm: float, epoch: float) -> None:
         groups = stage.optimizer.param_groups

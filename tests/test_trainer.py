@@ -16,7 +16,7 @@ from torch import nn
 from engine.checkpoint import Checkpointer, read_checkpoint
 from engine.config import load_config
 from engine.device import build_amp_policy
-from engine.logger import MetricsLogger
+from engine.logger import MetricsLogger, setup_logging
 from engine.monitor import NonFiniteLossError
 from engine.solver import WarmupScheduler, adopt_configured_schedule
 from engine.trainer import RunInterrupted, Stage, Trainer
@@ -103,7 +103,9 @@ def test_fit_logs_period_means_evaluates_and_keeps_the_best(tmp_path: Path) -> N
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
     stage = _stage(model, epochs=3, evaluator=_Evaluator([0.2, 0.5, 0.4]))
+    stage.samples_per_step = 8
     trainer = _trainer(tmp_path, model)
+    setup_logging(tmp_path)
     result = trainer.fit(stage)
     trainer.metrics.close()
     assert result.best == {"score": 0.5, "epoch": 2} and result.results == {"score": 0.4}
@@ -118,6 +120,15 @@ def test_fit_logs_period_means_evaluates_and_keeps_the_best(tmp_path: Path) -> N
     assert best["extra"]["best"] == {"score": 0.5, "epoch": 2} and best["epoch"] == 2
     last = read_checkpoint(tmp_path / "checkpoint_epoch0003.pth")
     assert last["extra"]["run"] == {"stage": "train", "stage_epoch": 3, "global_epoch": 3, "step": 12, "epoch_step": 0}
+    # each epoch's training time (4 steps of 8 samples) and each evaluation's
+    timed = [r for r in rows if "train/time/epoch_s" in r]
+    assert [r["step"] for r in timed] == [4, 8, 12]
+    for r in timed:
+        assert r["train/time/steps_per_s"] == pytest.approx(4 / r["train/time/epoch_s"])
+        assert r["train/time/samples_per_s"] == pytest.approx(8 * r["train/time/steps_per_s"])
+    assert len([r for r in rows if "val/time/eval_s" in r]) == 3
+    assert "train epoch 3: 4 steps in" in (tmp_path / "log.txt").read_text()
+    setup_logging(None)
 
 
 def test_resume_inside_a_stage_and_after_a_finished_one(tmp_path: Path) -> None:
