@@ -192,3 +192,33 @@ def test_time_limit_starts_no_run_that_would_not_end_in_time() -> None:
     assert errors == {(0, 0): "not started: it would not end within --time-limit"}
     # no limit: everything runs
     assert ablate.run_all(tasks[:2], jobs=2) == {}
+
+
+def test_a_run_another_table_already_trained_is_reused_not_trained(tmp_path: Path) -> None:
+    """gate_init's 'new init 0.5/0.5' trains exactly the config of sdtps's '+ SDTPS' (the flags and the override
+    set the defaults): a finished '+ SDTPS' run is copied instead of trained again."""
+    import json
+
+    from engine.config import load_config
+
+    source = tmp_path / "out" / "sdtps" / "SDTPS" / "seed0"
+    source.mkdir(parents=True)
+    cfg = load_config(REPO / "configs" / "synthetic" / "DeMo_SDTPS_pretrained.yml",
+                      ["MODEL.DGAF.ENABLED", "False", "SEED", "0", "OUTPUT_DIR", str(source), "WANDB.NAME", "x"])
+    (source / "config.yaml").write_text(cfg.dump())
+    (source / "summary.json").write_text(json.dumps({"mAP": 0.76, "rank1": 0.85, "mINP": 0.5}))
+    (source / "checkpoint_epoch0030.pth").write_bytes(b"weights")
+    args = ["--table", "gate_init", "--seeds", "1", "--collect", "--out", str(tmp_path / "out")]
+    kept = _ablate(*args, "--rows", "new init 0.5/0.5", "--no-reuse")  # --no-reuse: nothing copied
+    assert kept.returncode == 0 and "reuses" not in kept.stdout and "0/1 |" in kept.stdout
+    res = _ablate(*args, "--rows", "new init 0.5/0.5", "old init 1.0/0.0")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "row 1 (new init 0.5/0.5) seed 0: reuses" in res.stdout and "row 0" not in res.stdout
+    copy = tmp_path / "out" / "gate_init" / "new_init_0.5_0.5" / "seed0"
+    assert (copy / "REUSED_FROM").read_text().strip() == str(source)
+    assert not (copy / "checkpoint_epoch0030.pth").exists()  # checkpoints stay with the source
+    assert "| new init 0.5/0.5 | 76.00 ± 0.00 |" in res.stdout and "| old init 1.0/0.0 | – |" in res.stdout
+    # another seed is another config: not reused
+    seed1 = _ablate("--table", "gate_init", "--seeds", "2", "--collect", "--out", str(tmp_path / "out"),
+                    "--rows", "new init 0.5/0.5")
+    assert "seed 1: reuses" not in seed1.stdout and "1/2 |" in seed1.stdout

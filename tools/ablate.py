@@ -3,7 +3,7 @@
 
     python tools/ablate.py --table gate_init [--seeds 3] [--quick] [--real] [--out outputs/ablations]
         [--jobs N] [--time-limit SECONDS [--run-seconds S]] [--wandb-mode disabled|offline|online]
-        [--rows LABEL ...] [--reference LABEL] [--dry-run] [--collect] [-- KEY VALUE ...]
+        [--rows LABEL ...] [--reference LABEL] [--dry-run] [--collect] [--no-reuse] [-- KEY VALUE ...]
 
 A table file (``configs/ablations/<name>.yaml``) names the training script, the columns
 (keys of each run's ``summary.json``) and the rows::
@@ -27,7 +27,10 @@ repeated after a crash. With a ``reference`` row, every other row also gets, per
 paired difference to it over the seeds both have (same seed = same data order and, where the
 architectures allow, the same init): its mean and the half-width of its 95% confidence interval
 (Student t, n - 1 degrees of freedom), marked ``*`` when the interval excludes 0; the CSV has
-``delta_<column>_mean`` and ``delta_<column>_ci95``; ``--reference`` compares against another row. ``--time-limit`` starts no run that would not end in time
+``delta_<column>_mean`` and ``delta_<column>_ci95``; ``--reference`` compares against another row. A run
+whose resolved config (all keys but ``OUTPUT_DIR`` and ``WANDB``, the seed included) a finished run of any
+table under ``--out`` already trained is copied from it (checkpoints left out, ``REUSED_FROM`` naming the
+source) instead of trained again; ``--no-reuse`` trains it anyway. ``--time-limit`` starts no run that would not end in time
 (a GPU lease, a batch job): the next call runs the rest. ``--collect`` trains nothing: it renders the
 table from the runs that finished (e.g. copied back from a GPU machine), each row counting its seeds. A row that trains exactly what an earlier row trains (same config, args and
 overrides; e.g. the same model scored by another ``feature``) reads that row's runs instead of
@@ -233,6 +236,55 @@ def plot(spec: dict[str, Any], results: list[dict[str, Any]], path: Path) -> Non
     plt.close(fig)
 
 
+#: keys that name a run rather than say what it trains (left out when runs are compared)
+RUN_NAMING_KEYS = ("OUTPUT_DIR", "WANDB")
+
+
+def trained_config(config_file: str | Path | None, overrides: list[str]) -> str | None:
+    """What a run trains: its resolved config as YAML text without the keys that only name the run
+    (``OUTPUT_DIR``, ``WANDB``); ``None`` when the config cannot be read (a key that no longer exists)."""
+    from engine.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config_file, overrides, freeze=False)
+    except (ConfigError, FileNotFoundError, ValueError):
+        return None
+    for key in RUN_NAMING_KEYS:
+        cfg.pop(key, None)
+    return cfg.dump()
+
+
+def command_config(cmd: list[str]) -> str | None:
+    """:func:`trained_config` of a training command (``python SCRIPT --config_file F [flags] KEY VALUE ...``)."""
+    from engine.defaults import default_argument_parser, overrides_from_args
+
+    args, _ = default_argument_parser("", gate_flags=True).parse_known_args(cmd[2:])
+    return trained_config(args.config_file or None, overrides_from_args(args))
+
+
+def finished_runs(root: Path) -> dict[str, Path]:
+    """Every finished run under ``root`` (``<table>/<row>/seed<k>`` with ``summary.json``) by what it trained."""
+    found: dict[str, Path] = {}
+    for summary in sorted(root.glob("*/*/seed*/summary.json")):
+        text = trained_config(summary.parent / "config.yaml", [])
+        if text is not None:
+            found.setdefault(text, summary.parent)
+    return found
+
+
+def reuse_run(source: Path, run_dir: Path) -> None:
+    """Make ``run_dir`` a finished copy of the run in ``source`` (its files without checkpoints), noting where
+    it came from."""
+    import shutil
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.is_file() and path.suffix != ".pth" and path.name != "summary.json":
+            shutil.copy2(path, run_dir / path.name)
+    (run_dir / "REUSED_FROM").write_text(f"{source}\n")
+    shutil.copy2(source / "summary.json", run_dir / "summary.json")  # last: marks the copy finished
+
+
 def cpu_slots(jobs: int) -> list[set[int] | None]:
     """Split this process's CPUs into ``jobs`` disjoint sets (``None`` each when there are too few).
 
@@ -334,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --time-limit: how long a run takes, until one has finished here")
     parser.add_argument("--reference", default=None, help="the row the Δ columns compare with (default: the table's)")
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--no-reuse", action="store_true",
+                        help="train every run, even one whose config a finished run under --out already trained")
     parser.add_argument("--collect", action="store_true",
                         help="train nothing: render the table from the finished runs in --out")
     parser.add_argument("overrides", nargs="*", help="KEY VALUE config overrides added to every run")
@@ -355,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     # quick, synthetic and real runs of one table never share (or reuse) each other's folders
     out = Path(args.out) / (spec["_name"] + ("-quick" if args.quick else "-real" if args.real else ""))
     tasks = []
+    # runs of other tables (or rows) that trained exactly what a (row, seed) would train
+    elsewhere = finished_runs(Path(args.out)) if not args.dry_run and not args.no_reuse else {}
     trained_by: dict[tuple[str, ...], int] = {}  # run identity -> the first row that trains it
     run_row = []  # for each row, the row whose runs it reads
     for i, row in enumerate(rows):
@@ -368,8 +424,13 @@ def main(argv: list[str] | None = None) -> int:
             cmd = run_command(spec, row, seed, run_dir, args.quick, args.real, args.wandb_mode, args.overrides)
             if args.dry_run:
                 print(" ".join(cmd))
-            elif not args.collect and not (run_dir / "summary.json").is_file():
-                tasks.append((i, seed, row["label"], cmd))
+            elif not (run_dir / "summary.json").is_file():
+                source = elsewhere.get(command_config(cmd)) if elsewhere else None
+                if source is not None:
+                    reuse_run(source, run_dir)
+                    print(f"row {i} ({row['label']}) seed {seed}: reuses {source} (the same config)")
+                elif not args.collect:
+                    tasks.append((i, seed, row["label"], cmd))
     if args.dry_run:
         return 0
     prepare_pretrained(spec, rows, args.quick, args.real, args.overrides, [t[0] for t in tasks])
