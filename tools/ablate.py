@@ -22,21 +22,24 @@ A table file (``configs/ablations/<name>.yaml``) names the training script, the 
         feature: moe                     # optional: score this retrieval feature (summary key moe/mAP ...)
 
 Every (row, seed) runs in its own folder ``<out>/<table>[-quick|-real]/<row>/seed<k>``; a finished run
-(``summary.json`` present) is kept, an interrupted one resumed, so the command can be
-repeated after a crash. With a ``reference`` row, every other row also gets, per column, the
-paired difference to it over the seeds both have (same seed = same data order and, where the
-architectures allow, the same init): its mean and the half-width of its 95% confidence interval
-(Student t, n - 1 degrees of freedom), marked ``*`` when the interval excludes 0; the CSV has
-``delta_<column>_mean`` and ``delta_<column>_ci95``; ``--reference`` compares against another row. A run
-whose resolved config (all keys but ``OUTPUT_DIR`` and ``WANDB``, the seed included) a finished run of any
-table under ``--out`` already trained is copied from it (checkpoints left out, ``REUSED_FROM`` naming the
-source) instead of trained again; ``--no-reuse`` trains it anyway. ``--time-limit`` starts no run that would not end in time
-(a GPU lease, a batch job): the next call runs the rest. ``--collect`` trains nothing: it renders the
-table from the runs that finished (e.g. copied back from a GPU machine), each row counting its seeds. A row that trains exactly what an earlier row trains (same config, args and
-overrides; e.g. the same model scored by another ``feature``) reads that row's runs instead of
-training again. A row whose runs fail is marked ``failed: <reason>`` and the
-others still run. Outputs: ``<table>.md``, ``<table>.csv``, ``<table>.png`` and, with
-W&B on, a ``wandb.Table``.
+(``summary.json`` present) is kept, an interrupted one resumed, so the command can be repeated after a
+crash. A row that trains exactly what an earlier row trains (same config, args and overrides; e.g. the
+same model scored by another ``feature``) reads that row's runs. A run whose resolved config (every key
+but ``OUTPUT_DIR`` and ``WANDB``, the seed included) a finished run of any table under ``--out`` already
+trained is copied from it (checkpoints left out, ``REUSED_FROM`` naming the source) instead of trained
+again; ``--no-reuse`` trains it anyway. A row whose runs fail is marked ``failed: <reason>`` and the
+others still run.
+
+With a ``reference`` row (or ``--reference LABEL``), every other row also gets, per column, the paired
+difference to it over the seeds both have (same seed = same data order and, where the architectures
+allow, the same init): its mean and the half-width of its 95% confidence interval (Student t, n - 1
+degrees of freedom), marked ``*`` when the interval excludes 0; the CSV has ``delta_<column>_mean`` and
+``delta_<column>_ci95``.
+
+``--time-limit`` starts no run that would not end in time (a GPU lease, a batch job): the next call
+runs the rest. ``--collect`` trains nothing: it renders the table from the runs that finished (e.g.
+copied back from a GPU machine), each row counting its seeds. Outputs: ``<table>.md``, ``<table>.csv``,
+``<table>.png`` and, with W&B on, a ``wandb.Table``.
 """
 
 from __future__ import annotations
