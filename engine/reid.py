@@ -312,8 +312,7 @@ class ReIDObjective:
         temperature = torch.zeros((), device=self.device)
 
         def step(model: torch.nn.Module, batch: dict[str, Any], epoch: float) -> tuple:
-            criterion.sdm_temperature.set_epoch(epoch)
-            tau = criterion.sdm_temperature.value()
+            tau = criterion.temperature(epoch)
             temperature.fill_(tau)
             total, terms, stats = compiled(model, batch, temperature)
             return total, terms, {**stats, "sdm_temperature": tau}

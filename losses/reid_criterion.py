@@ -90,9 +90,13 @@ class ReIDCriterion(nn.Module):
         modality_mask: torch.Tensor | None,
         epoch: float,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        self.sdm_temperature.set_epoch(epoch)
-        total, terms, self.stats = self.compute(outputs, pids, modality_mask, self.sdm_temperature.value(), epoch)
+        total, terms, self.stats = self.compute(outputs, pids, modality_mask, self.temperature(epoch), epoch)
         return total, terms
+
+    def temperature(self, epoch: float) -> float:
+        """The SDM temperature the schedule gives at (fractional) ``epoch``."""
+        self.sdm_temperature.set_epoch(epoch)
+        return self.sdm_temperature.value()
 
     def compute(
         self,
