@@ -37,6 +37,7 @@ import torch
 
 from engine import compile_cache
 from engine.checkpoint import Checkpointer, checkpoint_meta, read_checkpoint, unwrap
+from engine.data_wait import DataWait
 from engine.device import AmpPolicy
 from engine.launch import wrap_ddp
 from engine.logger import MetricsLogger, progress
@@ -272,7 +273,8 @@ class Trainer:
                     stage.loader.batch_sampler.set_epoch(epoch)
                 train_model.train()
                 period = _PeriodMeans()
-                on_device = DevicePrefetcher(stage.loader, stage.objective.to_device, self.device,
+                fed = DataWait(stage.loader)
+                on_device = DevicePrefetcher(fed, stage.objective.to_device, self.device,
                                              enabled=self.cfg.DATALOADER.PREFETCH_TO_DEVICE)
                 batches = progress(on_device, desc=f"{stage.name} {epoch + 1}/{stage.epochs}", total=steps - skip)
                 started = time.perf_counter()
@@ -291,7 +293,7 @@ class Trainer:
                         period = _PeriodMeans()
                     if it < steps - 1 and self._stop_requested(sync=run.step % s.LOG_PERIOD == 0):
                         self._stop(stage, best)
-                self._log_epoch_time(stage, epoch, steps - skip, time.perf_counter() - started)
+                self._log_epoch_time(stage, epoch, steps - skip, time.perf_counter() - started, fed.seconds)
                 run.stage_epoch, run.global_epoch, run.epoch_step = epoch + 1, run.global_epoch + 1, 0
                 if epoch == start_epoch:  # the stage's graphs are compiled now: keep them for the next run
                     compile_cache.save(cache)
@@ -436,15 +438,17 @@ class Trainer:
                            periodic=False, resumable=False)
         return results, best
 
-    def _log_epoch_time(self, stage: Stage, epoch: int, steps: int, seconds: float) -> None:
-        """How long the epoch's training steps took (data loading included, evaluation not), as a log line and
-        ``<prefix>/time/*`` metrics; the first epoch of a compiled run includes the compilation."""
-        record = {"time/epoch_s": seconds, "time/steps_per_s": steps / max(seconds, 1e-9)}
+    def _log_epoch_time(self, stage: Stage, epoch: int, steps: int, seconds: float, data_wait: float) -> None:
+        """How long the epoch's training steps took (data loading included, evaluation not) and how much of it
+        the loop spent waiting for the loader, as a log line and ``<prefix>/time/*`` metrics; the first epoch
+        of a compiled run includes the compilation."""
+        record = {"time/epoch_s": seconds, "time/steps_per_s": steps / max(seconds, 1e-9),
+                  "time/data_wait_s": data_wait}
         line = f"{stage.name} epoch {epoch + 1}: {steps} steps in {seconds:.1f} s ({record['time/steps_per_s']:.2f} steps/s"
         if stage.samples_per_step:
             record["time/samples_per_s"] = record["time/steps_per_s"] * stage.samples_per_step * get_world_size()
             line += f", {record['time/samples_per_s']:.0f} samples/s"
-        logger.info(line + ")")
+        logger.info(line + f"; {data_wait:.1f} s waiting for data)")
         self.metrics.log(record, step=self.run.step, prefix=stage.log_prefix)
 
     def _log(self, stage: Stage, means: dict[str, float], grad_norm: float, epoch: float) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -126,8 +127,9 @@ def test_fit_logs_period_means_evaluates_and_keeps_the_best(tmp_path: Path) -> N
     for r in timed:
         assert r["train/time/steps_per_s"] == pytest.approx(4 / r["train/time/epoch_s"])
         assert r["train/time/samples_per_s"] == pytest.approx(8 * r["train/time/steps_per_s"])
+        assert 0.0 <= r["train/time/data_wait_s"] <= r["train/time/epoch_s"]
     assert len([r for r in rows if "val/time/eval_s" in r]) == 3
-    assert "train epoch 3: 4 steps in" in (tmp_path / "log.txt").read_text()
+    assert re.search(r"train epoch 3: 4 steps in .* s waiting for data\)", (tmp_path / "log.txt").read_text())
     setup_logging(None)
 
 

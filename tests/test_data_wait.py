@@ -1,0 +1,42 @@
+"""DataWait counts the time spent getting batches and not the time spent using them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from engine.data_wait import DataWait
+
+
+class _SlowLoader:
+    """Four batches, each taking ``delay`` seconds to produce."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    def __len__(self) -> int:
+        return 4
+
+    def __iter__(self) -> Iterator[int]:
+        for k in range(4):
+            time.sleep(self.delay)
+            yield k
+
+
+def test_counts_the_loader_time_not_the_loop_time() -> None:
+    fed = DataWait(_SlowLoader(0.03))
+    assert len(fed) == 4
+    seen = []
+    for batch in fed:
+        seen.append(batch)
+        time.sleep(0.1)  # the step: not waiting for data
+    assert seen == [0, 1, 2, 3]
+    assert 0.12 <= fed.seconds < 0.3  # 4 x 0.03 s of loading; the 0.4 s of steps are not counted
+
+
+def test_each_iteration_starts_from_zero() -> None:
+    fed = DataWait(_SlowLoader(0.0))
+    list(fed)
+    fed.seconds = 99.0
+    list(fed)
+    assert fed.seconds < 1.0
