@@ -27,13 +27,11 @@ class DataWait:
 
     def __iter__(self) -> Iterator[Any]:
         self.seconds = 0.0
-        it = iter(self.batches)
+        it, end = iter(self.batches), object()
         while True:
             started = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                self.seconds += time.perf_counter() - started
-                return
+            batch = next(it, end)
             self.seconds += time.perf_counter() - started
+            if batch is end:
+                return
             yield batch
