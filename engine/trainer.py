@@ -300,7 +300,10 @@ class Trainer:
                 last = epoch + 1 == stage.epochs
                 if stage.evaluator is not None and ((epoch + 1) % s.EVAL_PERIOD == 0 or last):
                     if is_main_process():
+                        compiles = self.cfg.MODEL.COMPILE and self._compiled_eval is None
                         last_results, best = self._evaluate(stage, best)
+                        if compiles:  # the evaluation's graphs too, so that a warm run skips their compilation
+                            compile_cache.save(cache)
                     barrier()
                 saved = (epoch + 1) % s.CHECKPOINT_PERIOD == 0 or last
                 if saved:
@@ -464,17 +467,33 @@ class _PeriodMeans:
     """Running sums of the values logged between two log steps (device tensors stay on the device)."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, Any] = {}
+        self.sums: dict[str, float] = {}
+        self.device_sums: dict[tuple[str, ...], torch.Tensor] = {}  # by the key set of the steps that added them
         self.count = 0
 
     def add(self, values: dict[str, Any]) -> None:
+        """Add one step's values: host numbers on the host, 0-d device tensors summed as one stacked tensor (two
+        kernel launches per step instead of one per value)."""
+        tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
         for key, value in values.items():
-            value = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
-            self.sums[key] = self.sums.get(key, 0.0) + value
+            if key not in tensors:
+                self.sums[key] = self.sums.get(key, 0.0) + float(value)
+        by_device: dict[torch.device, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            by_device.setdefault(value.device, {})[key] = value
+        for group in by_device.values():
+            keys = tuple(group)
+            stacked = torch.stack([v.detach().float().reshape(()) for v in group.values()])
+            previous = self.device_sums.get(keys)
+            self.device_sums[keys] = stacked if previous is None else previous + stacked
         self.count += 1
 
     def means(self) -> dict[str, float]:
-        return {k: float(v) / self.count for k, v in self.sums.items()}
+        sums = dict(self.sums)
+        for keys, stacked in self.device_sums.items():  # one host transfer per key set
+            for key, value in zip(keys, stacked.tolist()):
+                sums[key] = sums.get(key, 0.0) + value
+        return {k: float(v) / self.count for k, v in sums.items()}
 
 
 def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:

@@ -37,3 +37,28 @@ def test_save_then_load_round_trips_the_artifacts(tmp_path: Path, monkeypatch) -
     assert compile_cache.load(path) and loaded == [b"compiled kernels"]
     monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: None)
     assert not compile_cache.save(tmp_path / "empty.bin") and not (tmp_path / "empty.bin").exists()
+
+
+def test_a_compiled_run_saves_the_cache_after_its_first_epoch_and_its_first_evaluation(tmp_path: Path,
+                                                                                        monkeypatch) -> None:
+    """The evaluation compiles its own graphs after the first epoch: a warm run needs them in the file too."""
+    from engine import trainer as trainer_module
+    from tests.test_trainer import _Evaluator, _stage, _trainer
+
+    events: list[str] = []
+    monkeypatch.setattr(trainer_module, "compile_model", lambda model, mode: model)  # no compiler on the CPU runner
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: events.append("save") or (b"kernels", None))
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda data: events.append("load"))
+
+    class Recorded(_Evaluator):
+        def __call__(self, model: torch.nn.Module) -> dict:
+            events.append("evaluate")
+            return super().__call__(model)
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    cache_dir = tmp_path / "cache"
+    trainer = _trainer(tmp_path, model, ["MODEL.COMPILE", "default", "MODEL.COMPILE_CACHE_DIR", str(cache_dir)])
+    trainer.fit(_stage(model, epochs=3, evaluator=Recorded([0.1, 0.2, 0.3])))
+    assert events == ["save", "evaluate", "save", "evaluate", "evaluate"]
+    assert [p.read_bytes() for p in cache_dir.iterdir()] == [b"kernels"]

@@ -289,3 +289,20 @@ def test_blowup_steps_are_not_applied_and_the_stop_says_what_the_checkpoint_is_w
     with pytest.raises(NonFiniteLossError, match="No checkpoint was written before this"):
         _trainer(tmp_path / "b", model, [*over, "SOLVER.CHECKPOINT_PERIOD", "10"]).fit(
             _stage(model, epochs=5, objective=_Exploding(at=6)))
+
+
+def test_period_means_of_host_numbers_and_device_tensors_match_a_float64_reference() -> None:
+    from engine.trainer import _PeriodMeans
+
+    g = torch.Generator().manual_seed(0)
+    steps = [{"loss": float(torch.rand(1, generator=g)), "a": torch.rand((), generator=g),
+              "b": torch.rand((), generator=g, dtype=torch.float64)} for _ in range(5)]
+    steps.append({"loss": 2.0, "a": torch.tensor(1.0), "c": torch.tensor(3.0)})  # a step with another key set
+    period = _PeriodMeans()
+    for values in steps:
+        period.add(values)
+    means = period.means()
+    for key in ("loss", "a", "b", "c"):
+        expected = sum(float(s[key]) for s in steps if key in s) / len(steps)
+        assert means[key] == pytest.approx(expected, rel=1e-6), key
+    assert set(means) == {"loss", "a", "b", "c"}
