@@ -2,7 +2,7 @@
 """Training / evaluation throughput, peak memory and FLOP utilisation of a ReID model.
 
     python tools/benchmark.py --config_file configs/RGBNT201/DeMo_SDTPS_DGAF_ablation.yml \
-        [--precisions fp32,fp16,bf16] [--compile] [--steps 30] [--warmup 10] [--append BENCHMARKS.md] [KEY VALUE ...]
+        [--precisions fp32,fp16,bf16] [--compile] [--parts train,eval] [--steps 30] [--warmup 10] [--append BENCHMARKS.md] [KEY VALUE ...]
 
 Each precision gets a fresh model (same seed), the real objective (``ReIDCriterion``),
 optimizer and guarded step (``engine.trainer.Trainer.run_step``) on random device-resident
@@ -101,6 +101,28 @@ def bench_precision(cfg, precision: str, device: torch.device, args: argparse.Na
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
+    parts = set(args.parts.split(","))
+    train_time = peak = flops = eval_time = math.nan
+    if "train" in parts:
+        train_time, peak, flops = _time_train(model, run_model, step, device, args)
+    peak_flops = _peak_flops(device)
+    mfu = flops / train_time / peak_flops if peak_flops and math.isfinite(flops) else math.nan
+    if "eval" in parts:
+        eval_time = _time_eval(cfg, eval_model, amp, device, args)
+    return {
+        "train_samples_per_s": cfg.SOLVER.IMS_PER_BATCH / train_time,
+        "train_step_ms": 1000 * train_time,
+        "peak_mem_gib": peak,
+        "eval_samples_per_s": cfg.TEST.IMS_PER_BATCH / eval_time,
+        "tflops_per_step": flops / 1e12,
+        "mfu": mfu,
+        "skipped_steps": float(guard.skipped),
+    }
+
+
+def _time_train(model: torch.nn.Module, run_model: torch.nn.Module, step, device: torch.device,
+                args: argparse.Namespace) -> tuple[float, float, float]:
+    """Seconds per training step, peak memory (GiB) and FLOP per step (NaN where not measurable)."""
     run_model.train()
     for _ in range(args.warmup):
         step()
@@ -120,9 +142,11 @@ def bench_precision(cfg, precision: str, device: torch.device, args: argparse.Na
         with counter:
             step(model, eager=True)
         flops = float(counter.get_total_flops())
-    peak_flops = _peak_flops(device)
-    mfu = flops / train_time / peak_flops if peak_flops and math.isfinite(flops) else math.nan
+    return train_time, peak, flops
 
+
+def _time_eval(cfg, eval_model: torch.nn.Module, amp, device: torch.device, args: argparse.Namespace) -> float:
+    """Seconds per evaluation batch of ``TEST.IMS_PER_BATCH`` samples."""
     eval_batch = _batch(cfg, device, args.num_classes, args.num_cameras, cfg.TEST.IMS_PER_BATCH)
     eval_model.eval()
     with torch.no_grad():
@@ -135,16 +159,7 @@ def bench_precision(cfg, precision: str, device: torch.device, args: argparse.Na
             with amp.autocast():
                 eval_model(eval_batch["images"], eval_batch["camids"], eval_batch["masks"])
         _sync(device)
-    eval_time = (time.perf_counter() - t0) / args.steps
-    return {
-        "train_samples_per_s": cfg.SOLVER.IMS_PER_BATCH / train_time,
-        "train_step_ms": 1000 * train_time,
-        "peak_mem_gib": peak,
-        "eval_samples_per_s": cfg.TEST.IMS_PER_BATCH / eval_time,
-        "tflops_per_step": flops / 1e12,
-        "mfu": mfu,
-        "skipped_steps": float(guard.skipped),
-    }
+    return (time.perf_counter() - t0) / args.steps
 
 
 def profile_steps(cfg, precision: str, device: torch.device, args: argparse.Namespace, steps: int = 5) -> str:
@@ -173,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precisions", default="fp32,fp16,bf16")
     parser.add_argument("--compile", action="store_true",
                         help="also measure torch.compile for each precision (mode from MODEL.COMPILE)")
+    parser.add_argument("--parts", default="train,eval", choices=("train,eval", "train", "eval"),
+                        metavar="{train,eval | train | eval}",
+                        help="what to measure: a compiled step and its compiled evaluation each take minutes to "
+                             "compile on a fresh machine, so they can run as two processes (two GPUs) at once")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--num-classes", type=int, default=171, help="identities of the classifier (RGBNT201: 171)")
