@@ -201,3 +201,57 @@ def test_sdtps_stats_are_detached_scalars() -> None:
         assert lo - 1e-6 <= float(out.stats[f"sdtps/gate_min_h{h}"]) <= float(out.stats[f"sdtps/gate_mean_h{h}"])
         assert float(out.stats[f"sdtps/gate_mean_h{h}"]) <= float(out.stats[f"sdtps/gate_max_h{h}"]) <= hi + 1e-6
     assert 0 < float(out.stats["sdtps/score_entropy"]) <= math.log(12) + 1e-6
+
+
+def _per_pair_reference(model: SDTPS, cls: torch.Tensor, patches: torch.Tensor, mask: torch.Tensor | None):
+    """SDTPS as nine CrossModalAttention calls and one TokenSparse per modality (the formulas of the docstring)."""
+    names = model.modalities
+    tokens, keep, scores = [], [], []
+    for ip, p in enumerate(names):
+        terms, weights = [], []
+        for iq, q in enumerate(names):
+            terms.append(model.attn[f"{q}_to_{p}"](cls[iq], patches[ip])[0].mean(1))
+            present = torch.ones(cls.shape[1], dtype=torch.bool) if mask is None else mask[:, iq]
+            weights.append((present | (iq == ip)).to(cls.dtype))
+        score = sum(w[:, None] * t for w, t in zip(weights, terms)) / sum(weights)[:, None]
+        sel, idx = model.token_sparse(patches[ip], score)
+        tokens.append(sel)
+        keep.append(idx)
+        scores.append(score)
+    return torch.stack(tokens), torch.stack(keep), torch.stack(scores)
+
+
+@pytest.mark.parametrize("gate_norm,renorm,qkv_bias,masked", [(False, False, True, True), (True, False, True, False),
+                                                              (False, True, False, True)])
+def test_batched_pairs_equal_nine_attention_calls_in_float64(gate_norm: bool, renorm: bool, qkv_bias: bool,
+                                                             masked: bool) -> None:
+    """Outputs and every gradient of the batched forward equal the per-pair computation (float64)."""
+    torch.manual_seed(5)
+    model = SDTPS(16, num_heads=4, keep_ratio=0.5, use_gate_norm=gate_norm, renormalize_attn=renorm).double()
+    for attn in model.attn.values():
+        if not qkv_bias:
+            attn.q_proj.bias = attn.k_proj.bias = None
+        with torch.no_grad():
+            for param in attn.parameters():
+                param.add_(0.3 * torch.randn_like(param))  # every pair different, gates away from their init
+    cls, patches = (x.double().requires_grad_() for x in _sdtps_inputs(b=4, n=9))
+    mask = torch.tensor([[True, True, True], [True, False, True], [False, True, True], [True, True, False]])
+    mask = mask if masked else None
+    probe = torch.randn(3, 4, 6, 16, dtype=torch.float64), torch.randn(3, 4, 9, dtype=torch.float64)
+
+    def run(forward):
+        model.zero_grad()
+        cls.grad = patches.grad = None
+        tokens, keep, scores = forward()
+        ((tokens * probe[0]).sum() + (scores * probe[1]).sum()).backward()
+        grads = [cls.grad.clone(), patches.grad.clone()] + [p.grad.clone() for p in model.parameters()]
+        return tokens.detach(), keep, scores.detach(), grads
+
+    def batched():
+        out = model(cls, patches, mask)
+        return out.tokens, out.keep_indices, out.scores
+
+    got, want = run(batched), run(lambda: _per_pair_reference(model, cls, patches, mask))
+    assert torch.equal(got[1], want[1])
+    for a, b in [(got[0], want[0]), (got[2], want[2]), *zip(got[3], want[3])]:
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)

@@ -18,9 +18,11 @@ Three configurations of the gate:
 * stable: ``use_gate_norm=True`` (LayerNorm of the gate logits over heads; variable N);
 * strictly probabilistic: ``renormalize_attn=True`` (gated rows re-normalised to sum 1).
 
-Everything is vectorised over samples and tokens; the only Python loops run over the three
-modalities / nine modality pairs. No host synchronisation happens in ``forward``; statistics
-come back as detached 0-d tensors.
+:class:`SDTPS` computes the nine attentions and the three selections batched over modality pairs
+(a few dozen kernels instead of several hundred; the eager training step is bound by kernel
+launches), with the same formulas as nine :class:`CrossModalAttention` calls, which stay the
+parameter containers and the per-pair reference. No host synchronisation happens in ``forward``;
+statistics come back as detached 0-d tensors.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ from utils.modalities import MODALITIES
 
 #: Renormalisation epsilon: ``attn_gated / (attn_gated.sum(-1, keepdim=True) + 1e-8)``.
 RENORM_EPS = 1e-8
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in at least float32: the scores are computed in float32 under bf16/fp16 autocast (and in float64
+    when the module runs in float64, e.g. against a reference)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 class CrossModalAttention(nn.Module):
@@ -117,8 +125,8 @@ class CrossModalAttention(nn.Module):
     def head_cosine(self, global_feat: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         """Per-head cosine of ``patches`` (B, N, D) with ``global_feat`` (B, D) -> (B, H, N)."""
         b, n, _ = patches.shape
-        g = F.normalize(global_feat.float().reshape(b, self.num_heads, self.head_dim), dim=-1)
-        p = F.normalize(patches.float().reshape(b, n, self.num_heads, self.head_dim), dim=-1)
+        g = F.normalize(_fp32(global_feat).reshape(b, self.num_heads, self.head_dim), dim=-1)
+        p = F.normalize(_fp32(patches).reshape(b, n, self.num_heads, self.head_dim), dim=-1)
         return torch.einsum("bhd,bnhd->bhn", g, p)
 
     def gate_from_cosine(self, cosine: torch.Tensor) -> torch.Tensor:
@@ -134,7 +142,7 @@ class CrossModalAttention(nn.Module):
         b, n, _ = patches.shape
         q = self.q_proj(global_feat).reshape(b, self.num_heads, self.head_dim)
         k = self.k_proj(patches).reshape(b, n, self.num_heads, self.head_dim)
-        logits = torch.einsum("bhd,bnhd->bhn", q.float(), k.float()) * self.head_dim**-0.5
+        logits = torch.einsum("bhd,bnhd->bhn", _fp32(q), _fp32(k)) * self.head_dim**-0.5
         return logits.softmax(dim=-1)
 
     def forward(self, global_feat: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,36 +295,70 @@ class SDTPS(nn.Module):
         ``sdtps/score_entropy_{m}`` (entropy in nats of the scores normalised to sum 1, mean over
         present samples; the maximum is log N).
         """
-        num_mod, b, n, _ = patches.shape
+        num_mod, b, n, d = patches.shape
         if num_mod != len(self.modalities):
             raise ValueError(f"expected {len(self.modalities)} modalities, got {num_mod}")
         present = modality_mask.t() if modality_mask is not None else None  # (M, B)
-        tokens, keep, scores, gates, pair_valid = [], [], [], [], []
-        for ip, p in enumerate(self.modalities):
-            self_score: torch.Tensor | None = None
-            cross, avail = [], []
-            for iq, q in enumerate(self.modalities):
-                attn_gated, gate = self.attn[f"{q}_to_{p}"](global_tokens[iq], patches[ip])
-                gates.append(gate)
-                if present is not None:
-                    pair_valid.append(present[iq] & present[ip])
-                if iq == ip:
-                    self_score = attn_gated.mean(dim=1)
-                else:
-                    cross.append(attn_gated.mean(dim=1))
-                    if present is not None:
-                        avail.append(present[iq])
-            assert self_score is not None
-            cross_available = torch.stack(avail, dim=1) if present is not None else None
-            score = TokenSparse.combine_scores(self_score, torch.stack(cross, dim=1), cross_available)
-            sel, idx = self.token_sparse(patches[ip], score)
-            tokens.append(sel)
-            keep.append(idx)
-            scores.append(score)
-        out_scores = torch.stack(scores)
-        stats = self._stats(torch.stack(gates), torch.stack(pair_valid) if present is not None else None,
-                            out_scores, present, n)
-        return SDTPSOutput(torch.stack(tokens), torch.stack(keep), out_scores, stats)
+        attn_gated, gates = self._all_pairs(global_tokens, patches)  # (M_p, M_q, B, H, N) each
+        pair_scores = attn_gated.mean(dim=3)  # (M_p, M_q, B, N): the heads' mean, per (patch, query) modality
+        # score of p = (self term + the present other modalities' terms) / (1 + how many of them are present)
+        if present is None:
+            weight = pair_scores.new_ones(num_mod, num_mod, b)
+        else:  # weight[p, q, b]: q's term counts for p when q is p or q is present
+            eye = torch.eye(num_mod, dtype=torch.bool, device=patches.device)
+            weight = (eye[:, :, None] | present[None]).to(pair_scores.dtype)  # (M_p, M_q, B)
+        scores = (pair_scores * weight[..., None]).sum(dim=1) / weight.sum(dim=1)[..., None]  # (M, B, N)
+        tokens, keep = self.token_sparse(patches.reshape(num_mod * b, n, d), scores.reshape(num_mod * b, n))
+        pair_valid = (present[None] & present[:, None]).flatten(0, 1) if present is not None else None
+        stats = self._stats(gates.flatten(0, 1), pair_valid, scores, present, n)
+        return SDTPSOutput(tokens.reshape(num_mod, b, *tokens.shape[1:]), keep.reshape(num_mod, b, -1), scores, stats)
+
+    def _stacked(self, order: str, name: str) -> torch.Tensor:
+        """Parameter ``name`` of the nine attentions stacked as (M_p, M_q, ...) (``order`` "pq") or (M_q, M_p, ...)."""
+        mods = self.modalities
+        pairs = [(q, p) for p in mods for q in mods] if order == "pq" else [(q, p) for q in mods for p in mods]
+        stacked = torch.stack([self.attn[f"{q}_to_{p}"].get_parameter(name) for q, p in pairs])
+        return stacked.unflatten(0, (len(mods), len(mods)))
+
+    def _all_pairs(self, global_tokens: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:class:`CrossModalAttention` of every (query q, patches p) pair at once -> ``(attn_gated, gate)``, each
+        (M_p, M_q, B, H, N) in float32: the same formulas as nine calls, in a few batched kernels (the eager step
+        is bound by kernel launches, and nine calls launch about ten times as many)."""
+        num_mod, b, n, d = patches.shape
+        first = next(iter(self.attn.values()))
+        h, hd = first.num_heads, first.head_dim
+        # projections: q of modality q for every p in one matmul, k of modality p's patches for every q in one
+        wq = self._stacked("qp", "q_proj.weight").flatten(1, 2)  # (M_q, M_p * D, D)
+        wk = self._stacked("pq", "k_proj.weight").flatten(1, 2)  # (M_p, M_q * D, D)
+        if first.q_proj.bias is not None:
+            bq = self._stacked("qp", "q_proj.bias").flatten(1, 2)[:, None]  # (M_q, 1, M_p * D)
+            bk = self._stacked("pq", "k_proj.bias").flatten(1, 2)[:, None]
+            q = torch.baddbmm(bq, global_tokens, wq.transpose(1, 2))
+            k = torch.baddbmm(bk, patches.reshape(num_mod, b * n, d), wk.transpose(1, 2))
+        else:
+            q = torch.bmm(global_tokens, wq.transpose(1, 2))
+            k = torch.bmm(patches.reshape(num_mod, b * n, d), wk.transpose(1, 2))
+        q = _fp32(q).reshape(num_mod, b, num_mod, h, hd)  # (q, b, p, h, d)
+        k = _fp32(k).reshape(num_mod, b, n, num_mod, h, hd)  # (p, b, n, q, h, d)
+        attn = (torch.einsum("qbphd,pbnqhd->pqbhn", q, k) * hd**-0.5).softmax(dim=-1)
+        # per-head cosine of the un-projected tokens
+        g = F.normalize(_fp32(global_tokens).reshape(num_mod, b, h, hd), dim=-1)
+        pn = F.normalize(_fp32(patches).reshape(num_mod, b, n, h, hd), dim=-1)
+        cosine = torch.einsum("qbhd,pbnhd->pqbhn", g, pn)
+        bound = first.param_bound
+        scale = self._stacked("pq", "gate_scale").clamp(-bound, bound)[:, :, None, :, None]  # (M_p, M_q, 1, H, 1)
+        bias = self._stacked("pq", "gate_bias").clamp(-bound, bound)[:, :, None, :, None]
+        logits = cosine * scale + bias
+        if first.gate_norm is not None:  # LayerNorm over the heads, each pair with its own affine
+            weight = self._stacked("pq", "gate_norm.weight")[:, :, None, None, :]
+            shift = self._stacked("pq", "gate_norm.bias")[:, :, None, None, :]
+            normed = F.layer_norm(logits.transpose(3, 4), (h,), eps=first.gate_norm.eps)
+            logits = (normed * weight + shift).transpose(3, 4)
+        gate = torch.sigmoid(logits)
+        attn_gated = attn * gate
+        if first.renormalize_attn:
+            attn_gated = attn_gated / (attn_gated.sum(dim=-1, keepdim=True) + RENORM_EPS)
+        return attn_gated, gate
 
     @torch.no_grad()
     def _stats(
@@ -339,8 +381,9 @@ class SDTPS(nn.Module):
         mean = torch.where(v, g, torch.zeros_like(g)).sum(dim=(0, 1, 3)) / count
         gmin = torch.where(v, g, torch.full_like(g, float("inf"))).amin(dim=(0, 1, 3))
         gmax = torch.where(v, g, torch.full_like(g, float("-inf"))).amax(dim=(0, 1, 3))
-        scale = torch.stack([m.scale_and_bias()[0] for m in self.attn.values()]).detach().mean(0)
-        bias = torch.stack([m.scale_and_bias()[1] for m in self.attn.values()]).detach().mean(0)
+        bound = next(iter(self.attn.values())).param_bound
+        scale = self._stacked("pq", "gate_scale").detach().clamp(-bound, bound).flatten(0, 1).mean(0)
+        bias = self._stacked("pq", "gate_bias").detach().clamp(-bound, bound).flatten(0, 1).mean(0)
         for h in range(self.num_heads):
             stats[f"sdtps/gate_mean_h{h}"] = mean[h]
             stats[f"sdtps/gate_min_h{h}"] = gmin[h]
