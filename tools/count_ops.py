@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""Operations one training step dispatches, per part of the model: what an eager GPU step pays launches for.
+
+    python tools/count_ops.py --config_file configs/RGBNT201/DeMo_SDTPS_DGAF_ablation.yml [KEY VALUE ...]
+
+The eager step on a GPU is bound by kernel launches (BENCHMARKS.md), and launches follow the number of
+operations, whatever the machine. This runs the configured model and objective for one step on the CPU
+(``tools/benchmark.py``'s setup, batch 8 at 64x32: the count does not depend on sizes) and counts the aten
+operations it dispatches, split by the model's top-level parts, the loss, gradient clipping and the
+optimizer, forward and backward. View operations (reshape, transpose, ...), which launch nothing on a GPU,
+are counted apart. The optimizer's count is the CPU one; on a GPU AdamW is fused into a few kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import inspect
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchmark  # noqa: E402
+
+from engine.config import load_config  # noqa: E402
+
+#: Operations that only make a new view of a tensor (no kernel on a GPU).
+VIEWS = frozenset({"view", "reshape", "_unsafe_view", "expand", "select", "slice", "transpose", "t", "unsqueeze",
+                   "squeeze", "permute", "alias", "detach", "as_strided", "split", "unbind", "_reshape_alias",
+                   "unflatten", "flatten", "narrow", "view_as", "expand_as", "split_with_sizes"})
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts dispatched aten operations by (part, "forward"/"backward", is a view)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts = ["other"]
+        self.counts: collections.Counter[tuple[str, str, bool]] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        phase = "backward" if torch._C._current_graph_task_id() != -1 else "forward"
+        self.counts[(self.parts[-1], phase, func.__name__.split(".")[0] in VIEWS)] += 1
+        return func(*args, **(kwargs or {}))
+
+    @contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        """Attribute what runs inside to ``name``."""
+        self.parts.append(name)
+        try:
+            yield
+        finally:
+            self.parts.pop()
+
+    def label(self, name: str, module: torch.nn.Module) -> None:
+        """Attribute ``module``'s forward to ``name`` (its backward runs outside any label: "other")."""
+        def enter(_module, _inputs) -> None:
+            self.parts.append(name)
+
+        def leave(_module, _inputs, _output) -> None:  # returns None: the output stays the module's
+            self.parts.pop()
+
+        module.register_forward_pre_hook(enter)
+        module.register_forward_hook(leave)
+
+
+def count_step(cfg, num_classes: int = 4, num_cameras: int = 2) -> collections.Counter[tuple[str, str, bool]]:
+    """Operation counts of one training step of ``cfg``'s model on the CPU (after one uncounted step)."""
+    args = argparse.Namespace(num_classes=num_classes, num_cameras=num_cameras)
+    model, _, _, _, _, step = benchmark._setup(cfg, "fp32", torch.device("cpu"), args, compiled=False)
+    stage = inspect.getclosurevars(step).nonlocals["stage"]
+    counter = OpCounter()
+    for name, module in model.named_children():
+        counter.label(name, module)
+    counter.label("loss", stage.objective.criterion)
+    stage.optimizer.register_step_pre_hook(lambda *_: counter.parts.append("optimizer"))
+    stage.optimizer.register_step_post_hook(lambda *_: None if counter.parts.pop() else None)
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def labelled_clip(*a, **k):
+        with counter.part("clip"):
+            return clip(*a, **k)
+
+    step()
+    torch.nn.utils.clip_grad_norm_ = labelled_clip
+    try:
+        with counter:
+            step()
+    finally:
+        torch.nn.utils.clip_grad_norm_ = clip
+    return counter.counts
+
+
+def table(counts: collections.Counter[tuple[str, str, bool]]) -> str:
+    """Markdown: per part, forward and backward operations that are not views (views in brackets)."""
+    parts = sorted({p for p, _, _ in counts}, key=lambda p: -sum(v for (q, _, _), v in counts.items() if q == p))
+    lines = ["| part | forward | backward |", "|---|---|---|"]
+    for part in [*parts, "total"]:
+        cells = []
+        for phase in ("forward", "backward"):
+            ops = sum(v for (p, f, view), v in counts.items() if f == phase and not view and part in (p, "total"))
+            views = sum(v for (p, f, view), v in counts.items() if f == phase and view and part in (p, "total"))
+            cells.append(f"{ops} ({views})")
+        lines.append(f"| {part} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config_file", required=True)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[])
+    args = parser.parse_args(argv)
+    small = ["SOLVER.IMS_PER_BATCH", "8", "DATALOADER.NUM_INSTANCE", "4", "INPUT.SIZE_TRAIN", "[64, 32]",
+             "INPUT.SIZE_TEST", "[64, 32]", "DEVICE.NAME", "cpu"]  # sizes change no count, only the time
+    cfg = load_config(args.config_file, [*small, *args.opts])
+    print(table(count_step(cfg)))
+    print("\nbackward operations are attributed to 'other'; the optimizer's are the CPU ones (fused on a GPU)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
