@@ -81,26 +81,89 @@ def _check_inputs(
 
 
 def _kl_rows(logits: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row KL(q || softmax(logits)) for q = pos / pos.sum(1).
+    """Per-row KL(q || softmax(logits)) for q = pos / pos.sum(-1).
 
-    logits (B, B) float32 (masked columns already at ``_MASKED_LOGIT``), pos (B, B) float
-    0/1 (positive AND valid). Returns kl (B,), has_pos (B,) bool, and the probability
-    mass each row puts on its positives (B,).
+    logits (..., B, B) float32 (masked columns already at ``_MASKED_LOGIT``), pos (..., B, B) float
+    0/1 (positive AND valid). Returns kl (..., B), has_pos (..., B) bool, and the probability
+    mass each row puts on its positives (..., B).
     """
-    log_p = F.log_softmax(logits, dim=1)
-    n_pos = pos.sum(dim=1)
+    log_p = F.log_softmax(logits, dim=-1)
+    n_pos = pos.sum(dim=-1)
     has_pos = n_pos > 0
-    q = pos / n_pos.clamp_min(1.0).unsqueeze(1)
-    kl = F.kl_div(log_p, q, reduction="none").sum(dim=1)
-    pos_mass = (log_p.exp() * pos).sum(dim=1)
+    q = pos / n_pos.clamp_min(1.0).unsqueeze(-1)
+    kl = F.kl_div(log_p, q, reduction="none").sum(dim=-1)
+    pos_mass = (log_p.exp() * pos).sum(dim=-1)
     return kl, has_pos, pos_mass
 
 
-def _masked_mean(values: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean of ``values`` over ``keep`` without a host sync (0 when nothing is kept)."""
+def _masked_mean(values: torch.Tensor, keep: torch.Tensor, dims: int | tuple[int, ...]) -> tuple[
+        torch.Tensor, torch.Tensor]:
+    """Mean of ``values`` over ``keep`` along ``dims`` without a host sync (0 where nothing is kept)."""
     w = keep.to(values.dtype)
-    n = w.sum()
-    return (values * w).sum() / n.clamp_min(1.0), n
+    n = w.sum(dim=dims)
+    return (values * w).sum(dim=dims) / n.clamp_min(1.0), n
+
+
+def _sdm_pairs(
+    feat_a: torch.Tensor,
+    feat_b: torch.Tensor,
+    pids: torch.Tensor,
+    temperature: float | torch.Tensor,
+    mask_a: torch.Tensor | None,
+    mask_b: torch.Tensor | None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """SDM of P pairs of views at once, with tensor stats (no host sync): ``feat_a``, ``feat_b`` (P, B, D),
+    ``mask_a``, ``mask_b`` (P, B) bool or None; returns the loss (P,) and stats of shape (P,). Each pair is
+    what :func:`sdm_loss` computes for it; batching them costs one set of kernels instead of P."""
+    num_pairs, b = feat_a.shape[:2]
+    device = feat_a.device
+    pids = pids.reshape(-1).to(device)
+    with torch.autocast(device_type=device.type, enabled=False):
+        a = feat_a.float()
+        bb = feat_b.float()
+        all_real = torch.ones(num_pairs, b, dtype=torch.bool, device=device)
+        ma = all_real if mask_a is None else mask_a.to(device).bool()
+        mb = all_real if mask_b is None else mask_b.to(device).bool()
+        if mask_a is not None:
+            a = torch.where(ma.unsqueeze(-1), a, torch.zeros_like(a))
+        if mask_b is not None:
+            bb = torch.where(mb.unsqueeze(-1), bb, torch.zeros_like(bb))
+        a = F.normalize(a, dim=-1, eps=1e-12)
+        bb = F.normalize(bb, dim=-1, eps=1e-12)
+        tau = temperature.float() if isinstance(temperature, torch.Tensor) else float(temperature)
+
+        sim = torch.bmm(a, bb.transpose(1, 2))  # (P, B, B) cosine, rows: a, columns: b
+        valid = ma.unsqueeze(2) & mb.unsqueeze(1)  # (P, B, B) both sides real
+        pos = ((pids.unsqueeze(1) == pids.unsqueeze(0)) & valid).float()
+        logits = sim / tau
+
+        # a -> b: each real a-row against the real b-columns.
+        kl_ab, has_ab, mass_ab = _kl_rows(logits.masked_fill(~valid, _MASKED_LOGIT), pos)
+        # b -> a: each real b-row (column of sim) against the real a-rows.
+        valid_t = valid.transpose(1, 2)
+        kl_ba, has_ba, mass_ba = _kl_rows(logits.transpose(1, 2).masked_fill(~valid_t, _MASKED_LOGIT),
+                                          pos.transpose(1, 2))
+
+        loss_ab, n_ab = _masked_mean(kl_ab, has_ab, -1)
+        loss_ba, n_ba = _masked_mean(kl_ba, has_ba, -1)
+        # With no valid row both means are an exact 0 that is still a function of the
+        # inputs (through sim), so backward() works and gives zero gradients.
+        loss = 0.5 * (loss_ab + loss_ba)
+
+        is_pos = pos.bool()
+        every = (1, 2)
+        stats = {
+            "sdm": loss.detach(),
+            "sdm_pos_cos": _masked_mean(sim.detach(), is_pos, every)[0],
+            "sdm_neg_cos": _masked_mean(sim.detach(), valid & ~is_pos, every)[0],
+            "sdm_a2b": loss_ab.detach(),
+            "sdm_b2a": loss_ba.detach(),
+            "sdm_valid_rows": n_ab.detach(),
+            "sdm_valid_pairs": valid.float().sum(dim=every),
+            "sdm_pos_prob": _masked_mean(mass_ab.detach(), has_ab, -1)[0],
+            "sdm_temperature": tau.detach() if isinstance(tau, torch.Tensor) else tau,
+        }
+    return loss, stats
 
 
 def _sdm_core(
@@ -111,54 +174,11 @@ def _sdm_core(
     mask_a: torch.Tensor | None,
     mask_b: torch.Tensor | None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """SDM with tensor stats (no host sync). Shapes as in :func:`sdm_loss`."""
+    """SDM of one pair with tensor stats (no host sync). Shapes as in :func:`sdm_loss`."""
     _check_inputs(feat_a, feat_b, pids, mask_a, mask_b)
-    b = feat_a.shape[0]
-    device = feat_a.device
-    pids = pids.reshape(-1).to(device)
-    with torch.autocast(device_type=device.type, enabled=False):
-        a = feat_a.float()
-        bb = feat_b.float()
-        ma = torch.ones(b, dtype=torch.bool, device=device) if mask_a is None else mask_a.reshape(-1).to(device).bool()
-        mb = torch.ones(b, dtype=torch.bool, device=device) if mask_b is None else mask_b.reshape(-1).to(device).bool()
-        if mask_a is not None:
-            a = torch.where(ma.unsqueeze(1), a, torch.zeros_like(a))
-        if mask_b is not None:
-            bb = torch.where(mb.unsqueeze(1), bb, torch.zeros_like(bb))
-        a = F.normalize(a, dim=1, eps=1e-12)
-        bb = F.normalize(bb, dim=1, eps=1e-12)
-        tau = temperature.float() if isinstance(temperature, torch.Tensor) else float(temperature)
-
-        sim = a @ bb.t()  # (B, B) cosine, rows: a, columns: b
-        valid = ma.unsqueeze(1) & mb.unsqueeze(0)  # (B, B) both sides real
-        pos = ((pids.unsqueeze(1) == pids.unsqueeze(0)) & valid).float()
-        logits = sim / tau
-
-        # a -> b: each real a-row against the real b-columns.
-        kl_ab, has_ab, mass_ab = _kl_rows(logits.masked_fill(~valid, _MASKED_LOGIT), pos)
-        # b -> a: each real b-row (column of sim) against the real a-rows.
-        valid_t = valid.t()
-        kl_ba, has_ba, mass_ba = _kl_rows(logits.t().masked_fill(~valid_t, _MASKED_LOGIT), pos.t())
-
-        loss_ab, n_ab = _masked_mean(kl_ab, has_ab)
-        loss_ba, n_ba = _masked_mean(kl_ba, has_ba)
-        # With no valid row both means are an exact 0 that is still a function of the
-        # inputs (through sim), so backward() works and gives zero gradients.
-        loss = 0.5 * (loss_ab + loss_ba)
-
-        is_pos = pos.bool()
-        stats = {
-            "sdm": loss.detach(),
-            "sdm_pos_cos": _masked_mean(sim.detach(), is_pos)[0],
-            "sdm_neg_cos": _masked_mean(sim.detach(), valid & ~is_pos)[0],
-            "sdm_a2b": loss_ab.detach(),
-            "sdm_b2a": loss_ba.detach(),
-            "sdm_valid_rows": n_ab.detach(),
-            "sdm_valid_pairs": valid.float().sum(),
-            "sdm_pos_prob": _masked_mean(mass_ab.detach(), has_ab)[0],
-            "sdm_temperature": tau.detach() if isinstance(tau, torch.Tensor) else tau,
-        }
-    return loss, stats
+    one = [None if m is None else m.reshape(1, -1) for m in (mask_a, mask_b)]
+    loss, stats = _sdm_pairs(feat_a.unsqueeze(0), feat_b.unsqueeze(0), pids, temperature, *one)
+    return loss[0], {k: v[0] if isinstance(v, torch.Tensor) and v.dim() == 1 else v for k, v in stats.items()}
 
 
 def sdm_loss(
@@ -289,22 +309,21 @@ def sdm_multimodal(
     if center:
         features = {m: center_features(features[m], None if modality_mask is None else modality_mask[:, index[m]])
                     for m in order}
-    first = features[order[0]]
-    total = torch.zeros((), dtype=torch.float32, device=first.device)
-    n_used = torch.zeros((), dtype=torch.float32, device=first.device)
-    tstats: dict[str, Any] = {}
-    pos_cos = torch.zeros((), dtype=torch.float32, device=first.device)
-    neg_cos = torch.zeros((), dtype=torch.float32, device=first.device)
-    for m, n in pairs:
-        ma = None if modality_mask is None else modality_mask[:, index[m]]
-        mb = None if modality_mask is None else modality_mask[:, index[n]]
-        loss_mn, s = _sdm_core(features[m], features[n], pids, temperature, ma, mb)
-        used = (s["sdm_valid_rows"] > 0).float()
-        total = total + loss_mn * used
-        n_used = n_used + used
-        pos_cos = pos_cos + s["sdm_pos_cos"] * used
-        neg_cos = neg_cos + s["sdm_neg_cos"] * used
-        tstats[f"sdm_{m}_{n}"] = s["sdm"]
+    for m, n in pairs:  # shapes checked per pair, as sdm_loss would
+        _check_inputs(features[m], features[n], pids, None, None)
+    if modality_mask is not None and modality_mask.shape[0] != features[order[0]].shape[0]:
+        raise ValueError(f"modality_mask has {modality_mask.shape[0]} rows for a batch of "
+                         f"{features[order[0]].shape[0]}")
+    stacked = [torch.stack([features[pair[side]].float() for pair in pairs]) for side in (0, 1)]  # (P, B, D)
+    masks = [None if modality_mask is None else torch.stack([modality_mask[:, index[pair[side]]] for pair in pairs])
+             for side in (0, 1)]  # (P, B)
+    pair_loss, s = _sdm_pairs(stacked[0], stacked[1], pids, temperature, masks[0], masks[1])
+    used = (s["sdm_valid_rows"] > 0).float()  # (P,): pairs with at least one valid positive
+    n_used = used.sum()
+    total = (pair_loss * used).sum()
+    pos_cos = (s["sdm_pos_cos"] * used).sum()
+    neg_cos = (s["sdm_neg_cos"] * used).sum()
+    tstats: dict[str, Any] = {f"sdm_{m}_{n}": s["sdm"][i] for i, (m, n) in enumerate(pairs)}
     loss = total / n_used.clamp_min(1.0)
     tstats = {"sdm": loss.detach(), "sdm_pairs_used": n_used, "sdm_pos_cos": pos_cos / n_used.clamp_min(1.0),
               "sdm_neg_cos": neg_cos / n_used.clamp_min(1.0), **tstats}
