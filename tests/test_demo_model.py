@@ -170,6 +170,45 @@ def test_hdm_null_features_and_masked_keys() -> None:
     assert torch.allclose(out[1], hdm(tokens, None)[1], atol=1e-6)
 
 
+@pytest.mark.parametrize("masked", [True, False])
+def test_batched_hdm_equals_seven_query_attentions_in_float64(masked: bool) -> None:
+    """Outputs and every gradient of the batched HDM equal seven QueryAttention calls on each subset's
+    concatenated, masked keys (the per-subset definition), null features where a subset lost everything."""
+    torch.manual_seed(4)
+    hdm = HierarchicalDecoupling(32, dropout=0.0).double()
+    with torch.no_grad():
+        for param in hdm.parameters():
+            param.add_(0.1 * torch.randn_like(param))  # non-zero biases, every subset different
+    tokens = torch.randn(3, 4, 5, 32, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True, False, False], [True, True, True], [False, True, True], [False, False, True]])
+    mask = mask if masked else None
+    probe = torch.randn(4, 7, 32, dtype=torch.float64)
+
+    def reference() -> torch.Tensor:
+        outs = []
+        for s, subset in enumerate(HDM_SUBSETS):
+            keys = torch.cat([tokens[i] for i in subset], dim=1)
+            if mask is None:
+                outs.append(hdm.queries[s](keys))
+                continue
+            present = mask[:, list(subset)]
+            none_left = ~present.any(dim=1, keepdim=True)
+            out = hdm.queries[s](keys, present.repeat_interleave(5, dim=1) | none_left)
+            outs.append(torch.where(none_left, hdm.null_features[s], out))
+        return torch.stack(outs, dim=1)
+
+    results = []
+    for forward in (lambda: hdm(tokens, mask), reference):
+        hdm.zero_grad()
+        tokens.grad = None
+        out = forward()
+        (out * probe).sum().backward()
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in hdm.parameters()]
+        results.append([out.detach(), tokens.grad.clone(), *grads])  # null features unused without a mask
+    for got, want in zip(*results):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_query_attention_equals_multihead_attention() -> None:
     torch.manual_seed(2)
     qa = QueryAttention(32, 4).eval()

@@ -80,19 +80,58 @@ class HierarchicalDecoupling(nn.Module):
         self.subsets = HDM_SUBSETS
         self.queries = nn.ModuleList([QueryAttention(dim, heads, dropout) for _ in self.subsets])
         self.null_features = nn.Parameter(0.02 * torch.randn(len(self.subsets), dim))
+        # index tables of the batched forward, kept on the module's device (no host-to-device copy per step)
+        containing = [[s for s, subset in enumerate(self.subsets) if m in subset] for m in range(num_modalities)]
+        slots = len(containing[0])  # subsets per modality (4); slot `slots` holds zeros
+        tables = {
+            "member": [[m in subset for m in range(num_modalities)] for subset in self.subsets],  # (S, M)
+            "containing": containing,  # (M, slots): the subsets that contain modality m
+            "slot": [[containing[m].index(s) if m in subset else slots for m in range(num_modalities)]
+                     for s, subset in enumerate(self.subsets)],  # (S, M): where s sits among m's subsets
+            "modality": [list(range(num_modalities)) for _ in self.subsets],  # (S, M)
+        }
+        for name, table in tables.items():
+            self.register_buffer(f"_{name}", torch.tensor(table), persistent=False)
 
     def forward(self, tokens: torch.Tensor, modality_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``tokens`` (M, B, L, D) per-modality ``[global; patches]``, ``modality_mask`` (B, M) -> (B, 7, D)."""
-        _, b, length, _ = tokens.shape
-        outs = []
-        for s, (subset, attn) in enumerate(zip(self.subsets, self.queries)):
-            keys = tokens[subset[0]] if len(subset) == 1 else torch.cat([tokens[i] for i in subset], dim=1)
-            if modality_mask is None:
-                outs.append(attn(keys))
-                continue
-            present = modality_mask[:, list(subset)]  # (B, |S|)
-            none_left = ~present.any(dim=1, keepdim=True)  # (B, 1)
-            key_mask = present.repeat_interleave(length, dim=1) | none_left  # all-masked rows would give NaN
-            out = attn(keys, key_mask)
-            outs.append(torch.where(none_left, self.null_features[s].to(out.dtype), out))
-        return torch.stack(outs, dim=1)
+        """``tokens`` (M, B, L, D) per-modality ``[global; patches]``, ``modality_mask`` (B, M) -> (B, 7, D).
+
+        The seven attentions run batched: each modality's tokens are projected to the keys and values of
+        the four subsets that contain it in one matmul, every subset attends over the slots of all three
+        modalities with the slots outside it masked, and the seven output projections are one batched
+        matmul. Same result as seven :class:`QueryAttention` calls on the concatenated subset tokens
+        (``tests/test_demo_model.py``), in a few kernels instead of about two hundred.
+        """
+        num_mod, b, length, d = tokens.shape
+        num_sub, first = len(self.subsets), self.queries[0]
+        heads, head_dim = first.num_heads, d // first.num_heads
+        member = self._member  # (S, M)
+        slots = self._containing.shape[1]
+        # each modality's keys/values for the subsets that contain it, in one batched matmul
+        in_w = torch.stack([q.in_proj_weight for q in self.queries])  # (S, 3D, D)
+        in_b = torch.stack([q.in_proj_bias for q in self.queries])  # (S, 3D)
+        w_kv = in_w[:, d:][self._containing].flatten(1, 2)  # (M, slots * 2D, D)
+        b_kv = in_b[:, d:][self._containing].flatten(1, 2)[:, None]  # (M, 1, slots * 2D)
+        kv = torch.baddbmm(b_kv, tokens.reshape(num_mod, b * length, d), w_kv.transpose(1, 2))
+        kv = kv.view(num_mod, b, length, slots, 2 * d)
+        kv = torch.cat([kv, kv.new_zeros(num_mod, b, length, 1, 2 * d)], dim=3)  # slot `slots`: zeros
+        kv = kv[self._modality, :, :, self._slot]  # (S, M, B, L, 2D): subset s's keys/values of modality m
+        kv = kv.permute(2, 0, 1, 3, 4).reshape(b, num_sub, num_mod * length, 2, heads, head_dim)
+        k, v = (kv[:, :, :, i].permute(0, 1, 3, 2, 4).reshape(b, num_sub * heads, num_mod * length, head_dim)
+                for i in (0, 1))
+        queries = torch.stack([q.query for q in self.queries]).to(tokens.dtype)  # (S, D)
+        q = torch.baddbmm(in_b[:, None, :d], queries[:, None], in_w[:, :d].transpose(1, 2))  # (S, 1, D)
+        q = q.reshape(1, num_sub * heads, 1, head_dim).expand(b, -1, -1, -1)
+        # keys a subset attends to: its modalities' tokens that are present (all of them when none is)
+        attend = member[None] if modality_mask is None else member[None] & modality_mask[:, None, :].bool()
+        none_left = ~attend.any(dim=2)  # (B, S)
+        attend = attend | (none_left[:, :, None] & member[None])  # all-masked rows would give NaN
+        key_mask = attend[:, :, None, :, None].expand(b, num_sub, heads, num_mod, length)
+        key_mask = key_mask.reshape(b, num_sub * heads, 1, num_mod * length)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
+                                             dropout_p=first.dropout if self.training else 0.0)  # (B, S*H, 1, hd)
+        out = out.reshape(b, num_sub, d).transpose(0, 1)  # (S, B, D)
+        w_out = torch.stack([q.out_proj.weight for q in self.queries])  # (S, D, D)
+        b_out = torch.stack([q.out_proj.bias for q in self.queries])[:, None]  # (S, 1, D)
+        out = torch.baddbmm(b_out, out, w_out.transpose(1, 2)).transpose(0, 1)  # (B, S, D)
+        return torch.where(none_left[..., None], self.null_features.to(out.dtype), out)
