@@ -209,6 +209,34 @@ def test_batched_hdm_equals_seven_query_attentions_in_float64(masked: bool) -> N
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
+def test_hdm_backward_adds_no_index_twice() -> None:
+    """Bit-for-bit runs: an indexed gather whose index repeats has a backward that adds into one place several
+    times, which the CPU does with atomics in whatever order its threads run. HDM's backward has none."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    repeated: list[str] = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = func.__name__.split(".")[0]
+            accumulate = args[3] if len(args) > 3 else kwargs.get("accumulate", False)
+            if name in ("index_put", "index_put_", "_index_put_impl_") and accumulate:
+                index = torch.stack(torch.broadcast_tensors(*[i for i in args[1] if i is not None])).flatten(1)
+                if torch.unique(index, dim=1).shape[1] < index.shape[1]:
+                    repeated.append(name)
+            return func(*args, **kwargs)
+
+    torch.manual_seed(6)
+    hdm = HierarchicalDecoupling(32, dropout=0.0)
+    tokens = torch.randn(3, 4, 5, 32, requires_grad=True)
+    mask = torch.tensor([[True, False, True], [True, True, True], [False, True, True], [True, True, False]])
+    with Watch():
+        hdm(tokens, mask).sum().backward()
+    assert not repeated, repeated
+    assert tokens.grad is not None and all(p.grad is not None for p in hdm.parameters())
+
+
 def test_query_attention_equals_multihead_attention() -> None:
     torch.manual_seed(2)
     qa = QueryAttention(32, 4).eval()

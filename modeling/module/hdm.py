@@ -82,12 +82,15 @@ class HierarchicalDecoupling(nn.Module):
         self.null_features = nn.Parameter(0.02 * torch.randn(len(self.subsets), dim))
         # index tables of the batched forward, kept on the module's device (no host-to-device copy per step)
         containing = [[s for s, subset in enumerate(self.subsets) if m in subset] for m in range(num_modalities)]
-        slots = len(containing[0])  # subsets per modality (4); slot `slots` holds zeros
+        self._containing = containing  # (M, 4): the subsets that contain modality m (host lists)
+        # slot of (subset s, modality m) among m's key/value slots: its place in containing[m], or, when m is not
+        # in s, one of the zero slots after them (each (s, m) its own slot: the gather's backward adds nothing twice)
+        missing = [[s for s, subset in enumerate(self.subsets) if m not in subset] for m in range(num_modalities)]
+        slot = [[containing[m].index(s) if m in subset else len(containing[m]) + missing[m].index(s)
+                 for m in range(num_modalities)] for s, subset in enumerate(self.subsets)]
         tables = {
             "member": [[m in subset for m in range(num_modalities)] for subset in self.subsets],  # (S, M)
-            "containing": containing,  # (M, slots): the subsets that contain modality m
-            "slot": [[containing[m].index(s) if m in subset else slots for m in range(num_modalities)]
-                     for s, subset in enumerate(self.subsets)],  # (S, M): where s sits among m's subsets
+            "slot": slot,  # (S, M)
             "modality": [list(range(num_modalities)) for _ in self.subsets],  # (S, M)
         }
         for name, table in tables.items():
@@ -106,21 +109,26 @@ class HierarchicalDecoupling(nn.Module):
         num_sub, first = len(self.subsets), self.queries[0]
         heads, head_dim = first.num_heads, d // first.num_heads
         member = self._member  # (S, M)
-        slots = self._containing.shape[1]
+        slots = len(self._containing[0])
         # each modality's keys/values for the subsets that contain it, in one batched matmul
-        in_w = torch.stack([q.in_proj_weight for q in self.queries])  # (S, 3D, D)
-        in_b = torch.stack([q.in_proj_bias for q in self.queries])  # (S, 3D)
-        w_kv = in_w[:, d:][self._containing].flatten(1, 2)  # (M, slots * 2D, D)
-        b_kv = in_b[:, d:][self._containing].flatten(1, 2)[:, None]  # (M, 1, slots * 2D)
+        # (a subset's weights appear under each of its modalities: slices and cat, not an indexed gather, so that
+        # their gradients add up in a fixed order; an indexed gather's backward adds with CPU atomics)
+        kv_weights = [[self.queries[s].in_proj_weight[d:] for s in row] for row in self._containing]
+        kv_biases = [[self.queries[s].in_proj_bias[d:] for s in row] for row in self._containing]
+        w_kv = torch.stack([torch.cat(row) for row in kv_weights])  # (M, slots * 2D, D)
+        b_kv = torch.stack([torch.cat(row) for row in kv_biases])[:, None]  # (M, 1, slots * 2D)
         kv = torch.baddbmm(b_kv, tokens.reshape(num_mod, b * length, d), w_kv.transpose(1, 2))
         kv = kv.view(num_mod, b, length, slots, 2 * d)
-        kv = torch.cat([kv, kv.new_zeros(num_mod, b, length, 1, 2 * d)], dim=3)  # slot `slots`: zeros
+        zeros = num_sub - slots  # one zero slot per subset that lacks the modality
+        kv = torch.cat([kv, kv.new_zeros(num_mod, b, length, zeros, 2 * d)], dim=3)
         kv = kv[self._modality, :, :, self._slot]  # (S, M, B, L, 2D): subset s's keys/values of modality m
         kv = kv.permute(2, 0, 1, 3, 4).reshape(b, num_sub, num_mod * length, 2, heads, head_dim)
         k, v = (kv[:, :, :, i].permute(0, 1, 3, 2, 4).reshape(b, num_sub * heads, num_mod * length, head_dim)
                 for i in (0, 1))
         queries = torch.stack([q.query for q in self.queries]).to(tokens.dtype)  # (S, D)
-        q = torch.baddbmm(in_b[:, None, :d], queries[:, None], in_w[:, :d].transpose(1, 2))  # (S, 1, D)
+        w_q = torch.stack([q.in_proj_weight[:d] for q in self.queries])  # (S, D, D)
+        b_q = torch.stack([q.in_proj_bias[:d] for q in self.queries])[:, None]  # (S, 1, D)
+        q = torch.baddbmm(b_q, queries[:, None], w_q.transpose(1, 2))  # (S, 1, D)
         q = q.reshape(1, num_sub * heads, 1, head_dim).expand(b, -1, -1, -1)
         # keys a subset attends to: its modalities' tokens that are present (all of them when none is)
         attend = member[None] if modality_mask is None else member[None] & modality_mask[:, None, :].bool()
