@@ -209,32 +209,48 @@ def test_batched_hdm_equals_seven_query_attentions_in_float64(masked: bool) -> N
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
+class _RepeatedIndexWatch:
+    """Records every accumulating index_put whose index repeats: its backward-time additions into one place run
+    as CPU atomics in thread order, so a run would not reproduce bit for bit."""
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        repeated = self.repeated = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                accumulate = args[3] if len(args) > 3 else kwargs.get("accumulate", False)
+                if func.__name__.split(".")[0] in ("index_put", "index_put_", "_index_put_impl_") and accumulate:
+                    index = torch.stack(torch.broadcast_tensors(*[i for i in args[1] if i is not None])).flatten(1)
+                    if torch.unique(index, dim=1).shape[1] < index.shape[1]:
+                        repeated.append(tuple(args[0].shape))
+                return func(*args, **kwargs)
+
+        self.mode = Mode()
+
+
 def test_hdm_backward_adds_no_index_twice() -> None:
-    """Bit-for-bit runs: an indexed gather whose index repeats has a backward that adds into one place several
-    times, which the CPU does with atomics in whatever order its threads run. HDM's backward has none."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    repeated: list[str] = []
-
-    class Watch(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            name = func.__name__.split(".")[0]
-            accumulate = args[3] if len(args) > 3 else kwargs.get("accumulate", False)
-            if name in ("index_put", "index_put_", "_index_put_impl_") and accumulate:
-                index = torch.stack(torch.broadcast_tensors(*[i for i in args[1] if i is not None])).flatten(1)
-                if torch.unique(index, dim=1).shape[1] < index.shape[1]:
-                    repeated.append(name)
-            return func(*args, **kwargs)
-
     torch.manual_seed(6)
     hdm = HierarchicalDecoupling(32, dropout=0.0)
     tokens = torch.randn(3, 4, 5, 32, requires_grad=True)
-    mask = torch.tensor([[True, False, True], [True, True, True], [False, True, True], [True, True, False]])
-    with Watch():
-        hdm(tokens, mask).sum().backward()
-    assert not repeated, repeated
+    watch = _RepeatedIndexWatch()
+    with watch.mode:
+        hdm(tokens, MASK).sum().backward()
+    assert not watch.repeated, watch.repeated
     assert tokens.grad is not None and all(p.grad is not None for p in hdm.parameters())
+
+
+def test_model_backward_adds_no_index_twice() -> None:
+    """The whole DeMo-SDTPS forward and loss-free backward, two samples per camera (the SIE lookup repeats)."""
+    model = _model("MODEL.DGAF.ENABLED", True).train()
+    images, cams = _batch()
+    watch = _RepeatedIndexWatch()
+    with watch.mode:
+        out = model(images, cams, MASK)
+        sum(branch["logits"].sum() + branch["feat"].sum() for branch in out["branches"]).backward()
+    assert cams.unique().numel() < cams.numel() and not watch.repeated, watch.repeated
 
 
 def test_query_attention_equals_multihead_attention() -> None:

@@ -314,7 +314,8 @@ class CLIPVisionBackbone(nn.Module):
         if self.camera_embed is not None:
             if cam_ids is None:
                 raise ValueError("cam_ids (B,) is required when the camera embedding (MODEL.SIE_CAMERA) is on")
-            sie = (self.sie_coe * self.camera_embed[cam_ids]).to(x.dtype).unsqueeze(1)  # (B, 1, width)
+            # F.embedding, not camera_embed[cam_ids]: the index's backward adds repeated cameras with CPU atomics
+            sie = (self.sie_coe * F.embedding(cam_ids, self.camera_embed)).to(x.dtype).unsqueeze(1)  # (B, 1, width)
             if self.sie_tokens == "cls":
                 cls = cls + sie
         x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
