@@ -137,16 +137,6 @@ def test_token_sparse_keep_all_has_no_extra_token_and_merge_carries_gradient() -
     assert s.grad is not None and s.grad.abs().sum() > 0
 
 
-def test_combine_scores_with_missing_modalities() -> None:
-    s_im = torch.tensor([[0.2, 0.4], [0.6, 0.8], [0.1, 0.1]])
-    cross = torch.tensor([[[0.3, 0.1], [0.5, 0.9]]] * 3)  # (3, 2, 2)
-    avail = torch.tensor([[True, True], [True, False], [False, False]])
-    got = TokenSparse.combine_scores(s_im, cross, avail)
-    want = [[(0.2 + 0.3 + 0.5) / 3, (0.4 + 0.1 + 0.9) / 3], [(0.6 + 0.3) / 2, (0.8 + 0.1) / 2], [0.1, 0.1]]
-    assert np.allclose(got.numpy(), want, atol=1e-6)
-    assert torch.allclose(TokenSparse.combine_scores(s_im, cross), (s_im + cross.sum(1)) / 3)
-
-
 def _sdtps_inputs(b: int = 3, n: int = 12, d: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(3, b, d), torch.randn(3, b, n, d)
 

@@ -169,8 +169,6 @@ def num_keep_tokens(num_tokens: int, keep_ratio: float) -> int:
 class TokenSparse(nn.Module):
     """Score-based top-K patch selection with a score-weighted merge of the rest (no parameters).
 
-    :meth:`combine_scores` forms ``score = (s_im + sum_j a_j s_j) / (1 + sum_j a_j)`` where
-    ``a_j`` says whether the j-th other modality is present (all present: ``(s_im + s_m2 + s_m3) / 3``).
     :meth:`forward` sorts the scores (descending, stable), keeps ``indices[:, :K]`` with
     ``K = ceil(keep_ratio * N)`` and, when ``K < N``, appends one token
     ``sum_{j not kept} s_j P_j / sum_{j not kept} s_j`` (scores are >= 0; the sum is clamped
@@ -193,19 +191,6 @@ class TokenSparse(nn.Module):
         """K plus the merged token when anything is left to merge."""
         k = self.num_keep(num_tokens)
         return k + (1 if k < num_tokens else 0)
-
-    @staticmethod
-    def combine_scores(
-        self_score: torch.Tensor,
-        cross_scores: torch.Tensor,
-        cross_available: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``self_score`` (B, N), ``cross_scores`` (B, J, N), ``cross_available`` (B, J) bool -> (B, N)."""
-        if cross_available is None:
-            return (self_score + cross_scores.sum(dim=1)) / (1 + cross_scores.shape[1])
-        a = cross_available.to(cross_scores.dtype)
-        total = self_score + (cross_scores * a.unsqueeze(-1)).sum(dim=1)
-        return total / (1.0 + a.sum(dim=1, keepdim=True))
 
     def forward(self, patches: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``patches`` (B, N, D), ``score`` (B, N) -> ``(tokens (B, K[+1], D), keep_indices (B, K))``."""
