@@ -2,7 +2,8 @@
 
 An epoch that runs slower than the model step alone (``tools/benchmark.py``) either waits for the data
 loader or loses time elsewhere in the loop; this tells the two apart. The time counted is the time the
-loop is blocked in the loader's ``next()``, the first batch of the epoch (filling the pipeline) included.
+loop is blocked in the loader's ``next()``, the first batch of the epoch (filling the pipeline) included;
+that first wait is also kept apart, since it is paid once per epoch however fast the loader runs after.
 """
 
 from __future__ import annotations
@@ -13,25 +14,31 @@ from typing import Any
 
 
 class DataWait:
-    """Iterate ``batches`` and add up, in ``seconds``, the time spent waiting for each one.
+    """Iterate ``batches`` and add up, in ``seconds``, the time spent waiting for each one; ``first_seconds`` is
+    the part spent waiting for the first batch.
 
-    ``len()`` is the wrapped iterable's; ``seconds`` starts at 0 for every new iteration.
+    ``len()`` is the wrapped iterable's; both start at 0 for every new iteration.
     """
 
     def __init__(self, batches: Iterable[Any]) -> None:
         self.batches = batches
         self.seconds = 0.0
+        self.first_seconds = 0.0
 
     def __len__(self) -> int:
         return len(self.batches)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[Any]:
-        self.seconds = 0.0
+        self.seconds = self.first_seconds = 0.0
         it, end = iter(self.batches), object()
+        first = True
         while True:
             started = time.perf_counter()
             batch = next(it, end)
-            self.seconds += time.perf_counter() - started
+            waited = time.perf_counter() - started
+            self.seconds += waited
+            if first:
+                self.first_seconds, first = waited, False
             if batch is end:
                 return
             yield batch

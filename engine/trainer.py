@@ -293,7 +293,7 @@ class Trainer:
                         period = _PeriodMeans()
                     if it < steps - 1 and self._stop_requested(sync=run.step % s.LOG_PERIOD == 0):
                         self._stop(stage, best)
-                self._log_epoch_time(stage, epoch, steps - skip, time.perf_counter() - started, fed.seconds)
+                self._log_epoch_time(stage, epoch, steps - skip, time.perf_counter() - started, fed)
                 run.stage_epoch, run.global_epoch, run.epoch_step = epoch + 1, run.global_epoch + 1, 0
                 if epoch == start_epoch:  # the stage's graphs are compiled now: keep them for the next run
                     compile_cache.save(cache)
@@ -441,17 +441,17 @@ class Trainer:
                            periodic=False, resumable=False)
         return results, best
 
-    def _log_epoch_time(self, stage: Stage, epoch: int, steps: int, seconds: float, data_wait: float) -> None:
+    def _log_epoch_time(self, stage: Stage, epoch: int, steps: int, seconds: float, fed: DataWait) -> None:
         """How long the epoch's training steps took (data loading included, evaluation not) and how much of it
         the loop spent waiting for the loader, as a log line and ``<prefix>/time/*`` metrics; the first epoch
         of a compiled run includes the compilation."""
         record = {"time/epoch_s": seconds, "time/steps_per_s": steps / max(seconds, 1e-9),
-                  "time/data_wait_s": data_wait}
+                  "time/data_wait_s": fed.seconds, "time/data_wait_first_s": fed.first_seconds}
         line = f"{stage.name} epoch {epoch + 1}: {steps} steps in {seconds:.1f} s ({record['time/steps_per_s']:.2f} steps/s"
         if stage.samples_per_step:
             record["time/samples_per_s"] = record["time/steps_per_s"] * stage.samples_per_step * get_world_size()
             line += f", {record['time/samples_per_s']:.0f} samples/s"
-        logger.info(line + f"; {data_wait:.1f} s waiting for data)")
+        logger.info(line + f"; {fed.seconds:.1f} s waiting for data, {fed.first_seconds:.1f} s of it for the first batch)")
         self.metrics.log(record, step=self.run.step, prefix=stage.log_prefix)
 
     def _log(self, stage: Stage, means: dict[str, float], grad_norm: float, epoch: float) -> None:

@@ -40,3 +40,27 @@ def test_each_iteration_starts_from_zero() -> None:
     fed.seconds = 99.0
     list(fed)
     assert fed.seconds < 1.0
+
+
+class _ColdStart:
+    """A first batch that takes ``first`` seconds (the workers fill their queues), then fast ones."""
+
+    def __init__(self, first: float) -> None:
+        self.first = first
+
+    def __len__(self) -> int:
+        return 5
+
+    def __iter__(self) -> Iterator[int]:
+        time.sleep(self.first)
+        yield from range(5)
+
+
+def test_the_first_batch_wait_is_kept_apart() -> None:
+    fed = DataWait(_ColdStart(0.15))
+    for _ in fed:
+        time.sleep(0.02)
+    assert 0.15 <= fed.first_seconds <= fed.seconds < 0.15 + 0.1  # the other four batches came at once
+    again = DataWait(_ColdStart(0.0))
+    list(again)
+    assert again.first_seconds < 0.05

@@ -127,9 +127,10 @@ def test_fit_logs_period_means_evaluates_and_keeps_the_best(tmp_path: Path) -> N
     for r in timed:
         assert r["train/time/steps_per_s"] == pytest.approx(4 / r["train/time/epoch_s"])
         assert r["train/time/samples_per_s"] == pytest.approx(8 * r["train/time/steps_per_s"])
-        assert 0.0 <= r["train/time/data_wait_s"] <= r["train/time/epoch_s"]
+        assert 0.0 <= r["train/time/data_wait_first_s"] <= r["train/time/data_wait_s"] <= r["train/time/epoch_s"]
     assert len([r for r in rows if "val/time/eval_s" in r]) == 3
-    assert re.search(r"train epoch 3: 4 steps in .* s waiting for data\)", (tmp_path / "log.txt").read_text())
+    assert re.search(r"train epoch 3: 4 steps in .* s waiting for data, .* s of it for the first batch\)",
+                     (tmp_path / "log.txt").read_text())
     setup_logging(None)
 
 
