@@ -9,15 +9,17 @@ from engine.data_wait import DataWait
 
 
 class _SlowLoader:
-    """Four batches, each taking ``delay`` seconds to produce."""
+    """Four batches, each taking ``delay`` seconds to produce, the first ``first`` seconds more (the workers
+    filling their queues)."""
 
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
+    def __init__(self, delay: float, first: float = 0.0) -> None:
+        self.delay, self.first = delay, first
 
     def __len__(self) -> int:
         return 4
 
     def __iter__(self) -> Iterator[int]:
+        time.sleep(self.first)
         for k in range(4):
             time.sleep(self.delay)
             yield k
@@ -42,25 +44,11 @@ def test_each_iteration_starts_from_zero() -> None:
     assert fed.seconds < 1.0
 
 
-class _ColdStart:
-    """A first batch that takes ``first`` seconds (the workers fill their queues), then fast ones."""
-
-    def __init__(self, first: float) -> None:
-        self.first = first
-
-    def __len__(self) -> int:
-        return 5
-
-    def __iter__(self) -> Iterator[int]:
-        time.sleep(self.first)
-        yield from range(5)
-
-
 def test_the_first_batch_wait_is_kept_apart() -> None:
-    fed = DataWait(_ColdStart(0.15))
+    fed = DataWait(_SlowLoader(0.0, first=0.15))
     for _ in fed:
         time.sleep(0.02)
-    assert 0.15 <= fed.first_seconds <= fed.seconds < 0.15 + 0.1  # the other four batches came at once
-    again = DataWait(_ColdStart(0.0))
+    assert 0.15 <= fed.first_seconds <= fed.seconds < 0.15 + 0.1  # the other three batches came at once
+    again = DataWait(_SlowLoader(0.0))
     list(again)
     assert again.first_seconds < 0.05
