@@ -166,21 +166,6 @@ def _sdm_pairs(
     return loss, stats
 
 
-def _sdm_core(
-    feat_a: torch.Tensor,
-    feat_b: torch.Tensor,
-    pids: torch.Tensor,
-    temperature: float | torch.Tensor,
-    mask_a: torch.Tensor | None,
-    mask_b: torch.Tensor | None,
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """SDM of one pair with tensor stats (no host sync). Shapes as in :func:`sdm_loss`."""
-    _check_inputs(feat_a, feat_b, pids, mask_a, mask_b)
-    one = [None if m is None else m.reshape(1, -1) for m in (mask_a, mask_b)]
-    loss, stats = _sdm_pairs(feat_a.unsqueeze(0), feat_b.unsqueeze(0), pids, temperature, *one)
-    return loss[0], {k: v[0] if isinstance(v, torch.Tensor) and v.dim() == 1 else v for k, v in stats.items()}
-
-
 def sdm_loss(
     feat_a: torch.Tensor,
     feat_b: torch.Tensor,
@@ -208,8 +193,11 @@ def sdm_loss(
             a->b; 1.0 = perfect), ``sdm_temperature``. One host transfer per call, none with
             ``host_stats=False`` (detached device tensors instead).
     """
-    loss, stats = _sdm_core(feat_a, feat_b, pids, temperature, mask_a, mask_b)
-    return loss, finish_stats(stats, host_stats)
+    _check_inputs(feat_a, feat_b, pids, mask_a, mask_b)
+    one = [None if m is None else m.reshape(1, -1) for m in (mask_a, mask_b)]  # one pair of the batched core
+    loss, stats = _sdm_pairs(feat_a.unsqueeze(0), feat_b.unsqueeze(0), pids, temperature, *one)
+    stats = {k: v[0] if isinstance(v, torch.Tensor) and v.dim() == 1 else v for k, v in stats.items()}
+    return loss[0], finish_stats(stats, host_stats)
 
 
 LOSS_REGISTRY.register("sdm")(sdm_loss)
