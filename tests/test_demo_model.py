@@ -209,6 +209,43 @@ def test_batched_hdm_equals_seven_query_attentions_in_float64(masked: bool) -> N
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
+def test_hdm_attention_dropout_drops_weights_as_sdpa_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In training, dropout acts on the attention weights before they average the values (SDPA's, DeMo's):
+    out = out_proj(sum_t drop(p)_t (W_v x_t + b_v)), checked in float64 against that formula, keys and values
+    projected per subset, with the same dropped weights."""
+    torch.manual_seed(7)
+    hdm = HierarchicalDecoupling(32, dropout=0.5).double().train()
+    with torch.no_grad():
+        for param in hdm.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    b, length, heads, hd = 4, 5, hdm.queries[0].num_heads, 32 // hdm.queries[0].num_heads
+    tokens = torch.randn(3, b, length, 32, dtype=torch.float64)
+    kept = torch.rand(b, 7 * heads, 3 * length, generator=torch.Generator().manual_seed(0)) > 0.5
+
+    def fixed_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+        assert training and p == 0.5 and x.shape == kept.shape
+        return x * kept / (1 - p)
+
+    monkeypatch.setattr(torch.nn.functional, "dropout", fixed_dropout)
+    out = hdm(tokens, MASK)
+    for s, subset in enumerate(HDM_SUBSETS):
+        qa = hdm.queries[s]
+        w_q, w_k, w_v = qa.in_proj_weight.split(32)
+        b_q, b_k, b_v = qa.in_proj_bias.split(32)
+        keys = torch.cat([tokens[m] for m in subset], dim=1)  # (B, L_s, D)
+        present = MASK[:, list(subset)].repeat_interleave(length, dim=1)
+        q = (w_q @ qa.query + b_q).view(heads, hd)
+        k, v = (keys @ w_k.T + b_k).view(b, -1, heads, hd), (keys @ w_v.T + b_v).view(b, -1, heads, hd)
+        logits = torch.einsum("hj,bthj->bht", q, k) / hd**0.5
+        probs = torch.softmax(logits.masked_fill(~present[:, None], -torch.inf), dim=-1)
+        cols = torch.cat([torch.arange(m * length, (m + 1) * length) for m in subset])
+        drop = kept[:, s * heads:(s + 1) * heads][:, :, cols] / 0.5
+        want = qa.out_proj(torch.einsum("bht,bthj->bhj", probs * drop, v).reshape(b, 32))
+        lost = ~MASK[:, list(subset)].any(dim=1)
+        assert torch.allclose(out[~lost, s], want[~lost], rtol=1e-10, atol=1e-12)
+        assert torch.equal(out[lost, s], hdm.null_features[s].expand(int(lost.sum()), -1))
+
+
 class _RepeatedIndexWatch:
     """Records every accumulating index_put whose index repeats: its backward-time additions into one place run
     as CPU atomics in thread order, so a run would not reproduce bit for bit."""

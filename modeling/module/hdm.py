@@ -11,6 +11,7 @@ present modality; a subset that loses all its modalities returns a learned null 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -80,66 +81,50 @@ class HierarchicalDecoupling(nn.Module):
         self.subsets = HDM_SUBSETS
         self.queries = nn.ModuleList([QueryAttention(dim, heads, dropout) for _ in self.subsets])
         self.null_features = nn.Parameter(0.02 * torch.randn(len(self.subsets), dim))
-        # index tables of the batched forward, kept on the module's device (no host-to-device copy per step)
-        containing = [[s for s, subset in enumerate(self.subsets) if m in subset] for m in range(num_modalities)]
-        self._containing = containing  # (M, 4): the subsets that contain modality m (host lists)
-        # slot of (subset s, modality m) among m's key/value slots: its place in containing[m], or, when m is not
-        # in s, one of the zero slots after them (each (s, m) its own slot: the gather's backward adds nothing twice)
-        missing = [[s for s, subset in enumerate(self.subsets) if m not in subset] for m in range(num_modalities)]
-        slot = [[containing[m].index(s) if m in subset else len(containing[m]) + missing[m].index(s)
-                 for m in range(num_modalities)] for s, subset in enumerate(self.subsets)]
-        tables = {
-            "member": [[m in subset for m in range(num_modalities)] for subset in self.subsets],  # (S, M)
-            "slot": slot,  # (S, M)
-            "modality": [list(range(num_modalities)) for _ in self.subsets],  # (S, M)
-        }
-        for name, table in tables.items():
-            self.register_buffer(f"_{name}", torch.tensor(table), persistent=False)
+        self.register_buffer("_member", torch.tensor([[m in subset for m in range(num_modalities)]
+                                                      for subset in self.subsets]), persistent=False)  # (S, M)
 
     def forward(self, tokens: torch.Tensor, modality_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``tokens`` (M, B, L, D) per-modality ``[global; patches]``, ``modality_mask`` (B, M) -> (B, 7, D).
 
-        The seven attentions run batched: each modality's tokens are projected to the keys and values of
-        the four subsets that contain it in one matmul, every subset attends over the slots of all three
-        modalities with the slots outside it masked, and the seven output projections are one batched
-        matmul. Same result as seven :class:`QueryAttention` calls on the concatenated subset tokens
-        (``tests/test_demo_model.py``), in a few kernels instead of about two hundred.
+        One query per subset and head lets the attention skip the key and value projections of the tokens:
+        ``q . (W_k x + b_k) = (W_k^T q) . x + q . b_k``, and ``q . b_k`` is the same for every key, so it drops
+        out of the softmax; ``sum_t p_t (W_v x_t + b_v) = W_v (sum_t p_t x_t) + b_v sum_t p_t``. So the seven
+        subsets' heads score all tokens with one matmul against ``W_k^T q``, pool the tokens with their
+        probabilities in a second, and project the pooled tokens by ``W_v`` and ``out_proj`` per subset. No
+        (token, subset) key or value tensor is ever made. Same result as seven :class:`QueryAttention` calls
+        on the concatenated subset tokens (``tests/test_demo_model.py``).
         """
         num_mod, b, length, d = tokens.shape
         num_sub, first = len(self.subsets), self.queries[0]
         heads, head_dim = first.num_heads, d // first.num_heads
         member = self._member  # (S, M)
-        slots = len(self._containing[0])
-        # each modality's keys/values for the subsets that contain it, in one batched matmul
-        # (a subset's weights appear under each of its modalities: slices and cat, not an indexed gather, so that
-        # their gradients add up in a fixed order; an indexed gather's backward adds with CPU atomics)
-        kv_weights = [[self.queries[s].in_proj_weight[d:] for s in row] for row in self._containing]
-        kv_biases = [[self.queries[s].in_proj_bias[d:] for s in row] for row in self._containing]
-        w_kv = torch.stack([torch.cat(row) for row in kv_weights])  # (M, slots * 2D, D)
-        b_kv = torch.stack([torch.cat(row) for row in kv_biases])[:, None]  # (M, 1, slots * 2D)
-        kv = torch.baddbmm(b_kv, tokens.reshape(num_mod, b * length, d), w_kv.transpose(1, 2))
-        kv = kv.view(num_mod, b, length, slots, 2 * d)
-        zeros = num_sub - slots  # one zero slot per subset that lacks the modality
-        kv = torch.cat([kv, kv.new_zeros(num_mod, b, length, zeros, 2 * d)], dim=3)
-        kv = kv[self._modality, :, :, self._slot]  # (S, M, B, L, 2D): subset s's keys/values of modality m
-        kv = kv.permute(2, 0, 1, 3, 4).reshape(b, num_sub, num_mod * length, 2, heads, head_dim)
-        k, v = (kv[:, :, :, i].permute(0, 1, 3, 2, 4).reshape(b, num_sub * heads, num_mod * length, head_dim)
-                for i in (0, 1))
+        w_in = torch.stack([q.in_proj_weight for q in self.queries]).to(tokens.dtype)  # (S, 3D, D)
+        b_in = torch.stack([q.in_proj_bias for q in self.queries]).to(tokens.dtype)  # (S, 3D)
+        w_q, w_k, w_v = w_in.split(d, dim=1)
+        b_q, b_v = b_in[:, :d], b_in[:, 2 * d:]
         queries = torch.stack([q.query for q in self.queries]).to(tokens.dtype)  # (S, D)
-        w_q = torch.stack([q.in_proj_weight[:d] for q in self.queries])  # (S, D, D)
-        b_q = torch.stack([q.in_proj_bias[:d] for q in self.queries])[:, None]  # (S, 1, D)
-        q = torch.baddbmm(b_q, queries[:, None], w_q.transpose(1, 2))  # (S, 1, D)
-        q = q.reshape(1, num_sub * heads, 1, head_dim).expand(b, -1, -1, -1)
+        q = torch.baddbmm(b_q[:, None], queries[:, None], w_q.transpose(1, 2))  # (S, 1, D): projected queries
+        q = q.view(num_sub, heads, 1, head_dim) * head_dim**-0.5
+        # W_k^T q per subset and head: the direction each (subset, head) scores a token along
+        score_dirs = torch.matmul(q, w_k.view(num_sub, heads, head_dim, d)).reshape(num_sub * heads, d)
+        x = tokens.permute(1, 0, 2, 3).reshape(b, num_mod * length, d)  # (B, M*L, D)
+        logits = torch.matmul(x, score_dirs.t()).transpose(1, 2)  # (B, S*H, M*L)
         # keys a subset attends to: its modalities' tokens that are present (all of them when none is)
         attend = member[None] if modality_mask is None else member[None] & modality_mask[:, None, :].bool()
         none_left = ~attend.any(dim=2)  # (B, S)
         attend = attend | (none_left[:, :, None] & member[None])  # all-masked rows would give NaN
         key_mask = attend[:, :, None, :, None].expand(b, num_sub, heads, num_mod, length)
-        key_mask = key_mask.reshape(b, num_sub * heads, 1, num_mod * length)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
-                                             dropout_p=first.dropout if self.training else 0.0)  # (B, S*H, 1, hd)
-        out = out.reshape(b, num_sub, d).transpose(0, 1)  # (S, B, D)
-        w_out = torch.stack([q.out_proj.weight for q in self.queries])  # (S, D, D)
-        b_out = torch.stack([q.out_proj.bias for q in self.queries])[:, None]  # (S, 1, D)
-        out = torch.baddbmm(b_out, out, w_out.transpose(1, 2)).transpose(0, 1)  # (B, S, D)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # softmax in float32 at least
+        logits = logits.masked_fill(~key_mask.reshape(b, num_sub * heads, num_mod * length), -math.inf)
+        probs = F.dropout(torch.softmax(logits, dim=-1), first.dropout, self.training)
+        pooled = torch.matmul(probs.to(x.dtype), x)  # (B, S*H, D): the tokens averaged by each head's weights
+        # W_v per head on its pooled tokens, plus b_v times the weights' sum (1 unless dropout dropped some)
+        pooled = pooled.view(b, num_sub, heads, 1, d).transpose(0, 1)  # (S, B, H, 1, D)
+        values = torch.matmul(pooled, w_v.view(num_sub, 1, heads, head_dim, d).transpose(-1, -2))  # (S,B,H,1,hd)
+        weight_sums = probs.sum(dim=-1).to(x.dtype).view(b, num_sub, heads, 1).transpose(0, 1)  # (S, B, H, 1)
+        values = values.squeeze(3) + weight_sums * b_v.view(num_sub, 1, heads, head_dim)  # (S, B, H, hd)
+        w_out = torch.stack([q.out_proj.weight for q in self.queries]).to(tokens.dtype)  # (S, D, D)
+        b_out = torch.stack([q.out_proj.bias for q in self.queries]).to(tokens.dtype)[:, None]  # (S, 1, D)
+        out = torch.baddbmm(b_out, values.reshape(num_sub, b, d), w_out.transpose(1, 2)).transpose(0, 1)
         return torch.where(none_left[..., None], self.null_features.to(out.dtype), out)
