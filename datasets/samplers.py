@@ -260,21 +260,40 @@ class SeededBatches(Sampler[list[tuple[int, int]]]):
     """
 
     def __init__(self, batches: Sampler[list[int]], seed: int = 0) -> None:
-        self.batches, self.seed, self.epoch, self.start = batches, int(seed), 0, 0
+        self.batches, self.seed = batches, int(seed)
+        self.first, self.stop, self.start = 0, 1, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Set the epoch of the seeds and of the wrapped sampler; the epoch's first ``start`` batches are
-        skipped (a run resumed in the middle of an epoch goes on with the batches it had not trained on)."""
-        self.epoch, self.start = int(epoch), int(start)
-        self.batches.set_epoch(epoch)
+        """Iterate one epoch; its first ``start`` batches are skipped (a run resumed in the middle of an epoch
+        goes on with the batches it had not trained on)."""
+        self.set_epochs(epoch, epoch + 1, start)
+
+    def set_epochs(self, first: int, stop: int, start: int = 0) -> None:
+        """Iterate epochs ``first`` to ``stop - 1`` back to back, the first from its batch ``start``.
+
+        One loader iterator then runs through all of them, so its workers prepare the next epoch's first
+        batches while the current epoch ends (its last steps, evaluation, checkpoint) instead of after.
+        Each batch is the one ``set_epoch`` of its epoch gives.
+        """
+        if stop <= first or not 0 <= start <= self.batches_per_epoch:
+            raise ValueError(f"no batches in epochs {first}..{stop - 1} from batch {start}")
+        self.first, self.stop, self.start = int(first), int(stop), int(start)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches in one whole epoch (the steps of a training epoch)."""
+        return len(self.batches)
 
     def __len__(self) -> int:
-        return max(0, len(self.batches) - self.start)
+        return (self.stop - self.first) * self.batches_per_epoch - self.start
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         rank = int(getattr(self.batches, "rank", 0))
-        for b, batch in enumerate(self.batches):
-            if b < self.start:
-                continue
-            seeds = np.random.SeedSequence([self.seed, self.epoch, rank, b]).generate_state(len(batch), np.uint64)
-            yield [(int(i), int(s)) for i, s in zip(batch, seeds)]
+        for epoch in range(self.first, self.stop):
+            self.batches.set_epoch(epoch)
+            skip = self.start if epoch == self.first else 0
+            for b, batch in enumerate(self.batches):
+                if b < skip:
+                    continue
+                seeds = np.random.SeedSequence([self.seed, epoch, rank, b]).generate_state(len(batch), np.uint64)
+                yield [(int(i), int(s)) for i, s in zip(batch, seeds)]

@@ -196,12 +196,12 @@ def build_stage(name: str, cfg: CN, model: torch.nn.Module, data: Any, device: t
     else:
         epochs, base_lr, objective = s.MAX_EPOCHS, s.BASE_LR, EpisodeObjective(criterion, device)
     optimizer = build_model_optimizer(cfg, unwrap(model), base_lr)
+    steps = loader.batch_sampler.batches_per_epoch
     if name == "pretrain":
-        steps = len(loader)
         scheduler = WarmupScheduler(optimizer, total_steps=epochs * steps, warmup_steps=fs.PRETRAIN.WARMUP_EPOCHS * steps,
                                     warmup_factor=s.WARMUP_FACTOR, mode="cosine", min_factor=s.MIN_LR_FACTOR)
     else:
-        scheduler = build_scheduler(cfg, optimizer, len(loader))
+        scheduler = build_scheduler(cfg, optimizer, steps)
     return Stage(name, loader, epochs, objective, optimizer, scheduler,
                  evaluator=FewShotEvaluator(cfg, data, device, amp, name),
                  log_prefix="pretrain" if name == "pretrain" else "train", find_unused_parameters=True,

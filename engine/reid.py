@@ -377,11 +377,11 @@ def run_reid(cfg: CN, args: argparse.Namespace) -> dict[str, Any]:
             return results
 
         loader = datasets.reid_train_loader(cfg, setup.data.train)
-        if len(loader) == 0:
+        if loader.batch_sampler.batches_per_epoch == 0:
             raise ValueError(f"the train split gives no P x K batch of {cfg.SOLVER.IMS_PER_BATCH}; "
                              "lower SOLVER.IMS_PER_BATCH")
         optimizer = build_reid_optimizer(cfg, model, criterion)
-        scheduler = build_scheduler(cfg, optimizer, len(loader))
+        scheduler = build_scheduler(cfg, optimizer, loader.batch_sampler.batches_per_epoch)
         resume = None
         if resume_path is not None:
             resume = read_checkpoint(resume_path, out_dir)

@@ -23,6 +23,7 @@ the objective's state, the monitors, the best score and the run's counters (:cla
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import signal
@@ -125,6 +126,8 @@ class Stage:
     """One stage of a run: what to train with and for how long."""
 
     name: str
+    #: a DataLoader whose batch sampler has ``set_epochs(first, stop, start)`` and ``batches_per_epoch``
+    #: (:class:`datasets.samplers.SeededBatches`)
     loader: Any
     epochs: int
     objective: Objective
@@ -259,21 +262,23 @@ class Trainer:
             compile_cache.load(cache)
         train_model = self.compile_stage(stage, train_model)
         run.stage = stage.name
-        steps = len(stage.loader)
+        sampler = stage.loader.batch_sampler
+        steps = sampler.batches_per_epoch
         logger.info("stage %s: epochs %d..%d of %d steps%s", stage.name, start_epoch + 1, stage.epochs, steps,
                     stage.describe())
         s = self.cfg.SOLVER
         last_results: dict[str, Any] | None = None
+        # one loader iterator over the stage's epochs: the workers prepare an epoch's first batches while the
+        # epoch before it ends; resumed mid-epoch, it starts with the batches not yet trained on, augmented as
+        # they would have been
+        sampler.set_epochs(start_epoch, stage.epochs, start=run.epoch_step)
+        stream = iter(stage.loader)
         with self._stop_on_signals():
             for epoch in range(start_epoch, stage.epochs):
                 skip = run.epoch_step if epoch == start_epoch else 0
-                if skip:  # resumed mid-epoch: the batches not yet trained on, augmented as they would have been
-                    stage.loader.batch_sampler.set_epoch(epoch, start=skip)
-                else:
-                    stage.loader.batch_sampler.set_epoch(epoch)
                 train_model.train()
                 period = _PeriodMeans()
-                fed = DataWait(stage.loader)
+                fed = DataWait(itertools.islice(stream, steps - skip))
                 on_device = DevicePrefetcher(fed, stage.objective.to_device, self.device,
                                              enabled=self.cfg.DATALOADER.PREFETCH_TO_DEVICE)
                 batches = progress(on_device, desc=f"{stage.name} {epoch + 1}/{stage.epochs}", total=steps - skip)

@@ -148,6 +148,28 @@ def test_shuffled_batches_cover_and_shard():
         ShuffledBatchSampler(0, 4, world_size=1, rank=0)
 
 
+def test_seeded_batches_over_several_epochs_are_each_epochs_batches_in_turn() -> None:
+    """``set_epochs(first, stop, start)`` yields what ``set_epoch`` gives for each of those epochs, back to back,
+    the first from its batch ``start``; ``len`` counts them all."""
+    from datasets.samplers import SeededBatches
+
+    pids = [i // 4 for i in range(40)]  # 10 identities x 4 images
+    batches = SeededBatches(RandomIdentitySampler(pids, 8, 2, seed=5, world_size=1, rank=0), seed=5)
+
+    def epoch(e: int, start: int = 0) -> list[list[tuple[int, int]]]:
+        batches.set_epoch(e, start=start)
+        return list(batches)
+
+    per_epoch = batches.batches_per_epoch
+    want = epoch(2, start=1) + epoch(3) + epoch(4)
+    assert len(want) == 3 * per_epoch - 1 and epoch(2) != epoch(3)
+    batches.set_epochs(2, 5, start=1)
+    assert len(batches) == len(want) and list(batches) == want
+    assert batches.batches_per_epoch == per_epoch
+    with pytest.raises(ValueError, match="no batches"):
+        batches.set_epochs(3, 3)
+
+
 def test_seeded_batches_give_each_sample_a_seed_of_its_place_alone() -> None:
     import torch
 

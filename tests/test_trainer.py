@@ -134,6 +134,54 @@ def test_fit_logs_period_means_evaluates_and_keeps_the_best(tmp_path: Path) -> N
     setup_logging(None)
 
 
+class _SlowPairs(torch.utils.data.Dataset):
+    """``(x, y)`` samples that take ``delay`` seconds each to load, keyed ``(index, seed)`` as SeededBatches gives."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        import time
+
+        time.sleep(self.delay)
+        g = torch.Generator().manual_seed(key[0])
+        return torch.randn(3, generator=g), torch.randn(1, generator=g)
+
+
+class _SlowEvaluator(_Evaluator):
+    def __call__(self, model: nn.Module) -> dict[str, Any]:
+        import time
+
+        time.sleep(0.8)
+        return super().__call__(model)
+
+
+def test_the_loader_prepares_the_next_epoch_while_an_epoch_ends(tmp_path: Path) -> None:
+    """One loader iterator spans the stage's epochs: while epoch 1 is evaluated, the workers load epoch 2's first
+    batches, so epoch 2 does not wait for them (a batch takes 0.2 s to load, the evaluation 0.8 s). Epoch 1's
+    first batch is waited for."""
+    from datasets.samplers import SeededBatches, ShuffledBatchSampler
+
+    sampler = SeededBatches(ShuffledBatchSampler(8, 2, shuffle=True, drop_last=True, seed=0, rank=0,
+                                                 world_size=1), seed=0)
+    loader = torch.utils.data.DataLoader(_SlowPairs(0.1), batch_sampler=sampler, num_workers=2,
+                                         persistent_workers=True, prefetch_factor=2)
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stage = Stage("train", loader, 2, Regression(), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0),
+                  evaluator=_SlowEvaluator([0.1, 0.2]))
+    trainer = _trainer(tmp_path, model)
+    trainer.fit(stage)
+    trainer.metrics.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    first_waits = [r["train/time/data_wait_first_s"] for r in rows if "train/time/data_wait_first_s" in r]
+    assert len(first_waits) == 2 and trainer.run.step == 8
+    assert first_waits[0] >= 0.2 and first_waits[1] < 0.1, first_waits
+
+
 def test_resume_inside_a_stage_and_after_a_finished_one(tmp_path: Path) -> None:
     def run(out: Path, resume: dict | None, second_epochs: int = 3) -> nn.Module:
         torch.manual_seed(0)

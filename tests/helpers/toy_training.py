@@ -9,24 +9,34 @@ from torch import nn
 
 
 class ToySampler:
-    def __init__(self) -> None:
-        self.epochs: list[int] = []
-        self.start = 0
+    """Records the epochs iterated; ``batches`` is the one epoch's list of batches."""
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epochs.append(epoch)
-        self.start = start
+    def __init__(self, batches: list[Any]) -> None:
+        self.batches, self.epochs = batches, []
+        self.first, self.stop, self.start = 0, 1, 0
+
+    def set_epochs(self, first: int, stop: int, start: int = 0) -> None:
+        self.first, self.stop, self.start = first, stop, start
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for epoch in range(self.first, self.stop):
+            self.epochs.append(epoch)
+            yield from self.batches[self.start if epoch == self.first else 0:]
 
 
 class ToyLoader(list):
-    """A fixed list of batches with the ``batch_sampler.set_epoch`` the trainer calls (``start`` skips)."""
+    """A fixed list of batches per epoch, with the ``batch_sampler.set_epochs`` the trainer calls."""
 
     def __init__(self, batches: list[Any]) -> None:
         super().__init__(batches)
-        self.batch_sampler = ToySampler()
+        self.batch_sampler = ToySampler(list(batches))
 
     def __iter__(self):
-        return iter(list.__getitem__(self, slice(self.batch_sampler.start, None)))
+        return iter(self.batch_sampler)
 
 
 class Regression:
