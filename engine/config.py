@@ -184,6 +184,11 @@ def base_config() -> CN:
     # > 0: a step whose loss lies more than this many spike bands (threshold - median) above the median is not
     # applied either (a blow-up: e.g. a learning rate far too large); counted with the non-finite steps.
     _C.MONITOR.BLOWUP_FACTOR = 0.0
+    # True: the host judges each step (the non-finite guard, blow-ups, spikes) one step later, while the GPU runs
+    # the next, and the fused optimizer applies or skips the step on the device by the same rule: the host never
+    # waits for the GPU. Needs a fused optimizer and no fp16 loss scaling (else each step is waited for). False:
+    # wait for every step. The applied updates are the same; a blow-up's band then lags by one step.
+    _C.MONITOR.DEFER_CHECKS = True
 
     _C.TEST = CN()
     _C.TEST.IMS_PER_BATCH = 128

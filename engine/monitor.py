@@ -122,15 +122,16 @@ class SpikeDetector:
     def is_blowup(self, value: float, factor: float) -> bool:
         """True when ``value`` lies more than ``factor`` spike bands above the window's median (or is not
         finite); False during warm-up or with ``factor <= 0``. Does not change the detector's state."""
-        if factor <= 0:
-            return False
-        if not math.isfinite(value):
-            return True
-        band = self._median_and_threshold()
+        return not math.isfinite(value) or value > self.blowup_threshold(factor)
+
+    def blowup_threshold(self, factor: float) -> float:
+        """The loss above which :meth:`is_blowup` is True: ``factor`` spike bands above the window's median
+        (inf during warm-up or with ``factor <= 0``)."""
+        band = self._median_and_threshold() if factor > 0 else None
         if band is None:
-            return False
+            return math.inf
         med, thr = band
-        return value > med + factor * (thr - med)
+        return med + factor * (thr - med)
 
     @property
     def stability(self) -> float:

@@ -21,8 +21,9 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """SGD / Adam / AdamW over ``param_groups``; a group's own ``lr``/``weight_decay`` wins.
 
-    ``fused`` (default: when every parameter is on a CUDA device) uses the single-kernel
-    implementation, which removes most of the optimizer's launch overhead on a GPU.
+    ``fused`` (default: when every parameter is on a CUDA device or the CPU) uses the single-kernel
+    implementation, which removes most of the optimizer's launch overhead on a GPU and can skip a step
+    on the device (``found_inf``: see ``MONITOR.DEFER_CHECKS``).
     """
     items = list(param_groups)
     if items and not isinstance(items[0], dict):  # a plain iterable of parameters: one group
@@ -30,7 +31,7 @@ def build_optimizer(
     groups = [{**g, "params": list(g["params"])} for g in items]
     if fused is None:
         params = [p for g in groups for p in g["params"]]
-        fused = bool(params) and all(p.is_cuda for p in params)
+        fused = bool(params) and all(p.device.type in ("cuda", "cpu") for p in params)
     extra = {"fused": True} if fused else {}
     if name == "SGD":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,

@@ -150,6 +150,22 @@ class StageResult:
     best: dict[str, Any]
 
 
+@dataclass
+class LaunchedStep:
+    """A training step queued on the device and not yet judged on the host (:meth:`Trainer.settle`)."""
+
+    #: loss, gradient norm and the loss terms (float32, on the device)
+    values: torch.Tensor
+    #: the loss terms' names, in ``values[2:]``
+    names: list[str]
+    #: the objective's statistics of the step
+    stats: dict[str, Any]
+    #: whether the optimizer already ran on the device (applying or skipping the step)
+    on_device: bool
+    #: the device's blow-up verdict when ``on_device``
+    blowup: torch.Tensor | None = None
+
+
 class Trainer:
     """Runs stages of one model with one checkpointer, metrics logger and AMP policy.
 
@@ -201,7 +217,18 @@ class Trainer:
 
     def run_step(self, model: torch.nn.Module, stage: Stage, params: list[torch.nn.Parameter], batch: Any,
                  epoch: float) -> tuple[float, dict[str, float], float, dict[str, Any]]:
-        """One optimisation step; returns ``(loss, terms, grad_norm, stats)`` with host floats for the first three."""
+        """One optimisation step, judged at once; returns ``(loss, terms, grad_norm, stats)`` with host floats
+        for the first three."""
+        return self.settle(stage, self.launch_step(model, stage, params, batch, epoch))
+
+    def launch_step(self, model: torch.nn.Module, stage: Stage, params: list[torch.nn.Parameter], batch: Any,
+                    epoch: float) -> LaunchedStep:
+        """Queue one optimisation step on the device; :meth:`settle` judges it on the host later.
+
+        Where the step can be applied or skipped on the device (:meth:`defers`), the optimizer runs here,
+        skipping the step by the guard's rule (a non-finite loss term or gradient norm, or a blow-up against
+        the spike band as it stands now); otherwise :meth:`settle` waits for the step and decides.
+        """
         obj, optimizer, scaler = stage.objective, stage.optimizer, self.amp.scaler
         torch.compiler.cudagraph_mark_step_begin()  # a new iteration for CUDA graphs (MODEL.COMPILE reduce-overhead)
         if self.compiled_step is not None:  # MODEL.COMPILE_SCOPE step: forward and loss in one compiled graph
@@ -215,18 +242,59 @@ class Trainer:
         scaler.unscale_(optimizer)
         clip = self.cfg.SOLVER.GRAD_CLIP
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
-        host = torch.stack([loss.detach().float(), grad_norm.float(), *(t.float() for t in terms.values())]).tolist()
-        term_values = dict(zip(terms, host[2:]))
+        # the step's values in one tensor (a copy: CUDA graph outputs are overwritten by the next step)
+        values = torch.stack([loss.detach().float(), grad_norm.float(), *(t.float() for t in terms.values())])
+        step = LaunchedStep(values, list(terms), stats, on_device=self.defers(stage))
+        if step.on_device:
+            judged = values[2:] if terms else values[:1]  # what the guard judges: the terms, or the loss alone
+            threshold = self.spikes.blowup_threshold(self.cfg.MONITOR.BLOWUP_FACTOR)
+            blowup = torch.isfinite(values[0]) & (values[0] > threshold)
+            skip = ~torch.isfinite(judged).all() | ~torch.isfinite(values[1]) | blowup
+            optimizer.found_inf, optimizer.grad_scale = skip.float(), None  # the fused optimizer's skip switch
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf, optimizer.grad_scale
+            step.blowup = blowup
+        return step
+
+    def defers(self, stage: Stage) -> bool:
+        """Whether the stage's steps are applied or skipped on the device and judged one step later on the host
+        (``MONITOR.DEFER_CHECKS``, a fused optimizer, no fp16 loss scaling)."""
+        return (self.cfg.MONITOR.DEFER_CHECKS and bool(stage.optimizer.defaults.get("fused"))
+                and not self.amp.scaler.is_enabled())
+
+    def settle(self, stage: Stage, step: LaunchedStep) -> tuple[float, dict[str, float], float, dict[str, Any]]:
+        """Judge a launched step on the host (waiting for it): count a non-finite or blown-up step (and stop the run
+        after too many), apply it unless the device already did, feed the spike band; returns
+        ``(loss, terms, grad_norm, stats)`` with host floats for the first three."""
+        obj, optimizer, scaler = stage.objective, stage.optimizer, self.amp.scaler
+        flags = [step.blowup] if step.blowup is not None else []
+        host = torch.cat([step.values, *(f.float()[None] for f in flags)]).tolist()
+        loss, grad_norm = host[0], host[1]
+        term_values = dict(zip(step.names, host[2:2 + len(step.names)]))
         factor = self.cfg.MONITOR.BLOWUP_FACTOR
-        blowup = []  # a finite loss far above the spike band: not applied either (MONITOR.BLOWUP_FACTOR)
-        if math.isfinite(host[0]) and self.spikes.is_blowup(host[0], factor):
-            blowup.append(f"loss {host[0]:.4g} (over {factor:g} spike bands above the median: a blow-up)")
-        if self.guard.check(term_values or {"loss": host[0]}, None if scaler.is_enabled() else host[1], blowup):
-            scaler.step(optimizer)
-            self.spikes.update(host[0])
-        scaler.update()
+        blown = bool(host[-1]) if flags else math.isfinite(loss) and self.spikes.is_blowup(loss, factor)
+        blowup = [f"loss {loss:.4g} (over {factor:g} spike bands above the median: a blow-up)"] if blown else []
+        applied = self.guard.check(term_values or {"loss": loss}, None if scaler.is_enabled() else grad_norm, blowup)
+        if not step.on_device:
+            if applied:
+                scaler.step(optimizer)
+            scaler.update()
+        if applied:
+            self.spikes.update(loss)
         obj.after_step(term_values)
-        return host[0], term_values, host[1], stats
+        return loss, term_values, grad_norm, step.stats
+
+    def _judge(self, stage: Stage, step: LaunchedStep | None) -> None:
+        """:meth:`settle` ``step`` (if any) inside :meth:`fit`, saying what the last checkpoint is worth if the run
+        must stop."""
+        if step is None:
+            return
+        try:
+            self.settle(stage, step)
+        except NonFiniteLossError as err:
+            raise NonFiniteLossError(f"{err} {self._checkpoint_report()}") from None
 
     # ------------------------------------------------------------------------------------------
     def pending(self, name: str, epochs: int) -> bool:
@@ -283,21 +351,26 @@ class Trainer:
                                              enabled=self.cfg.DATALOADER.PREFETCH_TO_DEVICE)
                 batches = progress(on_device, desc=f"{stage.name} {epoch + 1}/{stage.epochs}", total=steps - skip)
                 started = time.perf_counter()
+                pending: LaunchedStep | None = None  # the step the host judges while the device runs the next
                 for it, batch in enumerate(batches, start=skip):
-                    try:
-                        loss, terms, grad_norm, stats = self.run_step(train_model, stage, params, batch,
-                                                                      epoch + it / steps)
-                    except NonFiniteLossError as err:
-                        raise NonFiniteLossError(f"{err} {self._checkpoint_report()}") from None
-                    stage.scheduler.step()
+                    step = self.launch_step(train_model, stage, params, batch, epoch + it / steps)
+                    self._judge(stage, pending)  # the step before: the device has run it, or nearly
+                    pending = step
+                    if not step.on_device:  # its optimizer step waits for the host's verdict
+                        self._judge(stage, step)
+                        pending = None
+                    stage.scheduler.step()  # after the step's optimizer step, wherever that ran
+                    period.add({"loss": step.values[0], **step.stats,
+                                **{f"loss/{k}": step.values[2 + i] for i, k in enumerate(step.names)}})
                     run.step += 1
                     run.epoch_step = it + 1
-                    period.add({"loss": loss, **{f"loss/{k}": v for k, v in terms.items()}, **stats})
                     if run.step % s.LOG_PERIOD == 0 or it == steps - 1:
-                        self._log(stage, period.means(), grad_norm, run.global_epoch + (it + 1) / steps)
+                        self._log(stage, period.means(), step.values[1], run.global_epoch + (it + 1) / steps)
                         period = _PeriodMeans()
                     if it < steps - 1 and self._stop_requested(sync=run.step % s.LOG_PERIOD == 0):
+                        self._judge(stage, pending)
                         self._stop(stage, best)
+                self._judge(stage, pending)
                 self._log_epoch_time(stage, epoch, steps - skip, time.perf_counter() - started, fed)
                 run.stage_epoch, run.global_epoch, run.epoch_step = epoch + 1, run.global_epoch + 1, 0
                 if epoch == start_epoch:  # the stage's graphs are compiled now: keep them for the next run
@@ -459,9 +532,9 @@ class Trainer:
         logger.info(line + f"; {fed.seconds:.1f} s waiting for data, {fed.first_seconds:.1f} s of it for the first batch)")
         self.metrics.log(record, step=self.run.step, prefix=stage.log_prefix)
 
-    def _log(self, stage: Stage, means: dict[str, float], grad_norm: float, epoch: float) -> None:
+    def _log(self, stage: Stage, means: dict[str, float], grad_norm: float | torch.Tensor, epoch: float) -> None:
         groups = stage.optimizer.param_groups
-        record: dict[str, Any] = {**means, "lr": groups[0]["lr"], "grad_norm": grad_norm, "epoch": epoch}
+        record: dict[str, Any] = {**means, "lr": groups[0]["lr"], "grad_norm": float(grad_norm), "epoch": epoch}
         record.update({f"lr/{g['name']}": g["lr"] for g in groups if "name" in g})
         record.update({f"monitor/{k}": v for k, v in {**self.spikes.stats(), **self.guard.stats()}.items()
                        if math.isfinite(v)})  # no NaN in metrics.jsonl (the spike threshold during warm-up)

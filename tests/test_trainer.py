@@ -355,3 +355,56 @@ def test_period_means_of_host_numbers_and_device_tensors_match_a_float64_referen
         expected = sum(float(s[key]) for s in steps if key in s) / len(steps)
         assert means[key] == pytest.approx(expected, rel=1e-6), key
     assert set(means) == {"loss", "a", "b", "c"}
+
+
+class _Spiking(Regression):
+    """The ``at``-th loss (and only it) is huge but finite: a blow-up the guard must not apply."""
+
+    def __init__(self, at: int, poison: set[int] = frozenset()) -> None:
+        super().__init__(poison)
+        self.at = at
+
+    def loss(self, outputs: torch.Tensor, batch: Any, epoch: float) -> tuple[torch.Tensor, dict, dict]:
+        loss, terms, stats = super().loss(outputs, batch, epoch)
+        if self.calls == self.at:
+            loss = loss * 1e12
+            terms = {"mse": loss.detach()}
+        return loss, terms, stats
+
+
+def _sgd_reference(steps: list[tuple[torch.Tensor, torch.Tensor]], skipped: set[int]) -> nn.Linear:
+    """A hand-written loop: plain SGD at lr 0.1 / (1 + k) on step k, the ``skipped`` steps not applied."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    for k, (x, y) in enumerate(steps):
+        loss = ((model(x) - y) ** 2).mean()
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        if k + 1 not in skipped:
+            with torch.no_grad():
+                for p, g in zip(model.parameters(), grads):
+                    p -= 0.1 / (1 + k) * g
+    return model
+
+
+@pytest.mark.parametrize("defer", [True, False])
+def test_deferred_checks_apply_the_steps_a_hand_written_loop_applies(tmp_path: Path, defer: bool) -> None:
+    """With MONITOR.DEFER_CHECKS the fused optimizer applies or skips each step on the device and the host
+    judges it one step later; the weights, skipped steps and spike band equal the waited-for path's and a
+    hand-written SGD loop with a decaying learning rate (the schedule steps after each optimizer step)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+    objective = _Spiking(at=10, poison={6})
+    stage = Stage("train", _data(), 4, objective, opt, sched)
+    over = ["MONITOR.DEFER_CHECKS", str(defer), "MONITOR.BLOWUP_FACTOR", "10", "MONITOR.SPIKE_WARMUP", "4"]
+    trainer = _trainer(tmp_path, model, over)
+    assert trainer.defers(stage) is defer
+    trainer.fit(stage)
+    assert trainer.guard.skipped == 2 and trainer.run.step == 16
+    want = _sgd_reference(stage.loader.batch_sampler.batches * 4, skipped={6, 10})
+    for got, ref in zip(model.parameters(), want.parameters()):
+        assert torch.allclose(got, ref, atol=1e-6)
+    assert len(trainer.spikes.history) == 14 and math.isfinite(max(trainer.spikes.history))
+    assert len(objective.observed) == 16
+
