@@ -255,6 +255,7 @@ class Trainer:
                 optimizer.step()
             finally:
                 del optimizer.found_inf, optimizer.grad_scale
+            optimizer.zero_grad(set_to_none=True)  # the gradients' memory is free for the next forward
             step.blowup = blowup
         return step
 
@@ -281,6 +282,7 @@ class Trainer:
             if applied:
                 scaler.step(optimizer)
             scaler.update()
+            optimizer.zero_grad(set_to_none=True)  # the gradients' memory is free for the next forward
         if applied:
             self.spikes.update(loss)
         obj.after_step(term_values)

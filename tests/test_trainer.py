@@ -390,7 +390,8 @@ def _sgd_reference(steps: list[tuple[torch.Tensor, torch.Tensor]], skipped: set[
 def test_deferred_checks_apply_the_steps_a_hand_written_loop_applies(tmp_path: Path, defer: bool) -> None:
     """With MONITOR.DEFER_CHECKS the fused optimizer applies or skips each step on the device and the host
     judges it one step later; the weights, skipped steps and spike band equal the waited-for path's and a
-    hand-written SGD loop with a decaying learning rate (the schedule steps after each optimizer step)."""
+    hand-written SGD loop with a decaying learning rate (the schedule steps after each optimizer step). The
+    gradients are freed after each optimizer step, so the next forward does not hold them."""
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
@@ -407,4 +408,5 @@ def test_deferred_checks_apply_the_steps_a_hand_written_loop_applies(tmp_path: P
         assert torch.allclose(got, ref, atol=1e-6)
     assert len(trainer.spikes.history) == 14 and math.isfinite(max(trainer.spikes.history))
     assert len(objective.observed) == 16
+    assert all(p.grad is None for p in model.parameters())  # freed after each optimizer step (peak memory)
 
