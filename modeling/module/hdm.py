@@ -119,11 +119,13 @@ class HierarchicalDecoupling(nn.Module):
         logits = logits.masked_fill(~key_mask.reshape(b, num_sub * heads, num_mod * length), -math.inf)
         probs = F.dropout(torch.softmax(logits, dim=-1), first.dropout, self.training)
         pooled = torch.matmul(probs.to(x.dtype), x)  # (B, S*H, D): the tokens averaged by each head's weights
-        # W_v per head on its pooled tokens, plus b_v times the weights' sum (1 unless dropout dropped some)
-        pooled = pooled.view(b, num_sub, heads, 1, d).transpose(0, 1)  # (S, B, H, 1, D)
-        values = torch.matmul(pooled, w_v.view(num_sub, 1, heads, head_dim, d).transpose(-1, -2))  # (S,B,H,1,hd)
+        # W_v per head on its pooled tokens, plus b_v times the weights' sum (1 unless dropout dropped some);
+        # one bmm over (subset, head) with the batch as rows: a broadcast matmul would copy W_v once per sample
+        pooled = pooled.transpose(0, 1).reshape(num_sub * heads, b, d)  # (S*H, B, D)
+        w_v_heads = w_v.reshape(num_sub * heads, head_dim, d).transpose(1, 2)  # (S*H, D, hd)
+        values = torch.bmm(pooled, w_v_heads).view(num_sub, heads, b, head_dim).permute(0, 2, 1, 3)  # (S, B, H, hd)
         weight_sums = probs.sum(dim=-1).to(x.dtype).view(b, num_sub, heads, 1).transpose(0, 1)  # (S, B, H, 1)
-        values = values.squeeze(3) + weight_sums * b_v.view(num_sub, 1, heads, head_dim)  # (S, B, H, hd)
+        values = values + weight_sums * b_v.view(num_sub, 1, heads, head_dim)  # (S, B, H, hd)
         w_out = torch.stack([q.out_proj.weight for q in self.queries]).to(tokens.dtype)  # (S, D, D)
         b_out = torch.stack([q.out_proj.bias for q in self.queries]).to(tokens.dtype)[:, None]  # (S, 1, D)
         out = torch.baddbmm(b_out, values.reshape(num_sub, b, d), w_out.transpose(1, 2)).transpose(0, 1)
