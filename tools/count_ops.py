@@ -36,38 +36,51 @@ def is_view(func) -> bool:
     return func.is_view or func is torch.ops.aten._unsafe_view.default
 
 
+class PartStack:
+    """Which labelled part of a model is running: labelled modules' forwards and :meth:`part` blocks push their
+    name, and ``current`` is the innermost (``default`` outside all of them)."""
+
+    def __init__(self, default: str = "other") -> None:
+        self.names = [default]
+
+    @property
+    def current(self) -> str:
+        return self.names[-1]
+
+    @contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        """Attribute what runs inside to ``name``."""
+        self.names.append(name)
+        try:
+            yield
+        finally:
+            self.names.pop()
+
+    def label(self, name: str, module: torch.nn.Module) -> None:
+        """Attribute ``module``'s forward to ``name`` (its backward runs outside any label)."""
+        def enter(_module, _inputs) -> None:
+            self.names.append(name)
+
+        def leave(_module, _inputs, _output) -> None:  # returns None: the output stays the module's
+            self.names.pop()
+
+        module.register_forward_pre_hook(enter)
+        module.register_forward_hook(leave)
+
+
 class OpCounter(TorchDispatchMode):
     """Counts dispatched aten operations by (part, "forward"/"backward", is a view)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.parts = ["other"]
+        self.parts = PartStack()
+        self.label, self.part = self.parts.label, self.parts.part
         self.counts: collections.Counter[tuple[str, str, bool]] = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         phase = "backward" if torch._C._current_graph_task_id() != -1 else "forward"
-        self.counts[(self.parts[-1], phase, is_view(func))] += 1
+        self.counts[(self.parts.current, phase, is_view(func))] += 1
         return func(*args, **(kwargs or {}))
-
-    @contextmanager
-    def part(self, name: str) -> Iterator[None]:
-        """Attribute what runs inside to ``name``."""
-        self.parts.append(name)
-        try:
-            yield
-        finally:
-            self.parts.pop()
-
-    def label(self, name: str, module: torch.nn.Module) -> None:
-        """Attribute ``module``'s forward to ``name`` (its backward runs outside any label: "other")."""
-        def enter(_module, _inputs) -> None:
-            self.parts.append(name)
-
-        def leave(_module, _inputs, _output) -> None:  # returns None: the output stays the module's
-            self.parts.pop()
-
-        module.register_forward_pre_hook(enter)
-        module.register_forward_hook(leave)
 
 
 def count_step(cfg, num_classes: int = 4, num_cameras: int = 2) -> collections.Counter[tuple[str, str, bool]]:
@@ -79,8 +92,8 @@ def count_step(cfg, num_classes: int = 4, num_cameras: int = 2) -> collections.C
     for name, module in model.named_children():
         counter.label(name, module)
     counter.label("loss", stage.objective.criterion)
-    stage.optimizer.register_step_pre_hook(lambda *_: counter.parts.append("optimizer"))
-    stage.optimizer.register_step_post_hook(lambda *_: None if counter.parts.pop() else None)
+    stage.optimizer.register_step_pre_hook(lambda *_: counter.parts.names.append("optimizer"))
+    stage.optimizer.register_step_post_hook(lambda *_: None if counter.parts.names.pop() else None)
     clip = torch.nn.utils.clip_grad_norm_
 
     def labelled_clip(*a, **k):
