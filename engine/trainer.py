@@ -5,13 +5,17 @@ A run is a sequence of stages (ReID: ``train``; few-shot: ``pretrain`` then ``me
 loss (an :class:`Objective`), how to evaluate (an :class:`Evaluator`), and its optimizer and
 schedule. :class:`Trainer` runs it top to bottom:
 
-* per step (:meth:`Trainer.run_step`, the only copy of the optimisation step; on a GPU the next
-  batch is already being copied, :class:`engine.prefetch.DevicePrefetcher`): forward under
-  autocast -> loss in fp32 -> backward through the grad scaler -> unscale -> clip
-  (``SOLVER.GRAD_CLIP``) -> one host sync (loss, grad norm and every term) -> the step is
-  applied unless a value is non-finite (:class:`NonFiniteGuard`) -> spike detector ->
-  schedule; every ``SOLVER.LOG_PERIOD`` steps and at the end of an epoch the period's means
-  are logged;
+* per step (:meth:`Trainer.launch_step` then :meth:`Trainer.settle`, the only copy of the
+  optimisation step; on a GPU the next batch is already being copied,
+  :class:`engine.prefetch.DevicePrefetcher`): forward under autocast -> loss in fp32 -> backward
+  through the grad scaler -> unscale -> clip (``SOLVER.GRAD_CLIP``) -> the step is applied unless a
+  value is non-finite or a blow-up (:class:`NonFiniteGuard`) -> spike detector -> schedule. With
+  ``MONITOR.DEFER_CHECKS`` and a fused optimizer the device applies or skips the step itself and the
+  host reads the step's values (one transfer) while the next step runs; otherwise the host waits for
+  them before the optimizer step. Every ``SOLVER.LOG_PERIOD`` steps and at the end of an epoch the
+  period's means are logged;
+* per stage: one loader iterator runs through all its epochs, so the next epoch's first batches are
+  loaded while an epoch ends;
 * per epoch: evaluation every ``SOLVER.EVAL_PERIOD`` epochs and at the last one (rank 0; the
   best score's weights are kept as ``checkpoint_best.pth``), then a checkpoint every
   ``SOLVER.CHECKPOINT_PERIOD`` epochs and at the last one.
