@@ -122,6 +122,8 @@ class SpikeDetector:
     def is_blowup(self, value: float, factor: float) -> bool:
         """True when ``value`` lies more than ``factor`` spike bands above the window's median (or is not
         finite); False during warm-up or with ``factor <= 0``. Does not change the detector's state."""
+        if factor <= 0:
+            return False
         return not math.isfinite(value) or value > self.blowup_threshold(factor)
 
     def blowup_threshold(self, factor: float) -> float:

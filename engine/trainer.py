@@ -292,6 +292,18 @@ class Trainer:
         obj.after_step(term_values)
         return loss, term_values, grad_norm, step.stats
 
+    def advance(self, model: torch.nn.Module, stage: Stage, params: list[torch.nn.Parameter], batch: Any,
+                epoch: float, pending: LaunchedStep | None) -> tuple[LaunchedStep, LaunchedStep | None]:
+        """Launch a step, then judge ``pending``, the step before it (the device has run it, or nearly); a step
+        whose optimizer waits for the host's verdict is judged at once. Returns the step and what is left to
+        judge (the step itself where the device decided, else None)."""
+        step = self.launch_step(model, stage, params, batch, epoch)
+        self._judge(stage, pending)
+        if step.on_device:
+            return step, step
+        self._judge(stage, step)
+        return step, None
+
     def _judge(self, stage: Stage, step: LaunchedStep | None) -> None:
         """:meth:`settle` ``step`` (if any) inside :meth:`fit`, saying what the last checkpoint is worth if the run
         must stop."""
@@ -359,12 +371,7 @@ class Trainer:
                 started = time.perf_counter()
                 pending: LaunchedStep | None = None  # the step the host judges while the device runs the next
                 for it, batch in enumerate(batches, start=skip):
-                    step = self.launch_step(train_model, stage, params, batch, epoch + it / steps)
-                    self._judge(stage, pending)  # the step before: the device has run it, or nearly
-                    pending = step
-                    if not step.on_device:  # its optimizer step waits for the host's verdict
-                        self._judge(stage, step)
-                        pending = None
+                    step, pending = self.advance(train_model, stage, params, batch, epoch + it / steps, pending)
                     stage.scheduler.step()  # after the step's optimizer step, wherever that ran
                     period.add({"loss": step.values[0], **step.stats,
                                 **{f"loss/{k}": step.values[2 + i] for i, k in enumerate(step.names)}})

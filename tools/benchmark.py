@@ -82,22 +82,16 @@ def _setup(cfg, precision: str, device: torch.device, args: argparse.Namespace, 
     # evaluation runs the compiled model, as the trainer's evaluation does (compiled here when the step was)
     eval_model = compile_model(model, cfg.MODEL.COMPILE) if trainer.compiled_step is not None else run_model
 
-    pending: list = []  # as in training: the host judges a step while the device runs the next one
+    pending = [None]  # as in training: the host judges a step while the device runs the next one
 
     def step(net: torch.nn.Module = run_model, eager: bool = False) -> None:
         compiled_step = trainer.compiled_step
         if eager:  # the FLOP counter needs the eager aten ops
             trainer.compiled_step = None
         try:
-            launched = trainer.launch_step(net, stage, params, batch, 0.0)
+            _, pending[0] = trainer.advance(net, stage, params, batch, 0.0, pending[0])
         finally:
             trainer.compiled_step = compiled_step
-        if pending:
-            trainer.settle(stage, pending.pop())
-        if launched.on_device:
-            pending.append(launched)
-        else:
-            trainer.settle(stage, launched)
 
     return model, run_model, eval_model, amp, trainer.guard, step
 
