@@ -189,6 +189,10 @@ def base_config() -> CN:
     # waits for the GPU. Needs a fused optimizer and no fp16 loss scaling (else each step is waited for). False:
     # wait for every step. The applied updates are the same; a blow-up's band then lags by one step.
     _C.MONITOR.DEFER_CHECKS = True
+    # > 0: record a torch.profiler trace of MONITOR.PROFILE_STEPS steps of each stage's epoch PROFILE_EPOCH (1-based,
+    # after one warm-up step), host and GPU, into OUTPUT_DIR/profile/ (engine/profiling.py); 0: off.
+    _C.MONITOR.PROFILE_EPOCH = 0
+    _C.MONITOR.PROFILE_STEPS = 10
 
     _C.TEST = CN()
     _C.TEST.IMS_PER_BATCH = 128

@@ -12,6 +12,8 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import torch
+
 
 class DataWait:
     """Iterate ``batches`` and add up, in ``seconds``, the time spent waiting for each one; ``first_seconds`` is
@@ -34,7 +36,8 @@ class DataWait:
         first = True
         while True:
             started = time.perf_counter()
-            batch = next(it, end)
+            with torch.profiler.record_function("wait for data"):  # named in a MONITOR.PROFILE_EPOCH trace
+                batch = next(it, end)
             waited = time.perf_counter() - started
             self.seconds += waited
             if first:

@@ -48,6 +48,7 @@ from engine.launch import wrap_ddp
 from engine.logger import MetricsLogger, progress
 from engine.monitor import NonFiniteGuard, NonFiniteLossError, SpikeDetector
 from engine.prefetch import DevicePrefetcher
+from engine.profiling import epoch_profiler
 from engine.seed import set_rng_state
 from engine.solver import adopt_configured_schedule
 from utils.distributed import any_rank, barrier, get_world_size, is_dist, is_main_process
@@ -297,11 +298,13 @@ class Trainer:
         """Launch a step, then judge ``pending``, the step before it (the device has run it, or nearly); a step
         whose optimizer waits for the host's verdict is judged at once. Returns the step and what is left to
         judge (the step itself where the device decided, else None)."""
-        step = self.launch_step(model, stage, params, batch, epoch)
-        self._judge(stage, pending)
-        if step.on_device:
-            return step, step
-        self._judge(stage, step)
+        with torch.profiler.record_function("launch step"):  # named ranges in a MONITOR.PROFILE_EPOCH trace
+            step = self.launch_step(model, stage, params, batch, epoch)
+        with torch.profiler.record_function("judge step"):
+            self._judge(stage, pending)
+            if step.on_device:
+                return step, step
+            self._judge(stage, step)
         return step, None
 
     def _judge(self, stage: Stage, step: LaunchedStep | None) -> None:
@@ -370,20 +373,25 @@ class Trainer:
                 batches = progress(on_device, desc=f"{stage.name} {epoch + 1}/{stage.epochs}", total=steps - skip)
                 started = time.perf_counter()
                 pending: LaunchedStep | None = None  # the step the host judges while the device runs the next
-                for it, batch in enumerate(batches, start=skip):
-                    step, pending = self.advance(train_model, stage, params, batch, epoch + it / steps, pending)
-                    stage.scheduler.step()  # after the step's optimizer step, wherever that ran
-                    period.add({"loss": step.values[0], **step.stats,
-                                **{f"loss/{k}": step.values[2 + i] for i, k in enumerate(step.names)}})
-                    run.step += 1
-                    run.epoch_step = it + 1
-                    if run.step % s.LOG_PERIOD == 0 or it == steps - 1:
-                        self._log(stage, period.means(), step.values[1], run.global_epoch + (it + 1) / steps)
-                        period = _PeriodMeans()
-                    if it < steps - 1 and self._stop_requested(sync=run.step % s.LOG_PERIOD == 0):
-                        self._judge(stage, pending)
-                        self._stop(stage, best)
-                self._judge(stage, pending)
+                profiled = epoch_profiler(epoch, self.cfg.MONITOR.PROFILE_EPOCH if is_main_process() else 0,
+                                          self.cfg.MONITOR.PROFILE_STEPS, self.ckpt.save_dir / "profile",
+                                          f"{stage.name}_epoch{epoch + 1}", self.device)
+                with profiled as profiler:
+                    for it, batch in enumerate(batches, start=skip):
+                        step, pending = self.advance(train_model, stage, params, batch, epoch + it / steps, pending)
+                        stage.scheduler.step()  # after the step's optimizer step, wherever that ran
+                        period.add({"loss": step.values[0], **step.stats,
+                                    **{f"loss/{k}": step.values[2 + i] for i, k in enumerate(step.names)}})
+                        run.step += 1
+                        run.epoch_step = it + 1
+                        if run.step % s.LOG_PERIOD == 0 or it == steps - 1:
+                            self._log(stage, period.means(), step.values[1], run.global_epoch + (it + 1) / steps)
+                            period = _PeriodMeans()
+                        if it < steps - 1 and self._stop_requested(sync=run.step % s.LOG_PERIOD == 0):
+                            self._judge(stage, pending)
+                            self._stop(stage, best)
+                        profiler.step()
+                    self._judge(stage, pending)
                 self._log_epoch_time(stage, epoch, steps - skip, time.perf_counter() - started, fed)
                 run.stage_epoch, run.global_epoch, run.epoch_step = epoch + 1, run.global_epoch + 1, 0
                 if epoch == start_epoch:  # the stage's graphs are compiled now: keep them for the next run

@@ -410,3 +410,24 @@ def test_deferred_checks_apply_the_steps_a_hand_written_loop_applies(tmp_path: P
     assert len(objective.observed) == 16
     assert all(p.grad is None for p in model.parameters())  # freed after each optimizer step (peak memory)
 
+
+
+def test_profile_epoch_writes_a_trace_of_that_epochs_steps_with_the_loops_parts_named(tmp_path: Path) -> None:
+    """MONITOR.PROFILE_EPOCH 2: a gzipped Chrome trace and an operation table of epoch 2 only, in which the
+    loop's waiting for data, launching and judging of steps are named ranges; off by default."""
+    import gzip
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    trainer = _trainer(tmp_path / "on", model, ["MONITOR.PROFILE_EPOCH", "2", "MONITOR.PROFILE_STEPS", "2"])
+    trainer.fit(_stage(model, epochs=3))
+    assert sorted(p.name for p in (tmp_path / "on" / "profile").iterdir()) == [
+        "train_epoch2.ops.txt", "train_epoch2.trace.json.gz"]
+    events = json.loads(gzip.decompress((tmp_path / "on" / "profile" / "train_epoch2.trace.json.gz").read_bytes()))
+    names = [e.get("name") for e in events["traceEvents"]]
+    assert names.count("launch step") == 2 and {"judge step", "wait for data"} <= set(names)
+    assert "aten::" in (tmp_path / "on" / "profile" / "train_epoch2.ops.txt").read_text()
+
+    model = nn.Linear(3, 1)
+    _trainer(tmp_path / "off", model).fit(_stage(model, epochs=2))
+    assert not (tmp_path / "off" / "profile").exists()
