@@ -275,12 +275,12 @@ class Trainer:
         after too many), apply it unless the device already did, feed the spike band; returns
         ``(loss, terms, grad_norm, stats)`` with host floats for the first three."""
         obj, optimizer, scaler = stage.objective, stage.optimizer, self.amp.scaler
-        flags = [step.blowup] if step.blowup is not None else []
-        host = torch.cat([step.values, *(f.float()[None] for f in flags)]).tolist()
+        verdict = [step.blowup.float()[None]] if step.on_device else []  # the device's blow-up verdict, if it judged
+        host = torch.cat([step.values, *verdict]).tolist()
         loss, grad_norm = host[0], host[1]
         term_values = dict(zip(step.names, host[2:2 + len(step.names)]))
         factor = self.cfg.MONITOR.BLOWUP_FACTOR
-        blown = bool(host[-1]) if flags else math.isfinite(loss) and self.spikes.is_blowup(loss, factor)
+        blown = bool(host[-1]) if step.on_device else math.isfinite(loss) and self.spikes.is_blowup(loss, factor)
         blowup = [f"loss {loss:.4g} (over {factor:g} spike bands above the median: a blow-up)"] if blown else []
         applied = self.guard.check(term_values or {"loss": loss}, None if scaler.is_enabled() else grad_norm, blowup)
         if not step.on_device:

@@ -5,7 +5,7 @@
         [--precisions fp32,fp16,bf16] [--compile] [--parts train,eval] [--steps 30] [--warmup 10] [--append BENCHMARKS.md] [KEY VALUE ...]
 
 Each precision gets a fresh model (same seed), the real objective (``ReIDCriterion``),
-optimizer and guarded step (``engine.trainer.Trainer.run_step``) on random device-resident
+optimizer and guarded step (``engine.trainer.Trainer.advance``, as training steps) on random device-resident
 batches of ``SOLVER.IMS_PER_BATCH`` samples (``DATALOADER.NUM_INSTANCE`` per id) x 3
 modalities, so the numbers measure the model step, not the data pipeline
 (``tools/bench_loader.py`` measures that). Evaluation runs at ``TEST.IMS_PER_BATCH``.
