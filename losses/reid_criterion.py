@@ -117,7 +117,9 @@ class ReIDCriterion(nn.Module):
         if self.sdm_enabled and self.sdm_weight > 0 and len(outputs.get("modality_feats", {})) >= 2:
             feats = outputs["modality_feats"]
             order = [m for m in MODALITY_ORDER if m in feats]
-            mask = None if modality_mask is None else modality_mask[:, [MODALITY_ORDER.index(m) for m in order]]
+            # columns picked one by one: indexing with a list would copy it to the device and wait for the copy
+            mask = None if modality_mask is None else torch.stack(
+                [modality_mask[:, MODALITY_ORDER.index(m)] for m in order], dim=1)
             tau = temperature
             if self.sdm_formula == "legacy":  # ablation: the ce - h formula, which has no masks
                 pairs = [self.sdm_legacy(feats[m], feats[n], pids, tau)[0] for m, n in itertools.combinations(order, 2)]

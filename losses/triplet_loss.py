@@ -29,8 +29,8 @@ def euclidean_dist(x: torch.Tensor, y: torch.Tensor, self_index: torch.Tensor | 
     """
     d2 = x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1).unsqueeze(0) - 2.0 * (x @ y.t())
     if self_index is not None:
-        is_self = torch.zeros_like(d2, dtype=torch.bool)
-        is_self[torch.arange(x.shape[0], device=x.device), self_index] = True
+        # a comparison, not an index_put_ of True: that would copy a host scalar to the device and wait for it
+        is_self = self_index.unsqueeze(1) == torch.arange(y.shape[0], device=y.device).unsqueeze(0)
         d2 = d2.masked_fill(is_self, 0.0)
     return d2.clamp_min(1e-12).sqrt()
 
