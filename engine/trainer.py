@@ -167,8 +167,29 @@ class LaunchedStep:
     stats: dict[str, Any]
     #: whether the optimizer already ran on the device (applying or skipping the step)
     on_device: bool
-    #: the device's blow-up verdict when ``on_device``
-    blowup: torch.Tensor | None = None
+    #: ``values`` (then the device's blow-up verdict, when ``on_device``) on their way to the host, and the
+    #: event that marks them arrived (``None`` off CUDA): judging waits for this step, not for the next one
+    report: torch.Tensor | None = None
+    arrived: torch.cuda.Event | None = None
+
+    def host_values(self) -> list[float]:
+        """``values`` (then the verdict) as host floats, waiting for this step's copy only."""
+        if self.arrived is not None:
+            self.arrived.synchronize()
+        return (self.report if self.report is not None else self.values).tolist()
+
+
+def send_to_host(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying ``values`` to pinned host memory; returns the copy and the event marking it done (on CUDA),
+    else ``values`` itself and ``None``. Reading a device tensor later (``tolist``) would wait for all the work
+    queued after it too."""
+    if values.device.type != "cuda":
+        return values, None
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    arrived = torch.cuda.Event()
+    arrived.record()
+    return host, arrived
 
 
 class Trainer:
@@ -250,18 +271,20 @@ class Trainer:
         # the step's values in one tensor (a copy: CUDA graph outputs are overwritten by the next step)
         values = torch.stack([loss.detach().float(), grad_norm.float(), *(t.float() for t in terms.values())])
         step = LaunchedStep(values, list(terms), stats, on_device=self.defers(stage))
-        if step.on_device:
+        if not step.on_device:
+            step.report, step.arrived = send_to_host(values)
+        else:
             judged = values[2:] if terms else values[:1]  # what the guard judges: the terms, or the loss alone
             threshold = self.spikes.blowup_threshold(self.cfg.MONITOR.BLOWUP_FACTOR)
             blowup = torch.isfinite(values[0]) & (values[0] > threshold)
             skip = ~torch.isfinite(judged).all() | ~torch.isfinite(values[1]) | blowup
+            step.report, step.arrived = send_to_host(torch.cat([values, blowup.float()[None]]))
             optimizer.found_inf, optimizer.grad_scale = skip.float(), None  # the fused optimizer's skip switch
             try:
                 optimizer.step()
             finally:
                 del optimizer.found_inf, optimizer.grad_scale
             optimizer.zero_grad(set_to_none=True)  # the gradients' memory is free for the next forward
-            step.blowup = blowup
         return step
 
     def defers(self, stage: Stage) -> bool:
@@ -275,8 +298,7 @@ class Trainer:
         after too many), apply it unless the device already did, feed the spike band; returns
         ``(loss, terms, grad_norm, stats)`` with host floats for the first three."""
         obj, optimizer, scaler = stage.objective, stage.optimizer, self.amp.scaler
-        verdict = [step.blowup.float()[None]] if step.on_device else []  # the device's blow-up verdict, if it judged
-        host = torch.cat([step.values, *verdict]).tolist()
+        host = step.host_values()  # the values, then the device's blow-up verdict if it judged
         loss, grad_norm = host[0], host[1]
         term_values = dict(zip(step.names, host[2:2 + len(step.names)]))
         factor = self.cfg.MONITOR.BLOWUP_FACTOR

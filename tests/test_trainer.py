@@ -20,7 +20,7 @@ from engine.device import build_amp_policy
 from engine.logger import MetricsLogger, setup_logging
 from engine.monitor import NonFiniteLossError
 from engine.solver import WarmupScheduler, adopt_configured_schedule
-from engine.trainer import RunInterrupted, Stage, Trainer
+from engine.trainer import LaunchedStep, RunInterrupted, Stage, Trainer, send_to_host
 from tests.helpers.toy_training import Regression, ToyLoader
 
 DEVICE = torch.device("cpu")
@@ -431,3 +431,24 @@ def test_profile_epoch_writes_a_trace_of_that_epochs_steps_with_the_loops_parts_
     model = nn.Linear(3, 1)
     _trainer(tmp_path / "off", model).fit(_stage(model, epochs=2))
     assert not (tmp_path / "off" / "profile").exists()
+
+
+def test_a_step_is_judged_from_its_own_copy_on_the_host() -> None:
+    """Off CUDA the values are read where they are; the judged numbers are the step's values."""
+    values = torch.tensor([1.5, 2.0, 0.25])
+    host, arrived = send_to_host(values)
+    assert host is values and arrived is None
+    assert LaunchedStep(values, ["a"], {}, on_device=False, report=host).host_values() == [1.5, 2.0, 0.25]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_judging_a_step_does_not_wait_for_the_work_queued_after_it() -> None:
+    """On CUDA a step's values travel to pinned memory as soon as they exist: reading them waits for that copy,
+    while the next step (here a 0.5 s sleep kernel) still runs."""
+    values = torch.arange(3, dtype=torch.float32, device="cuda") * 0.5
+    host, arrived = send_to_host(values)
+    torch.cuda._sleep(int(0.5 * 1.9e9))  # about 0.5 s at the H200's clock
+    step = LaunchedStep(values, ["a"], {}, on_device=False, report=host, arrived=arrived)
+    assert host.is_pinned() and step.host_values() == [0.0, 0.5, 1.0]
+    assert not torch.cuda.current_stream().query()  # the sleep kernel queued after the copy is still running
+    torch.cuda.synchronize()
