@@ -129,9 +129,10 @@ def base_config() -> CN:
     _C.MODEL.WEIGHTS = ""
     # torch.compile the training model: "" (eager) | default | max-autotune-no-cudagraphs | reduce-overhead
     _C.MODEL.COMPILE = ""
-    # what MODEL.COMPILE compiles for training: "model" (the model's forward) | "step" (the forward and the
-    # loss as one graph, where the objective supports it: ReID without LOSS.CEM; others fall back to "model")
-    _C.MODEL.COMPILE_SCOPE = "model"
+    # what MODEL.COMPILE compiles for training: "step" (the forward and the loss as one graph, where the
+    # objective supports it: ReID without LOSS.CEM; others fall back to "model") | "model" (the model's forward;
+    # the loss then runs eagerly, and its launches cost host time that the data loader's workers also need)
+    _C.MODEL.COMPILE_SCOPE = "step"
     # where compiled kernels are kept between runs (engine/compile_cache.py); "" = torch's local cache only
     _C.MODEL.COMPILE_CACHE_DIR = "outputs/cache/compile"
 

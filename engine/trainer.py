@@ -237,8 +237,8 @@ class Trainer:
             self.compiled_step = make(mode, self.amp) if make is not None else None
             if self.compiled_step is not None:
                 return model
-            logger.warning("MODEL.COMPILE_SCOPE step: the %s stage's objective cannot be compiled as one graph; "
-                           "compiling the model", stage.name)
+            logger.info("MODEL.COMPILE_SCOPE step: the %s stage's objective cannot be compiled as one graph; "
+                        "compiling the model alone", stage.name)
         return compile_model(model, mode)
 
     def run_step(self, model: torch.nn.Module, stage: Stage, params: list[torch.nn.Parameter], batch: Any,

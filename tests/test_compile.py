@@ -56,7 +56,8 @@ def _assert_same_step(compiled: tuple, eager: tuple) -> None:
 
 @pytest.mark.slow
 def test_compiled_step_equals_the_eager_step() -> None:
-    cfg = _tiny()
+    """MODEL.COMPILE_SCOPE model: the model compiled, the loss eager."""
+    cfg = _tiny("MODEL.COMPILE_SCOPE", "model")
     _assert_same_step(_step(cfg, compiled=True), _step(cfg, compiled=False))
 
 
