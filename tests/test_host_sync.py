@@ -25,8 +25,8 @@ def _batch(cfg, b: int = 8) -> tuple[dict[str, torch.Tensor], torch.Tensor, torc
 
 
 def test_audit_flags_what_waits_for_the_device() -> None:
-    """The audit itself: a scalar written through an index, a list index, ``item`` and a host copy are caught;
-    device-only arithmetic is not."""
+    """The audit itself: a scalar written through an index, a list index, a host copy, ``item`` and a boolean
+    mask index are caught; device-only arithmetic is not."""
     with fake_cuda() as to_cuda:
         x = to_cuda(torch.randn(4, 4))
         with HostSyncAudit() as quiet:
@@ -39,10 +39,12 @@ def test_audit_flags_what_waits_for_the_device() -> None:
             torch.ones(3).to("cuda")
             with pytest.raises(Exception):  # noqa: B017 - a fake tensor has no value to read back
                 x.sum().item()
+            with pytest.raises(Exception):  # noqa: B017 - nor a size that depends on its values
+                x[x > 0]
     assert quiet.found == []
     first = test_audit_flags_what_waits_for_the_device.__code__.co_firstlineno
     lines = {int(f.rsplit(":", 1)[1]) - first for f in loud.found if "test_host_sync.py" in f}
-    assert lines == {10, 11, 12, 14}, loud.found  # each of the four lines above, named as the culprit
+    assert lines == {10, 11, 12, 14, 16}, loud.found  # each of the five lines above, named as the culprit
     assert any("index_put" in f for f in loud.found) and any("_local_scalar_dense" in f for f in loud.found)
 
 

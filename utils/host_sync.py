@@ -30,12 +30,13 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 _TORCH_DIR = str(Path(torch.__file__).parent)
 #: operations whose result the host must read back from the device
-_READS_BACK = ("aten._local_scalar_dense", "aten.nonzero", "aten.item")
+_READS_BACK = ("aten._local_scalar_dense", "aten.nonzero.")
 
 
 class HostSyncAudit(TorchDispatchMode):
-    """Records each operation that would wait for the device: one that reads a value back, copies a host tensor
-    to CUDA, or takes host and CUDA tensors together. ``found`` lists them as ``"op at file:line"``."""
+    """Records each operation that would wait for the device: one that reads a value back, indexes by a boolean
+    mask (its size is on the device), copies a host tensor to CUDA, or takes host and CUDA tensors together.
+    ``found`` lists them as ``"op at file:line"``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -48,7 +49,9 @@ class HostSyncAudit(TorchDispatchMode):
         devices = {t.device.type for t in tensors}
         to_cuda = name.startswith(("aten._to_copy", "aten.copy_")) and "cpu" in devices and (
             str(kwargs.get("device", "")).startswith("cuda") or "cuda" in devices)
-        if name.startswith(_READS_BACK) or to_cuda or {"cpu", "cuda"} <= devices:
+        indices = args[1] if name.startswith(("aten.index.", "aten.index_put")) and len(args) > 1 else ()
+        by_mask = any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices)
+        if name.startswith(_READS_BACK) or to_cuda or by_mask or {"cpu", "cuda"} <= devices:
             self.found.append(f"{name} at {_caller()}")
         return func(*args, **kwargs)
 
