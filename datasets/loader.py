@@ -82,6 +82,8 @@ def build_reid_train_loader(
     prefetch_factor: int = 4,
     rank: int | None = None,
     world_size: int | None = None,
+    per_modality: bool = False,
+    redeal_leftovers: bool = True,
 ) -> DataLoader:
     """P x K training loader over ``items`` (``data.train``).
 
@@ -89,17 +91,19 @@ def build_reid_train_loader(
     ``world_size`` ranks gets ``batch_size // world_size`` images per step, as
     ``P = that // num_instance`` identities x ``num_instance`` images. Batches are
     ``(images {m: (B, 3, H, W)}, pids (B,), camids (B,), trackids (B,), masks (B, M))``.
-    Call ``loader.batch_sampler.set_epoch(epoch)`` each epoch.
+    Call ``loader.batch_sampler.set_epoch(epoch)`` each epoch. ``per_modality`` draws each modality's
+    augmentation on its own; ``redeal_leftovers`` False ends an epoch when fewer than P identities have
+    images left (:class:`datasets.samplers.RandomIdentitySampler`).
     """
     ws = get_world_size() if world_size is None else world_size
     if batch_size % ws:
         raise ValueError(f"global batch size {batch_size} is not divisible by world_size {ws}")
     pids = [it[1] for it in items]
     warn_small_identities(pids, num_instance)
-    sampler = SeededBatches(RandomIdentitySampler(pids, batch_size // ws, num_instance,
-                                                  seed=seed, rank=rank, world_size=ws), seed=seed)
+    sampler = SeededBatches(RandomIdentitySampler(pids, batch_size // ws, num_instance, seed=seed, rank=rank,
+                                                  world_size=ws, redeal=redeal_leftovers), seed=seed)
     transform = build_reid_transform(size, train=True, flip_prob=flip_prob, padding=padding, re_prob=re_prob,
-                                     mean=mean, std=std)
+                                     mean=mean, std=std, per_modality=per_modality)
     dataset = ReIDImageDataset(items, transform, skip_corrupt=skip_corrupt)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=reid_collate,
                       **_loader_kwargs(num_workers, pin_memory, persistent_workers, prefetch_factor, seed))
@@ -117,12 +121,14 @@ def build_reid_test_loader(
     pin_memory: bool | None = None,
     persistent_workers: bool = False,
     prefetch_factor: int = 4,
+    interpolation: str = "bicubic",
 ) -> DataLoader:
-    """Ordered evaluation loader over ``items`` (usually ``data.query + data.gallery``), no augmentation.
+    """Ordered evaluation loader over ``items`` (usually ``data.query + data.gallery``), no augmentation;
+    images not of ``size`` are resized with ``interpolation``.
 
     Not sharded: every rank that evaluates sees all items in order (``TEST.IMS_PER_BATCH``).
     """
-    transform = build_reid_transform(size, train=False, mean=mean, std=std)
+    transform = build_reid_transform(size, train=False, mean=mean, std=std, interpolation=interpolation)
     dataset = ReIDImageDataset(items, transform, skip_corrupt=skip_corrupt)
     sampler = ShuffledBatchSampler(len(dataset), batch_size, shuffle=False, drop_last=False, rank=0, world_size=1)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=reid_collate,
@@ -211,23 +217,25 @@ def warn_small_identities(pids: Sequence[int], num_instance: int) -> list[int]:
 
 def reid_train_loader(cfg: Any, items: Sequence[ReIDItem]) -> DataLoader:
     """P x K training loader: ``SOLVER.IMS_PER_BATCH``, ``DATALOADER.NUM_INSTANCE``, ``INPUT.*`` (size,
-    flip, padding, erasing, normalisation), ``DATASETS.SKIP_CORRUPT``, ``SEED``, ``DATALOADER.*``."""
+    flip, padding, erasing, normalisation, per-modality draws), ``DATASETS.SKIP_CORRUPT``, ``SEED``,
+    ``DATALOADER.*`` (workers, prefetch, ``REDEAL_LEFTOVERS``)."""
     i = cfg.INPUT
     return build_reid_train_loader(
         items, batch_size=cfg.SOLVER.IMS_PER_BATCH, num_instance=cfg.DATALOADER.NUM_INSTANCE, size=i.SIZE_TRAIN,
         flip_prob=i.PROB, padding=i.PADDING, re_prob=i.RE_PROB, mean=i.PIXEL_MEAN, std=i.PIXEL_STD,
         skip_corrupt=cfg.DATASETS.SKIP_CORRUPT, seed=cfg.SEED, num_workers=config_workers(cfg),
-        prefetch_factor=cfg.DATALOADER.PREFETCH_FACTOR,
+        prefetch_factor=cfg.DATALOADER.PREFETCH_FACTOR, per_modality=i.AUGMENT_PER_MODALITY,
+        redeal_leftovers=cfg.DATALOADER.REDEAL_LEFTOVERS,
     )
 
 
 def reid_test_loader(cfg: Any, items: Sequence[ReIDItem]) -> DataLoader:
     """Evaluation loader: ``TEST.IMS_PER_BATCH``, ``INPUT.SIZE_TEST``, ``INPUT.PIXEL_MEAN/STD``,
-    ``DATASETS.SKIP_CORRUPT``, ``DATALOADER.NUM_WORKERS``."""
+    ``INPUT.TEST_INTERPOLATION``, ``DATASETS.SKIP_CORRUPT``, ``DATALOADER.NUM_WORKERS``."""
     i = cfg.INPUT
     return build_reid_test_loader(items, batch_size=cfg.TEST.IMS_PER_BATCH, size=i.SIZE_TEST, mean=i.PIXEL_MEAN,
                                   std=i.PIXEL_STD, skip_corrupt=cfg.DATASETS.SKIP_CORRUPT,
-                                  num_workers=config_workers(cfg))
+                                  num_workers=config_workers(cfg), interpolation=i.TEST_INTERPOLATION)
 
 
 def fewshot_train_loader(cfg: Any, items: Sequence[FewShotItem], arrays: ArrayStore | None, stage: str) -> DataLoader:

@@ -33,9 +33,12 @@ class RandomIdentitySampler(Sampler[list[int]]):
     every identity's shuffled images into chunks of K (an identity with fewer than K images
     is sampled with replacement to K, as in the public RandomIdentitySampler) and fills
     batches with P chunks of P distinct identities drawn at random among those with chunks
-    left; when fewer than P identities have chunks left, the chunks are dealt anew. Every
-    rank yields exactly ``len(self)`` batches, ``total_chunks // (P * world_size)``, so one
-    epoch covers each image about once across all ranks.
+    left. When fewer than P identities have chunks left, ``redeal=True`` deals the chunks anew
+    and goes on: every rank yields exactly ``len(self)`` batches, ``total_chunks // (P *
+    world_size)``, so one epoch covers each image about once across all ranks. ``redeal=False``
+    ends the epoch there, as the public sampler of DeMo / TransReID does: the leftover chunks
+    are not trained on and the epoch's length depends on its draw (:meth:`epoch_length`; under
+    DDP every rank stops at the shortest rank's length).
 
     Args:
         pids: identity of each dataset index (e.g. ``[pid for _, pid, _, _ in data.train]``).
@@ -43,6 +46,7 @@ class RandomIdentitySampler(Sampler[list[int]]):
         num_instances: K, images per identity in a batch (``DATALOADER.NUM_INSTANCE``).
         seed: base seed shared by all ranks.
         rank, world_size: defaults from ``utils.distributed``.
+        redeal: deal the chunks anew when fewer than P identities have some left (fixed epoch length).
     """
 
     def __init__(
@@ -54,6 +58,7 @@ class RandomIdentitySampler(Sampler[list[int]]):
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
+        redeal: bool = True,
     ) -> None:
         if num_instances < 1 or batch_size < num_instances or batch_size % num_instances:
             raise ValueError(
@@ -65,6 +70,8 @@ class RandomIdentitySampler(Sampler[list[int]]):
         self.num_pids_per_batch = batch_size // num_instances
         self.seed = int(seed)
         self.epoch = 0
+        self.redeal = bool(redeal)
+        self._lengths: dict[int, int] = {}  # epoch -> batches, without redealing
         index: dict[int, list[int]] = defaultdict(list)
         for i, pid in enumerate(pids):
             index[int(pid)].append(i)
@@ -87,11 +94,20 @@ class RandomIdentitySampler(Sampler[list[int]]):
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return self._length
+        return self.epoch_length(self.epoch)
 
-    def share(self, rank: int) -> list[int]:
-        """The identities of ``rank`` in the current epoch (disjoint across ranks)."""
-        order = np.random.default_rng([self.seed, self.epoch, 7]).permutation(len(self.pids))
+    def epoch_length(self, epoch: int) -> int:
+        """Batches every rank yields in ``epoch``."""
+        if self.redeal:
+            return self._length
+        if epoch not in self._lengths:
+            self._lengths[epoch] = min(len(self._until_exhausted(epoch, r)) for r in range(self.world_size))
+        return self._lengths[epoch]
+
+    def share(self, rank: int, epoch: int | None = None) -> list[int]:
+        """The identities of ``rank`` in ``epoch`` (default: the current one; disjoint across ranks)."""
+        epoch = self.epoch if epoch is None else epoch
+        order = np.random.default_rng([self.seed, epoch, 7]).permutation(len(self.pids))
         return sorted(self.pids[i] for i in order[rank:: self.world_size])
 
     def _chunks(self, pids: Sequence[int], rng: np.random.Generator) -> dict[int, list[list[int]]]:
@@ -104,7 +120,27 @@ class RandomIdentitySampler(Sampler[list[int]]):
             chunks[pid] = [idxs[j * k:(j + 1) * k].tolist() for j in range(n)]
         return chunks
 
+    def _choose(self, avail: Sequence[int], chunks: dict[int, list[list[int]]], rng: np.random.Generator) -> list[int]:
+        """One batch: a chunk of each of P distinct identities drawn from ``avail``."""
+        batch: list[int] = []
+        for c in rng.choice(len(avail), size=self.num_pids_per_batch, replace=False):
+            batch += chunks[avail[c]].pop()
+        return batch
+
+    def _until_exhausted(self, epoch: int, rank: int) -> list[list[int]]:
+        """``rank``'s batches of ``epoch`` without redealing: until fewer than P identities have chunks left."""
+        share = self.share(rank, epoch)
+        rng = np.random.default_rng([self.seed, epoch, 11, rank])
+        chunks = self._chunks(share, rng)
+        batches = []
+        while len(avail := [p for p in share if chunks[p]]) >= self.num_pids_per_batch:
+            batches.append(self._choose(avail, chunks, rng))
+        return batches
+
     def __iter__(self) -> Iterator[list[int]]:
+        if not self.redeal:
+            yield from self._until_exhausted(self.epoch, self.rank)[:len(self)]
+            return
         share = self.share(self.rank)
         rng = np.random.default_rng([self.seed, self.epoch, 11, self.rank])
         chunks = self._chunks(share, rng)
@@ -113,11 +149,7 @@ class RandomIdentitySampler(Sampler[list[int]]):
             if len(avail) < self.num_pids_per_batch:
                 chunks = self._chunks(share, rng)
                 avail = list(share)
-            chosen = rng.choice(len(avail), size=self.num_pids_per_batch, replace=False)
-            batch: list[int] = []
-            for c in chosen:
-                batch += chunks[avail[c]].pop()
-            yield batch
+            yield self._choose(avail, chunks, rng)
 
 
 class EpisodeSampler(Sampler[list[int]]):
@@ -275,17 +307,22 @@ class SeededBatches(Sampler[list[tuple[int, int]]]):
         batches while the current epoch ends (its last steps, evaluation, checkpoint) instead of after.
         Each batch is the one ``set_epoch`` of its epoch gives.
         """
-        if stop <= first or not 0 <= start <= self.batches_per_epoch:
+        if stop <= first or not 0 <= start <= self.batches_in_epoch(first):
             raise ValueError(f"no batches in epochs {first}..{stop - 1} from batch {start}")
         self.first, self.stop, self.start = int(first), int(stop), int(start)
 
+    def batches_in_epoch(self, epoch: int) -> int:
+        """Batches in the whole of ``epoch`` (the steps of that training epoch)."""
+        length = getattr(self.batches, "epoch_length", None)
+        return length(epoch) if length is not None else len(self.batches)
+
     @property
     def batches_per_epoch(self) -> int:
-        """Batches in one whole epoch (the steps of a training epoch)."""
-        return len(self.batches)
+        """Batches in one whole epoch, the first set (all of them where the epoch length is fixed)."""
+        return self.batches_in_epoch(self.first)
 
     def __len__(self) -> int:
-        return (self.stop - self.first) * self.batches_per_epoch - self.start
+        return sum(self.batches_in_epoch(e) for e in range(self.first, self.stop)) - self.start
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         rank = int(getattr(self.batches, "rank", 0))

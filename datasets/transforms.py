@@ -1,12 +1,12 @@
 """Every image transform of the repository, built on ``torchvision.transforms.v2``.
 
-* :class:`MultiModalTransform` - ReID: resize to 256 x 128, then (train) horizontal flip
-  0.5, pad 10 + random crop, normalise (CLIP mean/std by default) and random erasing 0.5,
-  where **one** random draw is applied to all modalities of a sample (the modalities are
-  stacked into one ``(M, 3, H, W)`` tensor before the random ops, so flip, crop box and
-  erased box are shared). This follows DeMo's ``make_dataloader`` recipe (Resize bicubic,
-  RandomHorizontalFlip, Pad, RandomCrop, Normalize, pixel-mode RandomErasing after
-  normalisation), except that DeMo draws independently per modality.
+* :class:`MultiModalTransform` - ReID: resize to 256 x 128 (train: bicubic; test: bicubic or
+  bilinear), then (train) horizontal flip 0.5, pad 10 + random crop, normalise (CLIP mean/std by
+  default) and random erasing 0.5. By default **one** random draw is applied to all modalities of a
+  sample (the modalities are stacked into one ``(M, 3, H, W)`` tensor before the random ops, so flip,
+  crop box and erased box are shared); ``per_modality`` draws for each modality on its own, as DeMo's
+  ``make_dataloader`` does (Resize bicubic, RandomHorizontalFlip, Pad, RandomCrop, Normalize,
+  pixel-mode RandomErasing after normalisation; its test Resize is bilinear).
 * :func:`build_fewshot_transform` - few-shot: 84 x 84; train = resize, random crop with
   padding 8 (RFS / MetaOptNet) or random-resized crop, colour jitter 0.4, flip, normalise;
   test = resize + centre crop, normalise.
@@ -33,12 +33,16 @@ MINI_IMAGENET_STD: tuple[float, float, float] = (70.68188272 / 255.0, 68.2763544
 
 
 class MultiModalTransform:
-    """Transform the modality images of one ReID sample with shared random parameters.
+    """Transform the modality images of one ReID sample, with one random draw for all of them
+    (``per_modality=False``) or one per modality.
 
     Call with ``{modality: PIL image or None}``; returns ``(images, mask)`` where
     ``images[m]`` is a float tensor (3, H, W) for every modality of ``modalities`` (zeros for
-    a missing one) and ``mask`` a bool tensor (M,) in ``modalities`` order.
+    a missing one) and ``mask`` a bool tensor (M,) in ``modalities`` order. Images not of ``size``
+    are resized with ``interpolation`` (``bicubic`` | ``bilinear``).
     """
+
+    INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
     def __init__(
         self,
@@ -51,10 +55,16 @@ class MultiModalTransform:
         mean: Sequence[float] = CLIP_MEAN,
         std: Sequence[float] = CLIP_STD,
         modalities: Sequence[str] = MODALITIES,
+        per_modality: bool = False,
+        interpolation: str = "bicubic",
     ) -> None:
+        if interpolation not in self.INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(self.INTERPOLATIONS)}, got '{interpolation}'")
         self.size = (int(size[0]), int(size[1]))
         self.train = train
         self.modalities = tuple(modalities)
+        self.per_modality = per_modality
+        self.interpolation = interpolation
         ops: list[v2.Transform] = []
         if train:
             if flip_prob > 0:
@@ -69,7 +79,7 @@ class MultiModalTransform:
 
     def _to_tensor(self, img: Image.Image) -> torch.Tensor:
         if img.size != (self.size[1], self.size[0]):
-            img = img.resize((self.size[1], self.size[0]), Image.BICUBIC)
+            img = img.resize((self.size[1], self.size[0]), self.INTERPOLATIONS[self.interpolation])
         return TF.pil_to_tensor(img)
 
     def __call__(self, images: Mapping[str, Image.Image | None]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -82,12 +92,16 @@ class MultiModalTransform:
             img = images.get(m)
             if img is not None:
                 stack[i] = self._to_tensor(img)
-        out = self.ops(tv_tensors.Image(stack)).as_subclass(torch.Tensor)
+        if self.per_modality:  # each modality its own flip, crop box and erased box
+            out = torch.stack([self.ops(tv_tensors.Image(x)).as_subclass(torch.Tensor) for x in stack])
+        else:
+            out = self.ops(tv_tensors.Image(stack)).as_subclass(torch.Tensor)
         out[~mask] = 0.0
         return {m: out[i] for i, m in enumerate(self.modalities)}, mask
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(size={self.size}, train={self.train}, ops={self.ops})"
+        return (f"{type(self).__name__}(size={self.size}, train={self.train}, per_modality={self.per_modality}, "
+                f"interpolation={self.interpolation}, ops={self.ops})")
 
 
 def build_reid_transform(
@@ -99,11 +113,14 @@ def build_reid_transform(
     re_prob: float = 0.5,
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
+    per_modality: bool = False,
+    interpolation: str = "bicubic",
 ) -> MultiModalTransform:
     """ReID train (``train=True``) or test transform; keys ``INPUT.SIZE_TRAIN/SIZE_TEST``,
-    ``INPUT.PROB``, ``INPUT.PADDING``, ``INPUT.RE_PROB``, ``INPUT.PIXEL_MEAN/STD``."""
+    ``INPUT.PROB``, ``INPUT.PADDING``, ``INPUT.RE_PROB``, ``INPUT.PIXEL_MEAN/STD``,
+    ``INPUT.AUGMENT_PER_MODALITY`` (train), ``INPUT.TEST_INTERPOLATION`` (test)."""
     return MultiModalTransform(size, train=train, flip_prob=flip_prob, padding=padding, re_prob=re_prob,
-                               mean=mean, std=std)
+                               mean=mean, std=std, per_modality=per_modality, interpolation=interpolation)
 
 
 def build_fewshot_transform(

@@ -67,9 +67,6 @@ DEMO_KEYS: dict[str, str] = {
     "SOLVER.WARMUP_METHOD": "no key: the warm-up is linear, as DeMo's",
     "SOLVER.SEED": "SEED",
     "SOLVER.MARGIN": "LOSS.TRIPLET_MARGIN (used when LOSS.TRIPLET_SOFT_MARGIN is False)",
-    "SOLVER.BIAS_LR_FACTOR": "no key: biases train at their group's learning rate without weight decay",
-    "SOLVER.WEIGHT_DECAY_BIAS": "no key: biases train at their group's learning rate without weight decay",
-    "SOLVER.LARGE_FC_LR": "no key: classifiers train at SOLVER.BASE_LR",
     "TEST.NECK_FEAT": "no key: the test feature is taken before the BNNeck, which is what DeMo's code does "
                       "whatever TEST.NECK_FEAT says",
     "TEST.WEIGHT": "MODEL.WEIGHTS",
@@ -160,12 +157,21 @@ def base_config() -> CN:
     _C.SOLVER.WEIGHT_DECAY = 5e-4
     _C.SOLVER.MAX_EPOCHS = 50
     _C.SOLVER.IMS_PER_BATCH = 64
-    _C.SOLVER.SCHEDULER = "cosine"  # cosine | step
+    # cosine | step: set after every optimizer step, each group from its own rate (engine/solver.WarmupScheduler);
+    # timm_cosine: timm's CosineLRScheduler set at the start of each epoch, DeMo's schedule: warm-up from
+    # WARMUP_FACTOR x BASE_LR and floor MIN_LR_FACTOR x BASE_LR, both the same absolute rate for every group, the
+    # cosine counted from epoch 0 (engine/solver.EpochCosineScheduler)
+    _C.SOLVER.SCHEDULER = "cosine"
     _C.SOLVER.WARMUP_EPOCHS = 5
     _C.SOLVER.WARMUP_FACTOR = 0.01  # lr at step 0 = BASE_LR * WARMUP_FACTOR, linear to BASE_LR
     _C.SOLVER.STEPS = [30, 40]  # epochs at which the step scheduler multiplies by GAMMA
     _C.SOLVER.GAMMA = 0.1
     _C.SOLVER.MIN_LR_FACTOR = 0.0  # cosine floor as a fraction of BASE_LR
+    # timm_cosine only: each epoch before MAX_EPOCHS has its rates multiplied by 1 + n, n ~ N(0, LR_NOISE_STD)
+    # redrawn until |n| < LR_NOISE, from a generator seeded LR_NOISE_SEED + epoch (DeMo: 0.67, 1.0, 42); 0 = off
+    _C.SOLVER.LR_NOISE = 0.0
+    _C.SOLVER.LR_NOISE_STD = 1.0
+    _C.SOLVER.LR_NOISE_SEED = 42
     _C.SOLVER.GRAD_CLIP = 5.0  # max global grad norm; <= 0 disables clipping
     _C.SOLVER.CHECKPOINT_PERIOD = 1  # epochs
     _C.SOLVER.EVAL_PERIOD = 5  # epochs
@@ -237,6 +243,7 @@ def load_config(
 def _choices() -> dict[str, tuple[str, ...]]:
     """Keys whose value is one of a few names, with those names (owned by the code that reads them)."""
     from engine.logger import WANDB_MODES
+    from engine.solver import EPOCH_SCHEDULES, STEP_SCHEDULES
     from modeling.clip_checkpoint import CLIP_ACTIVATIONS
     from modeling.module.semantic_anchor_purification import SCALE_MODES
     from modeling.module.semantic_anchors import ANCHOR_FALLBACKS, ANCHOR_MODES
@@ -244,12 +251,13 @@ def _choices() -> dict[str, tuple[str, ...]]:
     return {
         "TEST.MISS_MODE": ("mask", "zero"),
         "TEST.METRIC": ("euclidean", "cosine"),
+        "INPUT.TEST_INTERPOLATION": ("bicubic", "bilinear"),
         "MODEL.CLIP_ACTIVATION": CLIP_ACTIVATIONS,
         "MODEL.SIE_TOKENS": ("cls", "all"),
         "MODEL.SAP.SCALE_MODE": SCALE_MODES,
         "MODEL.SAP.ANCHOR_MODE": ANCHOR_MODES,
         "MODEL.SAP.ANCHOR_FALLBACK": ANCHOR_FALLBACKS,
-        "SOLVER.SCHEDULER": ("cosine", "step"),
+        "SOLVER.SCHEDULER": (*STEP_SCHEDULES, *EPOCH_SCHEDULES),
         "MODEL.COMPILE_SCOPE": ("model", "step"),
         "LOSS.SDM.FORMULA": ("fixed", "legacy"),
         "FEWSHOT.TEST_CHECKPOINT": ("last", "best"),
@@ -279,6 +287,16 @@ def validate(cfg: CN) -> None:
     from engine.device import resolve_device  # engine.device imports ConfigError from here
 
     resolve_device(cfg.DEVICE.NAME)  # a name it does not know, or CUDA without a GPU
+    s = cfg.SOLVER
+    if not (0.0 <= s.LR_NOISE < 1.0 and s.LR_NOISE_STD > 0):
+        raise ConfigError(f"SOLVER.LR_NOISE must lie in [0, 1) (0 = off) and SOLVER.LR_NOISE_STD be positive; got "
+                          f"{s.LR_NOISE} and {s.LR_NOISE_STD}")
+    if s.LR_NOISE > 0 and s.SCHEDULER != "timm_cosine":
+        raise ConfigError(f"SOLVER.LR_NOISE is a setting of SOLVER.SCHEDULER timm_cosine, not of '{s.SCHEDULER}'")
+    if "REDEAL_LEFTOVERS" in cfg.DATALOADER and not cfg.DATALOADER.REDEAL_LEFTOVERS and s.SCHEDULER not in (
+            "timm_cosine",):
+        raise ConfigError(f"DATALOADER.REDEAL_LEFTOVERS False gives epochs of varying length, which a per-step "
+                          f"schedule (SOLVER.SCHEDULER {s.SCHEDULER}) cannot count; use SOLVER.SCHEDULER timm_cosine")
     if "NUM_INSTANCE" in cfg.DATALOADER:  # ReID's P x K identity batches
         batch, k = cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_INSTANCE
         if k < 1 or batch < k or batch % k:

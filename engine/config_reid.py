@@ -56,6 +56,20 @@ def add_reid_config(cfg: CN) -> None:
     d.SYNTHETIC.SEED = -1
 
     cfg.DATALOADER.NUM_INSTANCE = 8  # K of the P x K identity sampler
+    # When fewer than P identities have K images left, deal every identity's images anew and go on, so each epoch
+    # has the same number of batches; False: the epoch ends there (DeMo's sampler), and its length varies with
+    # the draw (needs SOLVER.SCHEDULER timm_cosine)
+    cfg.DATALOADER.REDEAL_LEFTOVERS = True
+
+    s = cfg.SOLVER
+    # Per-tensor rules (modeling/param_groups.py). A tensor whose name contains "bias" trains at BIAS_LR_FACTOR x
+    # BASE_LR (in the backbone: at BACKBONE_LR) with WEIGHT_DECAY_BIAS; DECAY_ALL_TENSORS decays every other
+    # tensor (False: none on 1-D tensors and embeddings / learned tokens); LARGE_FC_LR trains the classifiers at
+    # 2 x BASE_LR. DeMo: 2, 1e-4, True, False.
+    s.BIAS_LR_FACTOR = 1.0
+    s.WEIGHT_DECAY_BIAS = 0.0
+    s.DECAY_ALL_TENSORS = False
+    s.LARGE_FC_LR = False
 
     cfg.INPUT = CN()
     cfg.INPUT.SIZE_TRAIN = [256, 128]
@@ -65,6 +79,10 @@ def add_reid_config(cfg: CN) -> None:
     cfg.INPUT.RE_PROB = 0.5  # random erasing
     cfg.INPUT.PIXEL_MEAN = [0.48145466, 0.4578275, 0.40821073]  # CLIP's
     cfg.INPUT.PIXEL_STD = [0.26862954, 0.26130258, 0.27577711]
+    # Training flip, crop and erasing drawn once per sample and applied to all its modalities (False), or drawn
+    # for each modality on its own (True, DeMo)
+    cfg.INPUT.AUGMENT_PER_MODALITY = False
+    cfg.INPUT.TEST_INTERPOLATION = "bicubic"  # resize of test images: bicubic | bilinear (DeMo's T.Resize default)
 
     loss = cfg.LOSS = CN()
     loss.ID_WEIGHT = 0.25  # DeMo

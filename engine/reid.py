@@ -41,7 +41,7 @@ from engine.evaluation import (
 from engine.logger import MetricsLogger, progress
 from engine.missing import canonical, missing_modalities, present_modalities
 from engine.prefetch import DevicePrefetcher
-from engine.solver import build_model_optimizer, build_scheduler
+from engine.solver import build_model_optimizer, build_scheduler, param_rules
 from engine.tower_pretrain import ensure_pretrained_tower
 from engine.trainer import Stage, Trainer
 from losses.reid_criterion import MODALITY_ORDER, ReIDCriterion
@@ -89,9 +89,11 @@ def build_reid_model(cfg: CN, num_classes: int, num_cameras: int) -> torch.nn.Mo
 
 
 def build_reid_optimizer(cfg: CN, model: torch.nn.Module, criterion: ReIDCriterion) -> torch.optim.Optimizer:
-    """Optimizer over the model's groups (backbone at ``SOLVER.BACKBONE_LR``, new modules at
-    ``SOLVER.BASE_LR``) and the criterion's own."""
-    return build_model_optimizer(cfg, unwrap(model), cfg.SOLVER.BASE_LR, criterion.param_groups(cfg.SOLVER.WEIGHT_DECAY))
+    """The optimizer ``train_net.py`` trains with: the model's groups (backbone at ``SOLVER.BACKBONE_LR``, new
+    modules at ``SOLVER.BASE_LR``, biases, 1-D tensors and classifiers by ``SOLVER.BIAS_LR_FACTOR``,
+    ``WEIGHT_DECAY_BIAS``, ``DECAY_ALL_TENSORS``, ``LARGE_FC_LR``) and the criterion's own."""
+    return build_model_optimizer(cfg, unwrap(model), cfg.SOLVER.BASE_LR, criterion.param_groups(cfg.SOLVER.WEIGHT_DECAY),
+                                 rules=param_rules(cfg))
 
 
 def resolve_test_modalities(cfg: CN) -> tuple[str, ...]:

@@ -1,4 +1,9 @@
-"""Optimizers from parameter groups and per-step learning-rate schedules with linear warm-up."""
+"""Optimizers from parameter groups, and learning-rate schedules: per-step with a linear warm-up
+(:class:`WarmupScheduler`), or per-epoch with timm's cosine (:class:`EpochCosineScheduler`, DeMo's schedule).
+
+A schedule has ``begin_epoch(epoch)``, called by the trainer before each epoch's first step, and ``step()``,
+called after each optimizer step; each kind acts on the one it is stepped by.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,12 @@ from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
+
+from modeling.param_groups import ParamRules
+
+#: ``SOLVER.SCHEDULER`` names: stepped per optimizer step, and stepped per epoch
+STEP_SCHEDULES = ("cosine", "step")
+EPOCH_SCHEDULES = ("timm_cosine",)
 
 
 def build_optimizer(
@@ -43,13 +54,24 @@ def build_optimizer(
     raise ValueError(f"SOLVER.OPTIMIZER must be SGD, Adam or AdamW, got '{name}'")
 
 
-def build_model_optimizer(cfg: Any, model: torch.nn.Module, base_lr: float,
-                          extra_groups: Sequence[dict[str, Any]] = ()) -> torch.optim.Optimizer:
-    """``SOLVER.OPTIMIZER`` over the model's groups (``model.param_groups``: the pretrained backbone at
-    ``SOLVER.BACKBONE_LR`` where the model has one, the rest at ``base_lr``) and ``extra_groups`` (e.g. a
-    criterion's own parameters)."""
+def param_rules(cfg: Any) -> ParamRules:
+    """The per-tensor rate and decay rules of ``SOLVER.BIAS_LR_FACTOR``, ``WEIGHT_DECAY_BIAS``,
+    ``DECAY_ALL_TENSORS`` and ``LARGE_FC_LR`` (ReID configs have them)."""
     s = cfg.SOLVER
-    groups = model.param_groups(base_lr, s.WEIGHT_DECAY, backbone_lr=s.BACKBONE_LR if s.BACKBONE_LR > 0 else None)
+    return ParamRules(bias_lr_factor=float(s.BIAS_LR_FACTOR), weight_decay_bias=float(s.WEIGHT_DECAY_BIAS),
+                      decay_all=bool(s.DECAY_ALL_TENSORS), large_fc_lr=bool(s.LARGE_FC_LR))
+
+
+def build_model_optimizer(cfg: Any, model: torch.nn.Module, base_lr: float,
+                          extra_groups: Sequence[dict[str, Any]] = (),
+                          rules: ParamRules | None = None) -> torch.optim.Optimizer:
+    """``SOLVER.OPTIMIZER`` over the model's groups (``model.param_groups``: the pretrained backbone at
+    ``SOLVER.BACKBONE_LR`` where the model has one, the rest at ``base_lr``; ``rules``, where given, set
+    biases, 1-D tensors and classifiers apart) and ``extra_groups`` (e.g. a criterion's own parameters)."""
+    s = cfg.SOLVER
+    extra = {} if rules is None else {"rules": rules}
+    groups = model.param_groups(base_lr, s.WEIGHT_DECAY, backbone_lr=s.BACKBONE_LR if s.BACKBONE_LR > 0 else None,
+                                **extra)
     return build_optimizer([*groups, *extra_groups], s.OPTIMIZER, lr=base_lr, weight_decay=s.WEIGHT_DECAY,
                            momentum=s.MOMENTUM, nesterov=s.NESTEROV)
 
@@ -124,10 +146,66 @@ class WarmupScheduler(LRScheduler):
         f = self.factor(self.last_epoch)
         return [base * f for base in self.base_lrs]
 
+    def begin_epoch(self, epoch: int) -> None:
+        """Nothing: this schedule moves with the optimizer steps."""
 
-def build_scheduler(cfg: Any, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> WarmupScheduler:
-    """Schedule from ``cfg.SOLVER`` (epochs converted to steps with ``steps_per_epoch``)."""
+
+class EpochCosineScheduler:
+    """timm's ``CosineLRScheduler`` set at the start of each epoch, as DeMo's training runs it.
+
+    Epochs are counted from 1 (``begin_epoch(0)`` sets epoch 1). Warm-up: from ``warmup_lr_init`` linearly
+    towards each group's own rate over ``warmup_epochs``; then a half cosine from each group's rate at epoch
+    0 (the warm-up is not a prefix) down to ``lr_min`` at ``epochs``. ``warmup_lr_init`` and ``lr_min`` are
+    absolute and the same for every group, so a group whose rate lies below ``warmup_lr_init`` (a
+    pretrained backbone's) falls during the warm-up. Each epoch below ``epochs`` is multiplied by
+    ``1 + n``, ``n ~ N(0, noise_std)`` redrawn until ``|n| < noise_pct`` from a generator seeded
+    ``noise_seed + epoch`` (``noise_pct`` 0: no noise).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, epochs: int, *, warmup_epochs: int = 0,
+                 warmup_lr_init: float = 0.0, lr_min: float = 0.0, noise_pct: float = 0.0,
+                 noise_std: float = 1.0, noise_seed: int = 42) -> None:
+        from timm.scheduler import CosineLRScheduler
+
+        if epochs <= 0:
+            raise ValueError(f"epochs must be positive, got {epochs}")
+        self.optimizer, self.epoch = optimizer, 0
+        self.timm = CosineLRScheduler(
+            optimizer, t_initial=epochs, lr_min=lr_min, cycle_mul=1.0, cycle_decay=0.1, cycle_limit=1,
+            warmup_t=warmup_epochs, warmup_lr_init=warmup_lr_init, warmup_prefix=False, t_in_epochs=True,
+            noise_range_t=(0, epochs) if noise_pct > 0 else None, noise_pct=noise_pct, noise_std=noise_std,
+            noise_seed=noise_seed,
+        )
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Set the rates of the 0-based trainer epoch ``epoch`` (DeMo's epoch ``epoch + 1``)."""
+        self.epoch = epoch + 1
+        self.timm.step(self.epoch)
+
+    def step(self) -> None:
+        """Nothing: this schedule moves with the epochs."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch last set; the schedule itself is the config's (a resumed run follows the config)."""
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state.get("epoch", 0))
+
+
+def build_scheduler(cfg: Any, optimizer: torch.optim.Optimizer,
+                    steps_per_epoch: int) -> WarmupScheduler | EpochCosineScheduler:
+    """Schedule from ``cfg.SOLVER``: ``SOLVER.SCHEDULER`` ``cosine`` / ``step`` per optimizer step (epochs
+    converted to steps with ``steps_per_epoch``), ``timm_cosine`` per epoch (:class:`EpochCosineScheduler`
+    with warm-up start ``WARMUP_FACTOR x BASE_LR`` and floor ``MIN_LR_FACTOR x BASE_LR``, both absolute,
+    and the ``SOLVER.LR_NOISE*`` keys)."""
     s = cfg.SOLVER
+    if s.SCHEDULER in EPOCH_SCHEDULES:
+        return EpochCosineScheduler(
+            optimizer, s.MAX_EPOCHS, warmup_epochs=s.WARMUP_EPOCHS, warmup_lr_init=s.WARMUP_FACTOR * s.BASE_LR,
+            lr_min=s.MIN_LR_FACTOR * s.BASE_LR, noise_pct=s.LR_NOISE, noise_std=s.LR_NOISE_STD,
+            noise_seed=s.LR_NOISE_SEED,
+        )
     return WarmupScheduler(
         optimizer,
         total_steps=s.MAX_EPOCHS * steps_per_epoch,

@@ -126,6 +126,13 @@ class Evaluator(Protocol):
         """Human-readable summary lines for the log."""
 
 
+def epoch_steps(batch_sampler: Any, epoch: int) -> int:
+    """Steps of training ``epoch``: the sampler's ``batches_in_epoch(epoch)`` where it has one (an epoch
+    length that varies with the draw), else its ``batches_per_epoch``."""
+    per_epoch = getattr(batch_sampler, "batches_in_epoch", None)
+    return per_epoch(epoch) if per_epoch is not None else batch_sampler.batches_per_epoch
+
+
 @dataclass
 class Stage:
     """One stage of a run: what to train with and for how long."""
@@ -137,6 +144,8 @@ class Stage:
     epochs: int
     objective: Objective
     optimizer: torch.optim.Optimizer
+    #: ``step()`` after every optimizer step (a torch ``LRScheduler``); one with ``begin_epoch(epoch)`` is also
+    #: called before each epoch's first step (:mod:`engine.solver`)
     scheduler: Any
     evaluator: Evaluator | None = None
     log_prefix: str = "train"
@@ -374,9 +383,9 @@ class Trainer:
         train_model = self.compile_stage(stage, train_model)
         run.stage = stage.name
         sampler = stage.loader.batch_sampler
-        steps = sampler.batches_per_epoch
-        logger.info("stage %s: epochs %d..%d of %d steps%s", stage.name, start_epoch + 1, stage.epochs, steps,
-                    stage.describe())
+        steps = epoch_steps(sampler, start_epoch)
+        logger.info("stage %s: epochs %d..%d of %d steps%s%s", stage.name, start_epoch + 1, stage.epochs, steps,
+                    "" if steps == epoch_steps(sampler, stage.epochs - 1) else " (varying by epoch)", stage.describe())
         s = self.cfg.SOLVER
         last_results: dict[str, Any] | None = None
         # one loader iterator over the stage's epochs: the workers prepare an epoch's first batches while the
@@ -387,6 +396,9 @@ class Trainer:
         with self._stop_on_signals():
             for epoch in range(start_epoch, stage.epochs):
                 skip = run.epoch_step if epoch == start_epoch else 0
+                steps = epoch_steps(sampler, epoch)
+                if hasattr(stage.scheduler, "begin_epoch"):  # a per-epoch schedule sets this epoch's rates
+                    stage.scheduler.begin_epoch(epoch)
                 train_model.train()
                 period = _PeriodMeans()
                 fed = DataWait(itertools.islice(stream, steps - skip))

@@ -49,6 +49,7 @@ from modeling.module.atm import AttentionTriggeredMoE, QuickGELU
 from modeling.module.dgaf import DualGatedFusion
 from modeling.module.hdm import HDM_SUBSETS, HierarchicalDecoupling, subset_name
 from modeling.module.sdtps import SDTPS
+from modeling.param_groups import DEFAULT_RULES, ParamRules, rule_groups
 from modeling.registry import BACKBONE_REGISTRY, MODEL_REGISTRY
 from utils.modalities import MODALITIES
 
@@ -252,34 +253,21 @@ class DeMo(nn.Module):
                 "stats": stats}
 
     # ------------------------------------------------------------------------------------------
-    def param_groups(self, base_lr: float, weight_decay: float, backbone_lr: float | None = None) -> list[dict[str, Any]]:
-        """Optimizer groups: CLIP-pretrained parameters vs new modules, each split by weight decay.
+    def param_groups(self, base_lr: float, weight_decay: float, backbone_lr: float | None = None,
+                     rules: ParamRules = DEFAULT_RULES) -> list[dict[str, Any]]:
+        """Optimizer groups: CLIP-pretrained parameters vs new modules, by :func:`modeling.param_groups.rule_groups`.
 
-        ``backbone`` / ``backbone_no_decay`` hold the open_clip image tower (``backbone.visual.*``)
-        at ``backbone_lr`` (``None``: ``base_lr``); ``new`` / ``new_no_decay`` everything else (SIE table,
-        null tokens, SDTPS, HDM, ATM, DGAF, heads) at ``base_lr``. No decay for 1-D tensors (norm weights,
-        gate scale/bias), biases, and embeddings/tokens (``positional_embedding``,
-        ``class_embedding``, ``camera_embed``, ``null_tokens``, ``null_features``, HDM ``query``).
-        Frozen parameters (BNNeck biases) are left out; every trainable parameter is in exactly
-        one group. Empty groups are dropped. Each group carries a ``name``.
+        ``backbone*`` hold the open_clip image tower (``backbone.visual.*``) at ``backbone_lr`` (``None``:
+        ``base_lr``); ``new*`` everything else (SIE table, null tokens, SDTPS, HDM, ATM, DGAF, heads) at
+        ``base_lr``. Under the default ``rules`` there is no decay for 1-D tensors (norm weights, gate
+        scale/bias), biases, and embeddings/tokens (``positional_embedding``, ``class_embedding``,
+        ``camera_embed``, ``null_tokens``, ``null_features``, HDM ``query``); ``rules`` gives DeMo's recipe
+        instead. Frozen parameters (BNNeck biases) are left out; every trainable parameter is in exactly one
+        group. Each group carries a ``name``.
         """
-        groups: dict[str, list[nn.Parameter]] = {"backbone": [], "backbone_no_decay": [], "new": [],
-                                                 "new_no_decay": []}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            kind = "backbone" if name.startswith("backbone.visual.") else "new"
-            leaf = name.rsplit(".", 1)[-1]
-            if p.ndim <= 1 or leaf.endswith("bias") or leaf in NO_DECAY_NAMES:
-                kind += "_no_decay"
-            groups[kind].append(p)
-        tower_lr = base_lr if backbone_lr is None else backbone_lr
-        lrs = {"backbone": tower_lr, "backbone_no_decay": tower_lr, "new": base_lr, "new_no_decay": base_lr}
-        return [
-            {"name": k, "params": ps, "lr": lrs[k], "weight_decay": 0.0 if k.endswith("no_decay") else weight_decay}
-            for k, ps in groups.items()
-            if ps
-        ]
+        return rule_groups(self.named_parameters(), base_lr, weight_decay, backbone_lr=backbone_lr,
+                           is_backbone=lambda name: name.startswith("backbone.visual."),
+                           no_decay_names=NO_DECAY_NAMES, rules=rules)
 
 
 # ----------------------------------------------------------------------------------------------

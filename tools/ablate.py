@@ -15,7 +15,7 @@ A table file (``configs/ablations/<name>.yaml``) names the training script, the 
     rows:
       - label: gate init 1.0/0.0
         config: configs/synthetic/DeMo_SDTPS_tiny.yml
-        real_config: configs/RGBNT201/DeMo_SDTPS_DGAF_ablation.yml   # used with --real
+        real_config: configs/RGBNT201/DeMo_SDTPS_DGAF.yml   # used with --real (required there)
         quick_config: ...                # optional, used with --quick
         args: [--init_scale, "1.0", --init_bias, "0.0"]
         overrides: []
@@ -97,9 +97,9 @@ def slug(label: str) -> str:
 
 
 def row_config(row: dict[str, Any], quick: bool, real: bool) -> str:
-    """The config file a row trains with in this mode."""
+    """The config file a row trains with in this mode (``--real``: its ``real_config``, which it must have)."""
     if real:
-        return row.get("real_config", row["config"])
+        return row["real_config"]
     return row.get("quick_config", row["config"]) if quick else row["config"]
 
 
@@ -409,6 +409,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{', '.join(r['label'] for r in rows)}", file=sys.stderr)
             return 2
         spec["reference"] = args.reference
+    synthetic_only = [r["label"] for r in rows if "real_config" not in r]
+    if args.real and synthetic_only:
+        print(f"error: --real: table {spec['_name']} has no real_config for {', '.join(synthetic_only)} (these rows "
+              "run on the synthetic sets only)", file=sys.stderr)
+        return 2
     # quick, synthetic and real runs of one table never share (or reuse) each other's folders
     out = Path(args.out) / (spec["_name"] + ("-quick" if args.quick else "-real" if args.real else ""))
     tasks = []
