@@ -276,3 +276,45 @@ def test_msvr310_vehicle_folder_mismatch(tmp_path):
         touch(base / "bounding_box_train" / "0007" / sub / "0008_s003_v1_000.jpg")
     with pytest.raises(ValueError, match=r"0008_s003_v1_000.jpg.*folder '0007'"):
         build_dataset("MSVR310", str(tmp_path), verbose=False)
+
+
+# ----------------------------------------------------------------------------- augmentation draws
+
+
+def _same_image_three_times() -> dict[str, Image.Image]:
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (32, 16, 3), dtype=np.uint8))
+    return {"RGB": img, "NI": img.copy(), "TI": img.copy()}
+
+
+def _draw(per_modality: bool, seed: int) -> dict[str, torch.Tensor]:
+    tf = build_reid_transform((32, 16), train=True, padding=4, re_prob=0.5, per_modality=per_modality)
+    torch.manual_seed(seed)
+    return tf(_same_image_three_times())[0]
+
+
+def test_shared_draws_transform_every_modality_alike():
+    for seed in range(8):
+        out = _draw(False, seed)
+        assert torch.equal(out["RGB"], out["NI"]) and torch.equal(out["RGB"], out["TI"])
+
+
+def test_per_modality_draws_differ_across_modalities_and_repeat_by_seed():
+    differ = 0
+    for seed in range(8):
+        out = _draw(True, seed)
+        assert all(torch.equal(out[m], _draw(True, seed)[m]) for m in out)  # a sample's seed decides its draws
+        differ += not torch.equal(out["RGB"], out["NI"]) or not torch.equal(out["NI"], out["TI"])
+    assert differ == 8  # flip, crop and erasing all drawn per modality: some part differs in every sample
+
+
+def test_test_resize_interpolation_is_pil_s():
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 255, (61, 29, 3), dtype=np.uint8))
+    for name, mode in (("bilinear", Image.BILINEAR), ("bicubic", Image.BICUBIC)):
+        tf = build_reid_transform((32, 16), train=False, mean=(0, 0, 0), std=(1, 1, 1), interpolation=name)
+        got = tf({"RGB": img, "NI": img, "TI": img})[0]["RGB"]
+        want = torch.from_numpy(np.asarray(img.resize((16, 32), mode))).permute(2, 0, 1).float() / 255
+        assert torch.allclose(got, want, atol=1e-6), name
+    with pytest.raises(ValueError, match="interpolation"):
+        build_reid_transform((32, 16), train=False, interpolation="nearest")

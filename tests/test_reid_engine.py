@@ -216,3 +216,54 @@ def test_ctrl_c_writes_a_checkpoint_and_the_printed_command_finishes_the_run_ide
     a = json.loads((tmp_path / "straight" / "summary.json").read_text())
     b = json.loads((out / "summary.json").read_text())
     assert a == b  # every metric, the step count and the stability score
+
+
+#: DeMo's recipe keys (configs/Base-DeMo.yml) on the tiny model
+DEMO_RECIPE = ["SOLVER.SCHEDULER", "timm_cosine", "SOLVER.LR_NOISE", "0.67", "SOLVER.WARMUP_FACTOR", "0.1",
+               "SOLVER.MIN_LR_FACTOR", "0.001", "SOLVER.BIAS_LR_FACTOR", "2.0", "SOLVER.WEIGHT_DECAY_BIAS", "1e-4",
+               "SOLVER.DECAY_ALL_TENSORS", "True", "DATALOADER.REDEAL_LEFTOVERS", "False",
+               "INPUT.AUGMENT_PER_MODALITY", "True", "INPUT.TEST_INTERPOLATION", "bilinear",
+               "SOLVER.IMS_PER_BATCH", "8", "DATALOADER.NUM_INSTANCE", "2", "SOLVER.LOG_PERIOD", "1"]
+
+
+@pytest.mark.slow
+def test_demo_recipe_trains_by_epoch_and_resumes_identically(tiny_rgbnt_root: Path, tmp_path: Path) -> None:
+    """Per-epoch rates (cosine from epoch 0, noise, the same absolute floor for every group) reach the optimizer
+    at each epoch's first step, epochs end when fewer than P identities are left (their lengths vary), and a run
+    resumed after its second epoch ends with the same weights."""
+    def run(out: Path, epochs: int, *extra: str) -> dict:
+        res = _train(*extra, *_overrides(tiny_rgbnt_root, out, epochs=epochs), *DEMO_RECIPE,
+                     "SOLVER.EVAL_PERIOD", "5", "TEST.VIS_QUERIES", "1")
+        assert res.returncode == 0, res.stderr[-3000:]
+        return torch.load(out / f"checkpoint_epoch{epochs:04d}.pth", weights_only=True)["model"]
+
+    straight = run(tmp_path / "straight", 3)
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    by_epoch: dict[int, list[dict]] = {}
+    for r in rows:
+        if "train/loss" in r:
+            by_epoch.setdefault(math.ceil(r["train/epoch"] - 1e-9), []).append(r)  # 1-based
+    assert len({len(v) for v in by_epoch.values()}) > 1  # epoch lengths follow the draw
+    cfg = load_config(TINY, DEMO_RECIPE)
+    base, floor = cfg.SOLVER.BASE_LR, 0.001 * cfg.SOLVER.BASE_LR
+    for t, records in by_epoch.items():  # WARMUP_EPOCHS 1 of 3: every epoch is past the warm-up
+        g = torch.Generator().manual_seed(42 + t)
+        while abs(n := torch.randn(1, generator=g).item()) >= 0.67:
+            pass
+
+        def rate(group_lr: float, t: int = t, n: float = n) -> float:
+            if t >= 3:
+                return floor
+            return (floor + 0.5 * (group_lr - floor) * (1 + math.cos(math.pi * t / 3))) * (1 + n)
+
+        for group, group_lr in (("new", base), ("new_bias", 2 * base)):
+            got = [r[f"train/lr/{group}"] for r in records]
+            assert got == pytest.approx([rate(group_lr)] * len(records), rel=1e-9), (t, group)
+    stopped = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "straight", stopped)
+    for name in ("summary.json", "checkpoint_epoch0003.pth", "checkpoint_best.pth"):  # as it was after epoch 2
+        (stopped / name).unlink(missing_ok=True)
+    (stopped / "last_checkpoint").write_text("checkpoint_epoch0002.pth\n")
+    resumed = run(stopped, 3, "--resume")
+    for key, value in straight.items():
+        assert torch.equal(value, resumed[key]), key

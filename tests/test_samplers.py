@@ -215,3 +215,61 @@ def test_identities_smaller_than_num_instance_are_named(caplog: pytest.LogCaptur
     with caplog.at_level(logging.WARNING, logger="datasets.loader"):
         assert warn_small_identities(pids, 2) == []
     assert caplog.text == ""
+
+
+def _stop_rule_length(pids: list[int], p: int, k: int, rng: np.random.Generator) -> int:
+    """DeMo's RandomIdentitySampler epoch, counted independently: chunk each id's shuffled images by K (fewer
+    than K: one chunk), then take P distinct ids with chunks left until fewer than P remain."""
+    left = {pid: max(c, k) // k for pid, c in Counter(pids).items()}
+    batches = 0
+    while len(avail := [pid for pid, n in left.items() if n]) >= p:
+        for pid in rng.choice(avail, size=p, replace=False):
+            left[pid] -= 1
+        batches += 1
+    return batches
+
+
+def test_pk_without_redeal_ends_the_epoch_when_fewer_than_p_ids_are_left():
+    pids = reid_pids(num_ids=24)
+    redeal = RandomIdentitySampler(pids, 16, 4, seed=5, world_size=1, rank=0)
+    demo = RandomIdentitySampler(pids, 16, 4, seed=5, world_size=1, rank=0, redeal=False)
+    per_epoch = {}
+    lengths = set()
+    for epoch in range(6):
+        demo.set_epoch(epoch)
+        batches = list(demo)
+        lengths.add(len(batches))
+        assert len(batches) == len(demo) == demo.epoch_length(epoch) <= len(redeal)
+        used = Counter(pids[b[j]] for b in batches for j in range(0, 16, 4))
+        total = {pid: max(c, 4) // 4 for pid, c in Counter(pids).items()}
+        assert all(used[pid] <= total[pid] for pid in used)  # no chunk dealt twice
+        left = [pid for pid in total if used[pid] < total[pid]]
+        assert len(left) < 4  # it stopped only when fewer than P ids had chunks left
+        per_epoch[epoch] = len(batches)
+    assert len(lengths) > 1  # the length follows the draw
+    # the expected length agrees with an independent count of the same rule
+    expected = np.mean([_stop_rule_length(pids, 4, 4, np.random.default_rng(s)) for s in range(200)])
+    assert abs(np.mean(list(per_epoch.values())) - expected) < 2.0
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_pk_without_redeal_gives_every_rank_the_same_length(world_size):
+    pids = reid_pids(num_ids=40)
+    ranks = [RandomIdentitySampler(pids, 8, 4, seed=2, world_size=world_size, rank=r, redeal=False)
+             for r in range(world_size)]
+    for epoch in range(3):
+        for s in ranks:
+            s.set_epoch(epoch)
+        assert len({len(list(s)) for s in ranks}) == 1
+
+
+def test_seeded_batches_follow_a_varying_epoch_length():
+    from datasets.samplers import SeededBatches
+
+    pids = reid_pids(num_ids=24)
+    inner = RandomIdentitySampler(pids, 16, 4, seed=5, world_size=1, rank=0, redeal=False)
+    seeded = SeededBatches(inner, seed=1)
+    seeded.set_epochs(0, 4, start=1)
+    lengths = [inner.epoch_length(e) for e in range(4)]
+    assert [seeded.batches_in_epoch(e) for e in range(4)] == lengths
+    assert len(seeded) == len(list(seeded)) == sum(lengths) - 1
