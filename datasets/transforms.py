@@ -73,7 +73,7 @@ class MultiModalTransform:
                 ops += [v2.Pad(padding), v2.RandomCrop(self.size)]
         ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
         if train and re_prob > 0:
-            # DeMo: RandomErasing(probability, mode='pixel'): area 2%..1/3, aspect 0.3..3.3, N(0,1) pixels
+            # DeMo: RandomErasing(probability, mode='pixel'): area 2%..1/3, aspect 0.3..1/0.3 (here ..3.3), N(0,1) pixels
             ops.append(v2.RandomErasing(p=re_prob, scale=(0.02, 1 / 3), ratio=(0.3, 3.3), value="random"))
         self.ops = v2.Compose(ops)
 
