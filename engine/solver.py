@@ -182,8 +182,11 @@ class EpochCosineScheduler:
         self.epoch = epoch + 1
         self.timm.step(self.epoch)
 
-    def step(self) -> None:
-        """Nothing: this schedule moves with the epochs."""
+    def step(self, epoch: int | None = None) -> None:
+        """After an optimizer step (no argument): nothing, this schedule moves with the epochs. ``step(epoch)``
+        is timm's and DeMo's call: set the rates of the 1-based ``epoch``."""
+        if epoch is not None:
+            self.begin_epoch(epoch - 1)
 
     def state_dict(self) -> dict[str, Any]:
         """The epoch last set; the schedule itself is the config's (a resumed run follows the config)."""

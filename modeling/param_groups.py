@@ -55,7 +55,8 @@ def rule_groups(
     variants) holding every trainable tensor of ``named_params`` exactly once; empty groups are dropped.
 
     Under the default rules a bias has the settings of a no-decay tensor and joins ``<part>_no_decay``.
-    Each group carries ``name``, ``lr`` and ``weight_decay``.
+    Each group carries ``name``, ``lr`` and ``weight_decay``; the groups come in that order (part, then
+    decayed, no-decay, bias), each holding its tensors in the order of ``named_params``.
     """
     tower_lr = base_lr if backbone_lr is None else backbone_lr
     folded = rules.bias_lr_factor == 1.0 and rules.weight_decay_bias == 0.0  # a bias is just a no-decay tensor
@@ -81,4 +82,5 @@ def rule_groups(
             raise AssertionError(f"{name}: lr {lr}, wd {wd} in group {part + kind} of lr {group['lr']}, "
                                  f"wd {group['weight_decay']}")
         group["params"].append(p)
-    return list(groups.values())
+    order = [part + kind for part in ("backbone", "new", "classifier") for kind in ("", "_no_decay", "_bias")]
+    return [groups[name] for name in order if name in groups]  # a fixed order: checkpoints map groups by index

@@ -109,6 +109,10 @@ def test_per_epoch_schedule_state_resumes(demo_run: tuple) -> None:
     scheduler.begin_epoch(scheduler.epoch - 1)
     assert [g["lr"] for g in optimizer.param_groups] == want
     assert isinstance(scheduler, EpochCosineScheduler)
+    scheduler.step()  # the trainer's call after each optimizer step changes nothing
+    assert [g["lr"] for g in optimizer.param_groups] == want
+    scheduler.step(7)  # timm's and DeMo's call at the start of (1-based) epoch 7
+    assert [g["lr"] for g in optimizer.param_groups] == want
 
 
 def test_repository_recipe_is_unchanged_elsewhere() -> None:
