@@ -162,8 +162,11 @@ class Checkpointer:
         pointer = self.save_dir / LAST_POINTER
         if not pointer.is_file():
             return None
-        path = self.save_dir / pointer.read_text().strip()
-        return path if path.is_file() else None
+        try:
+            path = self.save_dir / pointer.read_text(errors="replace").strip()
+            return path if path.name.startswith("checkpoint_") and path.is_file() else None
+        except (OSError, ValueError):  # unreadable, or not a file name (garbage, a NUL byte)
+            return None
 
     def load(
         self,
@@ -213,7 +216,15 @@ def resolve_resume(ckpt: Checkpointer, resume: str | None) -> Path | None:
     if resume == "auto":
         latest = ckpt.latest()
         if latest is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt.save_dir} (no '{LAST_POINTER}' file)")
+            pointer = ckpt.save_dir / LAST_POINTER
+            found = _list_checkpoints(ckpt.save_dir, exclude=pointer)
+            there = (f"; checkpoints there: {', '.join(found)}: pass one with --resume PATH" if found
+                     else "; no checkpoint file there either")
+            if pointer.is_file():
+                named = pointer.read_text(errors="replace").strip()[:80]
+                raise FileNotFoundError(f"--resume: {pointer} names '{named}', which is not a checkpoint file in "
+                                        f"{ckpt.save_dir}{there}")
+            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt.save_dir} (no '{LAST_POINTER}' file{there})")
         return latest
     return Path(resume)
 

@@ -90,6 +90,9 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
     for token in args.opts or []:
         if token == "--":
             continue
+        if token.startswith("--"):
+            raise ConfigError(f"'{token}' comes after the KEY VALUE overrides, which end the command line: put "
+                              f"options first (train_net.py --config_file FILE {token} ... KEY VALUE ...)")
         if "=" in token and token.split("=", 1)[0].replace(".", "").replace("_", "").isupper():
             opts += token.split("=", 1)  # KEY=VALUE, as W&B's ${args_no_hyphens} writes them
         else:
@@ -118,6 +121,28 @@ def check_output_dir(output_dir: Path, resume: str | None, eval_only: bool) -> N
         )
 
 
+def refuse_finished_resume(output_dir: Path, checkpoint: dict[str, Any], stage_epochs: Sequence[tuple[str, int]]) -> None:
+    """``--resume`` of a finished run (``summary.json``) whose config asks for no more epochs than the checkpoint
+    holds: there is nothing to train, and rewriting its results would lose them, so the command stops before
+    writing anything. ``stage_epochs``: the run's stages in order with the epochs the config asks of each."""
+    from engine.trainer import run_state_of
+
+    if not (output_dir / FINISHED_MARKER).is_file():
+        return
+    run = run_state_of(checkpoint)
+    names = [name for name, _ in stage_epochs]
+    at = names.index(run["stage"]) if run.get("stage") in names else -1
+    progress = []
+    for i, (name, epochs) in enumerate(stage_epochs):
+        done = epochs if i < at else run["stage_epoch"] if i == at else 0
+        if done < epochs:
+            return  # the schedule grew: the run trains on and writes new results
+        progress.append(f"{name}: {done} of {epochs} epochs")
+    raise RunFolderError(
+        f"OUTPUT_DIR {output_dir} holds a finished run and --resume has nothing left to train ({'; '.join(progress)}); "
+        "nothing was changed. Raise SOLVER.MAX_EPOCHS to train it further, or evaluate it with --eval-only")
+
+
 def save_config(cfg: CN, output_dir: Path) -> Path:
     """Write the resolved config as ``config.yaml``; a differing existing one is kept, the new one dated."""
     text = cfg.dump()
@@ -141,6 +166,9 @@ def default_setup(args: argparse.Namespace) -> CN:
     check_output_dir(output_dir, args.resume, args.eval_only)
     barrier()  # every rank checked before rank 0 writes anything
     setup_logging(output_dir)
+    lock = getattr(args, "run_lock", None)
+    if lock is not None and lock.took_over:
+        logger.info(lock.took_over)
     logger.info("command: %s", " ".join(sys.argv))
     if is_main_process():
         logger.info("config saved to %s", save_config(cfg, output_dir))

@@ -46,7 +46,7 @@ from engine.checkpoint import (
     warn_config_differences,
 )
 from engine.config import ConfigError
-from engine.defaults import default_setup
+from engine.defaults import default_setup, refuse_finished_resume
 from engine.device import AmpPolicy, build_amp_policy, resolve_device
 from engine.fewshot_eval import evaluate_split, write_results
 from engine.logger import MetricsLogger
@@ -56,6 +56,8 @@ from engine.trainer import Stage, Trainer
 from losses.classification import ClassificationCriterion
 from modeling import build_model
 from modeling.module.semantic_anchors import encode_class_names
+from utils.distributed import is_main_process
+from utils.io import fresh_folder
 
 logger = logging.getLogger(__name__)
 
@@ -86,18 +88,18 @@ def run_fewshot(cfg: CN, resume: str | None = None, eval_only: bool = False) -> 
     model = build_model(cfg).to(device)
     install_anchors(cfg, model, data, device)
     ckpt = Checkpointer(out_dir, background=cfg.SOLVER.CHECKPOINT_ASYNC)
+    resume_path = resolve_resume(ckpt, resume)
+    if eval_only:
+        return evaluate_only(cfg, model, data, device, amp, ckpt, resume_path)
+    state = None
+    if resume_path is not None:
+        state = read_checkpoint(resume_path, out_dir)
+        refuse_finished_resume(out_dir, state, [(name, stage_epochs(cfg, name)) for name in cfg.FEWSHOT.STAGES])
+        Checkpointer.restore_model(state, resume_path, model)
     with MetricsLogger.from_config(cfg) as metrics:
-        resume_path = resolve_resume(ckpt, resume)
-        if eval_only:
-            return evaluate_only(cfg, model, data, device, amp, ckpt, metrics, resume_path)
-        state = None
-        if resume_path is not None:
-            state = read_checkpoint(resume_path, out_dir)
-            Checkpointer.restore_model(state, resume_path, model)
         trainer = Trainer(cfg, model, device, amp, ckpt, metrics, stages=tuple(cfg.FEWSHOT.STAGES), resume=state)
         for name in cfg.FEWSHOT.STAGES:
-            epochs = cfg.FEWSHOT.PRETRAIN.EPOCHS if name == "pretrain" else cfg.SOLVER.MAX_EPOCHS
-            if trainer.pending(name, epochs):
+            if trainer.pending(name, stage_epochs(cfg, name)):
                 trainer.fit(build_stage(name, cfg, model, data, device, amp))
 
         # ---- test, plot, summary (last)
@@ -273,17 +275,33 @@ def install_anchors(cfg: CN, model: torch.nn.Module, data: Any, device: torch.de
                     len(vocab), len(train_ids), covered, len(data.class_names))
 
 
+def stage_epochs(cfg: CN, name: str) -> int:
+    """The epochs the config asks of stage ``name``."""
+    return cfg.FEWSHOT.PRETRAIN.EPOCHS if name == "pretrain" else cfg.SOLVER.MAX_EPOCHS
+
+
 def evaluate_only(cfg: CN, model: torch.nn.Module, data: Any, device: torch.device, amp: AmpPolicy,
-                  ckpt: Checkpointer, metrics: MetricsLogger, resume_path: Path | None) -> dict[str, Any]:
-    """``--eval-only``: test the checkpoint ``--resume`` names, else ``MODEL.WEIGHTS``, else the newest one."""
+                  ckpt: Checkpointer, resume_path: Path | None) -> dict[str, Any]:
+    """``--eval-only``: test the checkpoint ``--resume`` names, else ``MODEL.WEIGHTS``, else the newest one, and
+    write the results and their metrics into a folder of their own, ``OUTPUT_DIR/eval`` (``eval-2`` ... when
+    taken), so a run's own files stay as they were."""
     weights = eval_weights(ckpt, resume_path, cfg.MODEL.WEIGHTS)
     state = ckpt.load(weights, model=model, restore_rng=False)
     warn_config_differences(state, cfg, weights)
     results = evaluate_split(cfg, model, data, cfg.FEWSHOT.TEST_SPLIT, device, shots=cfg.FEWSHOT.TEST_SHOTS,
                              n_episodes=cfg.FEWSHOT.TEST_EPISODES, amp=amp)
+    if not is_main_process():
+        return results
+    eval_dir = fresh_folder(cfg.OUTPUT_DIR, "eval")
+    eval_cfg = cfg.clone()
+    eval_cfg.defrost()
+    eval_cfg.OUTPUT_DIR = str(eval_dir)
+    eval_cfg.freeze()
     label = f"{cfg.MODEL.NAME} ({Path(weights).name}) on {cfg.DATASETS.NAMES} {cfg.FEWSHOT.TEST_SPLIT}"
-    logger.info(write_results(cfg.OUTPUT_DIR, results, label, stem="eval_only_results"))
-    metrics.log(_flat_results(results), step=state["step"], prefix="eval_only")
+    logger.info(write_results(eval_dir, results, label))
+    with MetricsLogger.from_config(eval_cfg) as metrics:
+        metrics.log(_flat_results(results), step=state["step"], prefix="test")
+    logger.info("evaluation written to %s", eval_dir)
     return results
 
 

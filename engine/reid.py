@@ -30,6 +30,7 @@ from engine.checkpoint import (
     warn_config_differences,
 )
 from engine.config import ConfigError
+from engine.defaults import refuse_finished_resume
 from engine.device import AmpPolicy, build_amp_policy, resolve_device
 from engine.evaluation import (
     bootstrap_map_ci,
@@ -47,7 +48,7 @@ from engine.trainer import Stage, Trainer
 from losses.reid_criterion import MODALITY_ORDER, ReIDCriterion
 from modeling import MODEL_REGISTRY, build_model
 from utils.distributed import is_main_process
-from utils.io import atomic_write_json
+from utils.io import atomic_write_json, fresh_folder
 
 logger = logging.getLogger(__name__)
 
@@ -357,36 +358,26 @@ class ReIDEvaluator:
 def run_reid(cfg: CN, args: argparse.Namespace) -> dict[str, Any]:
     """Train (or with ``--eval-only`` evaluate) the configured ReID model; returns the final metrics."""
     out_dir = Path(cfg.OUTPUT_DIR)
+    ckpt = Checkpointer(out_dir, background=cfg.SOLVER.CHECKPOINT_ASYNC)
+    resume_path = resolve_resume(ckpt, args.resume)
+    resume = None
+    if resume_path is not None and not args.eval_only:
+        resume = read_checkpoint(resume_path, out_dir)
+        refuse_finished_resume(out_dir, resume, [(STAGE, cfg.SOLVER.MAX_EPOCHS)])
     setup = build_reid_setup(cfg)
     model, device, amp = setup.model, setup.device, setup.amp
     criterion = ReIDCriterion(cfg, bn_feat_dim=getattr(model, "bn_feat_dim", None)).to(device)
-    ckpt = Checkpointer(out_dir, background=cfg.SOLVER.CHECKPOINT_ASYNC)
     evaluator = ReIDEvaluator(setup, cfg)
+    if args.eval_only:
+        return evaluate_only(cfg, setup, evaluator, ckpt, resume_path)
     with MetricsLogger.from_config(cfg) as metrics:
-        resume_path = resolve_resume(ckpt, args.resume)
-        if args.eval_only:
-            weights = eval_weights(ckpt, resume_path, cfg.MODEL.WEIGHTS)
-            state = ckpt.load(weights, model=model, restore_rng=False)
-            warn_config_differences(state, cfg, weights)
-            results = evaluator(model)
-            for line in evaluator.lines(results):
-                logger.info(line)
-            tag = "eval_all" if not missing_modalities(cfg.TEST.MISS) else f"eval_miss_{canonical(cfg.TEST.MISS)}"
-            _write_results(out_dir, results, tag, {"checkpoint": str(weights), "epoch": state["epoch"],
-                                                   **missing_record(cfg)})
-            _make_figures(out_dir, setup.data, evaluator.extracted, setup.num_query, cfg, model)
-            metrics.log(_scalar_metrics(results), step=state["step"], prefix="test")
-            return results
-
         loader = datasets.reid_train_loader(cfg, setup.data.train)
         if loader.batch_sampler.batches_per_epoch == 0:
             raise ValueError(f"the train split gives no P x K batch of {cfg.SOLVER.IMS_PER_BATCH}; "
                              "lower SOLVER.IMS_PER_BATCH")
         optimizer = build_reid_optimizer(cfg, model, criterion)
         scheduler = build_scheduler(cfg, optimizer, loader.batch_sampler.batches_per_epoch)
-        resume = None
-        if resume_path is not None:
-            resume = read_checkpoint(resume_path, out_dir)
+        if resume is not None:
             Checkpointer.restore_model(resume, resume_path, model)
         elif cfg.MODEL.WEIGHTS:  # fine-tune: start from these weights, a fresh schedule
             ckpt.load(Path(cfg.MODEL.WEIGHTS), model=model, restore_rng=False)
@@ -407,6 +398,35 @@ def run_reid(cfg: CN, args: argparse.Namespace) -> dict[str, Any]:
                    "skipped_steps": float(trainer.guard.skipped)}
         metrics.summary(summary)  # written last: marks the run as finished
         return results
+
+
+def evaluate_only(cfg: CN, setup: ReIDSetup, evaluator: ReIDEvaluator, ckpt: Checkpointer,
+                  resume_path: Path | None) -> dict[str, Any]:
+    """``--eval-only``: evaluate ``--resume PATH``, else ``MODEL.WEIGHTS``, else the run's newest checkpoint, and
+    write everything into a folder of its own, ``OUTPUT_DIR/eval_<setting>`` (``eval_all``, ``eval_miss_rn``;
+    ``-2``, ``-3`` ... when taken), so a run's own results, figures and metrics stay as they were."""
+    out_dir = Path(cfg.OUTPUT_DIR)
+    weights = eval_weights(ckpt, resume_path, cfg.MODEL.WEIGHTS)
+    state = ckpt.load(weights, model=setup.model, restore_rng=False)
+    warn_config_differences(state, cfg, weights)
+    tag = "eval_all" if not missing_modalities(cfg.TEST.MISS) else f"eval_miss_{canonical(cfg.TEST.MISS)}"
+    if not is_main_process():  # rank 0 writes the evaluation
+        return evaluator(setup.model)
+    eval_dir = fresh_folder(out_dir, tag)
+    eval_cfg = cfg.clone()
+    eval_cfg.defrost()
+    eval_cfg.OUTPUT_DIR = str(eval_dir)
+    eval_cfg.freeze()
+    with MetricsLogger.from_config(eval_cfg) as metrics:
+        results = evaluator(setup.model)
+        for line in evaluator.lines(results):
+            logger.info(line)
+        path = _write_results(eval_dir, results, "eval", {"checkpoint": str(weights), "epoch": state["epoch"],
+                                                          **missing_record(cfg)})
+        _make_figures(eval_dir, setup.data, evaluator.extracted, setup.num_query, cfg, setup.model)
+        metrics.log(_scalar_metrics(results), step=state["step"], prefix="test")
+    logger.info("evaluation written to %s", path)
+    return results
 
 
 def _make_figures(out_dir: Path, data: Any, ext: dict[str, Any], num_query: int, cfg: CN, model: Any) -> None:

@@ -135,6 +135,32 @@ def test_a_reference_that_is_no_row_is_refused(tmp_path: Path) -> None:
         ablate.load_table(str(table))
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--rows", "no sap"], "--rows 'no sap' is not a row of table sap_scale"),
+    (["--seeds", "0"], "--seeds 0 selects no run"),
+])
+def test_a_selection_of_no_run_is_refused_and_the_finished_table_kept(args: list[str], message: str, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    table = tmp_path / "sap_scale"
+    table.mkdir()
+    for name in ("sap_scale.md", "sap_scale.csv", "sap_scale.png"):
+        (table / name).write_text(f"the finished table's {name}")
+    before = {p.name: p.read_bytes() for p in table.iterdir()}
+    assert ablate.main(["--table", "sap_scale", "--collect", "--out", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "nothing was run or written" in err and "'no SAP'" in err and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in table.iterdir()} == before
+
+
+def test_collecting_no_finished_run_keeps_the_finished_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    table = tmp_path / "sap_scale"
+    table.mkdir()
+    (table / "sap_scale.md").write_text("the finished table")
+    assert ablate.main(["--table", "sap_scale", "--collect", "--out", str(tmp_path)]) == 2
+    assert "no finished run of table sap_scale" in capsys.readouterr().err
+    assert (table / "sap_scale.md").read_text() == "the finished table" and not (table / "sap_scale.csv").exists()
+
+
 @pytest.mark.slow
 def test_rows_that_train_the_same_model_share_runs_and_score_their_feature(tiny_rgbnt_root: Path,
                                                                            tmp_path: Path) -> None:

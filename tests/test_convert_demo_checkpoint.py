@@ -242,6 +242,13 @@ def test_cli_writes_a_checkpoint_that_eval_loads(tmp_path: Path, capsys: pytest.
     state = Checkpointer(tmp_path).load(dst, model=model, restore_rng=False)
     assert state["epoch"] == 0 and state["extra"]["inferred"]["MODEL.DEMO.HEAD"] == HEAD
     assert torch.equal(model.moe_head.bn.running_var, demo["bottleneck_moe.running_var"].half().float())
+    # an existing output (e.g. a trained checkpoint) is never replaced unless --force says so
+    before = dst.read_bytes()
+    assert conv.main([str(src), str(dst), *OPTS]) == 2
+    err = capsys.readouterr().err
+    assert f"the output {dst} exists; nothing was written" in err and "--force" in err and err.count("\n") == 1
+    assert dst.read_bytes() == before
+    assert conv.main([str(src), str(dst), *OPTS, "--force"]) == 0
 
 
 @pytest.mark.parametrize("case,message", [

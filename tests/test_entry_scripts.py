@@ -108,3 +108,30 @@ def test_a_missing_modality_file_is_one_line(tmp_path: Path, tiny_rgbnt_root: Pa
     shutil.copytree(tiny_rgbnt_root, data)
     sorted((data / "synthetic_rgbnt" / "train_171" / "TI").glob("*.jpg"))[0].unlink()
     _one_line(_tiny_reid(tmp_path, data), "modality file(s) missing", "DATASETS.ALLOW_MISSING_MODALITY True")
+
+
+def test_an_option_after_the_overrides_says_options_come_first(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    res = _run("train_net.py", "--config_file", "configs/synthetic/DeMo_SDTPS_tiny.yml", "OUTPUT_DIR", str(out),
+               "--eval-only")
+    assert res.returncode == 2 and "Traceback" not in res.stderr and res.stderr.count("\n") == 1
+    assert "'--eval-only' comes after the KEY VALUE overrides" in res.stderr and "put options first" in res.stderr
+    assert not out.exists()
+
+
+def test_a_garbled_last_checkpoint_names_what_is_there(tmp_path: Path) -> None:
+    import torch
+
+    from engine.checkpoint import Checkpointer
+
+    out = tmp_path / "run"
+    ckpt = Checkpointer(out)
+    for tag in ("epoch0001", "epoch0002"):
+        ckpt.save(tag, model=torch.nn.Linear(2, 2), epoch=1)
+    (out / "last_checkpoint").write_bytes(b"\x00\xffgarbage\n")
+    res = _run("train_net.py", "--config_file", "configs/synthetic/DeMo_SDTPS_tiny.yml", "--resume", "OUTPUT_DIR",
+               str(out), "WANDB.MODE", "disabled")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "last_checkpoint names '" in res.stderr and "which is not a checkpoint file in" in res.stderr
+    assert "checkpoint_epoch0001.pth" in res.stderr and "checkpoint_epoch0002.pth" in res.stderr
+    assert "pass one with --resume PATH" in res.stderr and "no 'last_checkpoint' file" not in res.stderr

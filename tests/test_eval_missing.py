@@ -49,3 +49,13 @@ def test_six_settings_from_one_checkpoint(tiny_rgbnt_root: Path, tmp_path: Path)
         assert 0.0 <= row["mAP"] <= 1.0 and 0.0 <= row["rank1"] <= 1.0
     assert "M (NIR+TIR)" in (out / "missing_table.md").read_text() and "M (NIR+TIR)" in proc.stdout
     assert "evaluating with NI + TI missing" in proc.stdout + proc.stderr
+    # a second table into the same folder is refused and leaves the first as it was; --force replaces it
+    before = {p.name: p.read_bytes() for p in out.glob("missing_table.*")}
+    cmd = [sys.executable, "tools/eval_missing.py", "--config_file", str(TINY), *overrides, "MODEL.WEIGHTS",
+           str(weights), "TEST.MISS_MODE", "zero"]
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert "already holds missing_table.md, missing_table.csv, missing_table.json; nothing was written" in again.stderr
+    assert {p.name: p.read_bytes() for p in out.glob("missing_table.*")} == before
+    forced = subprocess.run([*cmd[:4], "--force", *cmd[4:]], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert forced.returncode == 0, forced.stderr[-3000:]

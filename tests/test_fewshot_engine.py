@@ -21,6 +21,7 @@ from engine.fewshot_eval import evaluate_episodes, mean_confidence_interval, pai
 from engine.plots import plot_sap_stats
 from engine.seed import seed_everything
 from modeling import build_model
+from tests.helpers.run_files import run_files
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CFG = REPO / "configs" / "synthetic" / "ExpB1_SAP_tiny.yml"
@@ -124,14 +125,23 @@ def test_tiny_train_then_eval_only_through_the_entry_script(tiny_data, tmp_path,
     summary = json.loads((out / "summary.json").read_text())
     assert summary["5way_1shot/acc"] == pytest.approx(results["5way_1shot"]["acc"])
 
-    # --eval-only on the last checkpoint reproduces the final test numbers (same fixed episodes)
+    # --eval-only on the last checkpoint reproduces the final test numbers (same fixed episodes) in a folder of
+    # its own; the run's files are left as they were, and --resume of the finished run changes nothing either
     ckpt = out / (out / "last_checkpoint").read_text().strip()
+    before = run_files(out)
     res = subprocess.run([*base, "--eval-only", "--resume", str(ckpt), *tiny_overrides(tiny_data, out)], cwd=REPO,
                          capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
-    again = json.loads((out / "eval_only_results.json").read_text())
+    again = json.loads((out / "eval" / "eval_results.json").read_text())
     assert again["5way_1shot"]["episode_acc"] == results["5way_1shot"]["episode_acc"]
     assert again["5way_5shot"]["acc"] == pytest.approx(results["5way_5shot"]["acc"])
+    assert any("test/5way_1shot/acc" in line for line in (out / "eval" / "metrics.jsonl").read_text().splitlines())
+    resumed = subprocess.run([*base, "--resume", *tiny_overrides(tiny_data, out)], cwd=REPO, capture_output=True,
+                             text=True, timeout=300, env=env)
+    assert resumed.returncode == 2 and "Traceback" not in resumed.stderr
+    assert "holds a finished run and --resume has nothing left to train (pretrain: 1 of 1 epochs; meta: 2 of 2 " \
+           "epochs); nothing was changed" in resumed.stderr, repr(resumed.stderr[-600:])
+    assert run_files(out) == before
 
     # the same checkpoint given to the ReID script: one line saying which run wrote it
     wrong = subprocess.run([sys.executable, "train_net.py", "--config_file", "configs/synthetic/DeMo_SDTPS_tiny.yml",

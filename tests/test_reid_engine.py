@@ -16,6 +16,7 @@ import torch
 from engine.config import ConfigError, load_config
 from engine.reid import resolve_test_modalities
 from losses.reid_criterion import ReIDCriterion
+from tests.helpers.run_files import run_files
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "synthetic" / "DeMo_SDTPS_tiny.yml"
@@ -57,12 +58,24 @@ def test_train_evaluate_resume_and_eval_only(tiny_rgbnt_root: Path, tmp_path: Pa
     assert any("train/model/sdtps/kept_ratio" in r for r in rows)
     assert (out / "top10_retrievals.png").stat().st_size > 0 and (out / "kept_tokens.png").stat().st_size > 0
     assert json.loads((out / "results_final.json").read_text())["missing_modalities"] == []
-    # a finished run is protected; --eval-only re-evaluates it, here with RGB and NI missing (DeMo's "rn")
+    # a finished run is protected: a fresh run, and --resume with nothing left to train, are refused; --eval-only
+    # re-evaluates it, here with RGB and NI missing (DeMo's "rn"), into a folder of its own
+    before = run_files(out)
     again = _train(*_overrides(tiny_rgbnt_root, out))
     assert again.returncode == 2 and "finished run" in again.stderr
+    resumed = _train("--resume", *_overrides(tiny_rgbnt_root, out))
+    assert resumed.returncode == 2 and "Traceback" not in resumed.stderr
+    assert "holds a finished run and --resume has nothing left to train (train: 2 of 2 epochs); nothing was " \
+           "changed" in resumed.stderr
     ev = _train("--eval-only", *_overrides(tiny_rgbnt_root, out), "TEST.MISS", "rn")
     assert ev.returncode == 0, ev.stderr[-3000:]
-    evaluated = json.loads((out / "results_eval_miss_rn.json").read_text())
+    assert run_files(out) == before  # the run's results, figures, metrics and checkpoints as they were
+    assert (out / "eval_miss_rn" / "top10_retrievals.png").is_file()
+    record = json.loads((out / "eval_miss_rn" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "test/TI/mAP" in record and "test/RGB/mAP" not in record
+    ev2 = _train("--eval-only", *_overrides(tiny_rgbnt_root, out), "TEST.MISS", "rn")
+    assert ev2.returncode == 0 and (out / "eval_miss_rn-2" / "results_eval.json").is_file()  # the first one kept
+    evaluated = json.loads((out / "eval_miss_rn" / "results_eval.json").read_text())
     assert evaluated["missing_modalities"] == ["RGB", "NI"] and evaluated["miss_mode"] == "mask"
     assert "TI" in evaluated["metrics"] and not {"RGB", "NI"} & set(evaluated["metrics"])
     printed = ev.stdout + ev.stderr

@@ -402,6 +402,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    labels = [r["label"] for r in spec["rows"]]
+    unknown = [label for label in args.rows or [] if label not in labels]
+    if unknown or args.seeds < 1:
+        what = f"--rows {', '.join(repr(u) for u in unknown)} is not a row of table {spec['_name']}" if unknown else \
+            f"--seeds {args.seeds} selects no run (at least 1)"
+        print(f"error: {what}; nothing was run or written. Rows: {', '.join(repr(x) for x in labels)}", file=sys.stderr)
+        return 2
     rows = [r for r in spec["rows"] if args.rows is None or r["label"] in args.rows]
     if args.reference is not None:
         if args.reference not in [r["label"] for r in rows]:
@@ -465,6 +472,10 @@ def main(argv: list[str] | None = None) -> int:
                 elif prefix:
                     result["errors"].append(f"seed {seed}: no '{prefix + c}' in {summary_path}")
         results.append(result)
+    if not any(r["values"][c] for r in results for c in spec["columns"]) and (out / f"{spec['_name']}.md").exists():
+        print(f"error: no finished run of table {spec['_name']} under {out}: nothing to render; the table's "
+              "earlier files were left as they were", file=sys.stderr)
+        return 2
     md, csv_text = render(spec, results, args.seeds)
     atomic_write_text(out / f"{spec['_name']}.md", f"### {spec['_name']}\n\n{md}")
     atomic_write_text(out / f"{spec['_name']}.csv", csv_text)

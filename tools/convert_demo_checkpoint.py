@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Convert a checkpoint of the published DeMo code (924973292/DeMo) into one that ``MODEL.NAME DeMo`` loads.
 
-    python tools/convert_demo_checkpoint.py DEMO.pth OUT.pth [--config_file FILE] [KEY VALUE ...]
+    python tools/convert_demo_checkpoint.py DEMO.pth OUT.pth [--config_file FILE] [--force] [KEY VALUE ...]
 
 ``DEMO.pth`` is what DeMo's trainer saves (``torch.save(model.state_dict())``, ``module.``
 prefixes allowed). ``OUT.pth`` is a checkpoint of this repository (the layout
@@ -178,10 +178,16 @@ def _dtype_summary(state: Mapping[str, torch.Tensor]) -> str:
     return ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
 
 
-def convert(src: str | Path, dst: str | Path, config_file: str = "", opts: Sequence[str] = ()) -> dict[str, Any]:
-    """Convert ``src`` (DeMo) to ``dst`` (this repository), printing what was inferred; returns a summary."""
+def convert(src: str | Path, dst: str | Path, config_file: str = "", opts: Sequence[str] = (),
+            force: bool = False) -> dict[str, Any]:
+    """Convert ``src`` (DeMo) to ``dst`` (this repository), printing what was inferred; returns a summary.
+
+    An existing ``dst`` is refused unless ``force`` (``--force``) replaces it."""
     if Path(src).resolve() == Path(dst).resolve():
         raise ConversionError(f"the output {dst} would overwrite the DeMo checkpoint")
+    if Path(dst).exists() and not force:
+        raise ConversionError(f"the output {dst} exists; nothing was written: choose another path, or pass --force "
+                              "to replace it")
     demo = read_demo_state_dict(src)
     print(f"DeMo checkpoint {src}: {len(demo)} tensors ({_dtype_summary(demo)})")
     arch = infer_architecture(demo)
@@ -228,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("output", help="where to write this repository's checkpoint")
     parser.add_argument("--config_file", "--config-file", default="", metavar="FILE",
                         help="YAML config of the target model (default: MODEL.NAME DeMo, ViT-B-16, 256x128)")
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists (refused otherwise)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
     return parser
 
@@ -237,6 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     opts = [t for t in args.opts if t != "--"]
+    if "--force" in opts:  # given after the paths, REMAINDER has swallowed it
+        opts.remove("--force")
+        args.force = True
     for flag in ("--config_file", "--config-file"):  # given after the paths, REMAINDER has swallowed it
         for i, token in enumerate(opts):
             if token == flag and i + 1 < len(opts):
@@ -248,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 del opts[i]
                 break
     try:
-        convert(args.demo_checkpoint, args.output, args.config_file, opts)
+        convert(args.demo_checkpoint, args.output, args.config_file, opts, force=args.force)
     except (ConversionError, ConfigError, FileNotFoundError) as err:
         print(f"{parser.prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """DeMo's missing-modality table for one checkpoint: the six TEST.MISS settings in one command.
 
-    python tools/eval_missing.py --config_file configs/RGBNT201/DeMo.yml MODEL.WEIGHTS model.pth [KEY VALUE ...]
+    python tools/eval_missing.py --config_file configs/RGBNT201/DeMo.yml [--force] MODEL.WEIGHTS model.pth [KEY VALUE ...]
 
 Evaluates the checkpoint (``--resume PATH``, else ``MODEL.WEIGHTS``, else the newest checkpoint
 in ``OUTPUT_DIR``) with RGB, NIR, TIR, RGB+NIR, RGB+TIR and NIR+TIR missing (``TEST.MISS`` r, n,
@@ -20,6 +20,7 @@ from typing import Any
 
 from engine.defaults import default_argument_parser, default_setup, main_entry
 from engine.missing import DEMO_TABLE_SETTINGS, table_label
+from engine.run_lock import RunFolderError
 from utils.io import atomic_write_json, atomic_write_text
 
 
@@ -45,8 +46,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from engine.checkpoint import Checkpointer, eval_weights, resolve_resume, warn_config_differences
     from engine.reid import build_reid_setup, missing_record
 
-    setup = build_reid_setup(cfg)
     out_dir = Path(cfg.OUTPUT_DIR)
+    taken = [p.name for p in (out_dir / f"missing_table{ext}" for ext in (".md", ".csv", ".json")) if p.exists()]
+    if taken and not args.force:
+        raise RunFolderError(f"OUTPUT_DIR {out_dir} already holds {', '.join(taken)}; nothing was written: choose "
+                             "another OUTPUT_DIR, or pass --force to replace them")
+    setup = build_reid_setup(cfg)
     ckpt = Checkpointer(out_dir)
     weights = eval_weights(ckpt, resolve_resume(ckpt, args.resume), cfg.MODEL.WEIGHTS)
     warn_config_differences(ckpt.load(weights, model=setup.model, restore_rng=False), cfg, weights)
@@ -66,5 +71,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The training scripts' options, plus ``--force``."""
+    parser = default_argument_parser(__doc__)
+    parser.add_argument("--force", action="store_true", help="replace an existing missing_table.* in OUTPUT_DIR")
+    return parser
+
+
 if __name__ == "__main__":
-    sys.exit(main_entry(main, default_argument_parser(__doc__)))
+    sys.exit(main_entry(main, build_parser()))

@@ -99,3 +99,16 @@ def load_error_summary(err: BaseException) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
     text = text.split(" In PyTorch 2.6")[0].rstrip(". ")
     return f"{type(err).__name__}: {text}" if text else f"{type(err).__name__} (an empty or truncated file?)"
+
+
+def fresh_folder(parent: str | Path, name: str) -> Path:
+    """Create and return ``parent/name``, or ``name-2``, ``name-3`` ... where that exists: a new, empty folder
+    (what a command adds beside earlier results never replaces them)."""
+    for i in range(1, 10_000):
+        path = Path(parent) / (name if i == 1 else f"{name}-{i}")
+        try:
+            path.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"{parent} already holds {name} and {name}-2 to {name}-9999")
