@@ -11,7 +11,9 @@ when none is named) -> the ``_BASE_`` chain of the YAML file (base first, paths 
 the file that names them) -> the file itself -> ``KEY VALUE`` overrides from the command
 line. A run's ``config.yaml`` therefore holds only the keys that mean something for it. Every key must exist in the
 schema and every value must have the default's type; errors name the key, the
-expected type and where the bad value came from. The result is frozen.
+expected type and where the bad value came from. Then :func:`validate` checks, before any data, model or
+folder exists, every value with a fixed set of names or a range (:data:`RANGES`), and the keys that must
+agree. The result is frozen.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import ast
 import difflib
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -240,15 +243,40 @@ def load_config(
     return cfg
 
 
-def _choices() -> dict[str, tuple[str, ...]]:
-    """Keys whose value is one of a few names, with those names (owned by the code that reads them)."""
+#: ``SOLVER.OPTIMIZER`` names: the optimizers engine/solver.build_optimizer builds.
+OPTIMIZERS = ("SGD", "Adam", "AdamW")
+#: ``MODEL.COMPILE`` names: "" (eager) or a mode of ``torch.compile`` (engine/trainer.compile_model).
+COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: ``MODEL.BACKBONE`` names of the few-shot family (modeling/exp_b1_model.build_exp_b1); "" fails when the model
+#: is built, so that a config that builds none (a tool, a test) may leave it out.
+FEWSHOT_BACKBONES = ("resnet12", "tiny_conv", "timm")
+
+
+def _choices(cfg: CN) -> dict[str, tuple[str, ...]]:
+    """Keys whose value is one of a few names, with those names (owned by the code that reads them).
+    ``MODEL.BACKBONE`` and ``DATASETS.NAMES`` take the names of the families whose keys ``cfg`` has."""
+    from datasets import FEWSHOT_DATASETS, REID_DATASETS
+    from engine.device import _DTYPES
     from engine.logger import WANDB_MODES
     from engine.solver import EPOCH_SCHEDULES, STEP_SCHEDULES
+    from engine.tower_pretrain import BACKBONE_ARCHS
     from modeling.clip_checkpoint import CLIP_ACTIVATIONS
     from modeling.module.semantic_anchor_purification import SCALE_MODES
     from modeling.module.semantic_anchors import ANCHOR_FALLBACKS, ANCHOR_MODES
 
-    return {
+    backbones, data_sets = [""], [""]
+    if "INPUT" in cfg:  # the ReID keys
+        backbones += [name for name in BACKBONE_ARCHS if name]
+        data_sets += REID_DATASETS
+    if "FEWSHOT" in cfg:
+        backbones += FEWSHOT_BACKBONES
+        data_sets += FEWSHOT_DATASETS
+    choices = {
+        "DEVICE.PRECISION": ("auto", *_DTYPES),
+        "SOLVER.OPTIMIZER": OPTIMIZERS,
+        "MODEL.COMPILE": COMPILE_MODES,
+        "MODEL.BACKBONE": tuple(backbones),
+        "DATASETS.NAMES": tuple(data_sets),
         "TEST.MISS_MODE": ("mask", "zero"),
         "TEST.METRIC": ("euclidean", "cosine"),
         "INPUT.TEST_INTERPOLATION": ("bicubic", "bilinear"),
@@ -263,22 +291,228 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "FEWSHOT.TEST_CHECKPOINT": ("last", "best"),
         "WANDB.MODE": WANDB_MODES,
     }
+    if "SYNTHETIC" in cfg.DATASETS:
+        from datasets.synthetic_generators import RGBNT_PRESETS
+
+        choices["DATASETS.SYNTHETIC.PRESET"] = ("", *RGBNT_PRESETS)
+    return choices
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a key accepts: at least ``low`` and at most ``high`` (``None``: no bound; ``*_open``: the bound
+    itself excluded). For a list key it is what each entry accepts, and the list holds ``min_items`` to
+    ``max_items`` entries (integers where ``integers``)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""  # what a special value means, or what the number counts
+    integers: bool = False
+    min_items: int = 0
+    max_items: int | None = None
+
+    def admits(self, value: Any) -> bool:
+        """Whether ``value`` (a number, or a list of them for a list key) lies in the range."""
+        if isinstance(value, (list, tuple)):
+            n_ok = self.min_items <= len(value) and (self.max_items is None or len(value) <= self.max_items)
+            return n_ok and all(self._admits_number(x) for x in value)
+        return self._admits_number(value)
+
+    def _admits_number(self, x: Any) -> bool:
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or x != x:  # x != x: NaN
+            return False
+        if self.integers and not isinstance(x, int):
+            return False
+        below = self.low is not None and (x <= self.low if self.low_open else x < self.low)
+        above = self.high is not None and (x >= self.high if self.high_open else x > self.high)
+        return not (below or above)
+
+    def describe(self, is_list: bool = False) -> str:
+        """``>= 1``, ``in (0, 1]``, ``a list of 2 integers >= 1``, ... with the note in parentheses."""
+        if self.high is None:
+            bound = f"{'>' if self.low_open else '>='} {self.low:g}"
+        elif self.low is None:
+            bound = f"{'<' if self.high_open else '<='} {self.high:g}"
+        else:
+            bound = (f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                     f"{')' if self.high_open else ']'}")
+        if is_list:
+            if self.max_items is not None and self.max_items == self.min_items:
+                count = str(self.min_items)
+            else:
+                count = "one or more" if self.min_items == 1 else ""
+            bound = " ".join(filter(None, ["a list of", count, "integers" if self.integers else "numbers", bound]))
+        return f"{bound} ({self.note})" if self.note else bound
+
+
+_COUNT = Range(1)
+_NON_NEGATIVE = Range(0)
+_POSITIVE = Range(0, low_open=True)
+_UNIT = Range(0, 1)  # a probability, a weight or a fraction of a rate
+_DROP = Range(0, 1, high_open=True)  # a dropout rate
+_SIZE = Range(1, integers=True, min_items=2, max_items=2, note="height, width in pixels")
+
+#: Numeric keys and the values they accept, checked when a config loads (a key of the other family is skipped).
+#: A numeric key without an entry takes any value of its type: a seed; a key whose sign switches it
+#: (SOLVER.GRAD_CLIP <= 0: no clipping, SOLVER.BACKBONE_LR <= 0: BASE_LR); or a setting of either sign
+#: (MODEL.SIE_COE, INPUT.PIXEL_MEAN, LOSS.CEM.MARGIN; MODEL.SDTPS.GATE_INIT_* lie within their bound, see below).
+RANGES: dict[str, Range] = {
+    "MODEL.NUM_CLASSES": Range(0, note="0: set from the data set"),
+    "DATALOADER.NUM_WORKERS": Range(-1, note="-1: one per CPU"),
+    "DATALOADER.PREFETCH_FACTOR": _COUNT,
+    "SOLVER.BASE_LR": _NON_NEGATIVE,
+    "SOLVER.MOMENTUM": _UNIT,
+    "SOLVER.WEIGHT_DECAY": _NON_NEGATIVE,
+    "SOLVER.MAX_EPOCHS": _COUNT,
+    "SOLVER.IMS_PER_BATCH": _COUNT,
+    "SOLVER.WARMUP_EPOCHS": _NON_NEGATIVE,
+    "SOLVER.WARMUP_FACTOR": _UNIT,
+    "SOLVER.STEPS": Range(0, integers=True, note="epochs"),
+    "SOLVER.GAMMA": Range(0, 1, low_open=True),
+    "SOLVER.MIN_LR_FACTOR": _UNIT,
+    "SOLVER.LR_NOISE": Range(0, 1, high_open=True, note="0: off"),
+    "SOLVER.LR_NOISE_STD": _POSITIVE,
+    "SOLVER.CHECKPOINT_PERIOD": _COUNT,
+    "SOLVER.EVAL_PERIOD": _COUNT,
+    "SOLVER.LOG_PERIOD": _COUNT,
+    "MONITOR.SPIKE_WINDOW": _COUNT,
+    "MONITOR.SPIKE_WARMUP": _COUNT,
+    "MONITOR.SPIKE_MAD_FLOOR": _NON_NEGATIVE,
+    "MONITOR.SPIKE_REL_FLOOR": _NON_NEGATIVE,
+    "MONITOR.SPIKE_SIGMAS": _POSITIVE,
+    "MONITOR.MAX_NONFINITE_STEPS": _COUNT,
+    "MONITOR.BLOWUP_FACTOR": Range(0, note="0: off"),
+    "MONITOR.PROFILE_EPOCH": Range(0, note="0: off"),
+    "MONITOR.PROFILE_STEPS": _COUNT,
+    "TEST.IMS_PER_BATCH": _COUNT,
+    "WANDB.INIT_TIMEOUT": _POSITIVE,
+    # ReID
+    "MODEL.NUM_CAMERAS": Range(0, note="0: set from the data set"),
+    "MODEL.DEMO.HEAD": _COUNT,
+    "MODEL.DEMO.HDM_DROPOUT": _DROP,
+    "MODEL.SDTPS.NUM_HEADS": _COUNT,
+    "MODEL.SDTPS.KEEP_RATIO": Range(0, 1, low_open=True, note="the fraction of patch tokens kept"),
+    "MODEL.SDTPS.GATE_PARAM_BOUND": _POSITIVE,
+    "DATASETS.SYNTHETIC.MISSING_MODALITY_PROB": Range(high=1, note="< 0: the preset's"),
+    "DATALOADER.NUM_INSTANCE": Range(1, note="K, the images of one identity in a P x K batch"),
+    "SOLVER.BIAS_LR_FACTOR": _NON_NEGATIVE,
+    "SOLVER.WEIGHT_DECAY_BIAS": _NON_NEGATIVE,
+    "INPUT.SIZE_TRAIN": _SIZE,
+    "INPUT.SIZE_TEST": _SIZE,
+    "INPUT.PROB": _UNIT,
+    "INPUT.PADDING": _NON_NEGATIVE,
+    "INPUT.RE_PROB": _UNIT,
+    "INPUT.PIXEL_STD": Range(0, low_open=True, min_items=1),
+    "LOSS.ID_WEIGHT": _NON_NEGATIVE,
+    "LOSS.ID_LABEL_SMOOTHING": Range(0, 1, high_open=True),
+    "LOSS.TRIPLET_WEIGHT": _NON_NEGATIVE,
+    "LOSS.TRIPLET_MARGIN": _NON_NEGATIVE,
+    "LOSS.SDM.WEIGHT": _NON_NEGATIVE,
+    "LOSS.SDM.INIT_TEMPERATURE": _POSITIVE,
+    "LOSS.SDM.FINAL_TEMPERATURE": _POSITIVE,
+    "LOSS.SDM.FALLBACK_TEMPERATURE": _POSITIVE,
+    "LOSS.SDM.ANNEAL_EPOCHS": _NON_NEGATIVE,
+    "LOSS.SDM.FALLBACK_STEPS": _NON_NEGATIVE,
+    "LOSS.SDM.MIN_TEMPERATURE": _POSITIVE,
+    "LOSS.SDM.MAX_TEMPERATURE": _POSITIVE,
+    "LOSS.FEAT_NORM.TARGET": _POSITIVE,
+    "LOSS.FEAT_NORM.BAND": _NON_NEGATIVE,
+    "LOSS.FEAT_NORM.WEIGHT": _NON_NEGATIVE,
+    "LOSS.CEM.ATTN_HIDDEN": _COUNT,
+    "LOSS.CEM.TAU": _POSITIVE,
+    "LOSS.CEM.BETA": _POSITIVE,
+    "LOSS.CEM.SNR_THRESH": _NON_NEGATIVE,
+    "LOSS.CEM.SNR_SHARP": _POSITIVE,
+    "LOSS.CEM.CLASS_GATE_A": _POSITIVE,
+    "LOSS.CEM.CLASS_GATE_B": _UNIT,
+    "LOSS.CEM.SLOT_POWER": _NON_NEGATIVE,
+    "LOSS.CEM.LOSS_SCALE": _NON_NEGATIVE,
+    "LOSS.CEM.WARMUP_EPOCHS": _NON_NEGATIVE,
+    "LOSS.CEM.LR": _NON_NEGATIVE,
+    "TEST.RE_RANKING_K1": _COUNT,
+    "TEST.RE_RANKING_K2": Range(1, note="1: no query expansion"),
+    "TEST.RE_RANKING_LAMBDA": _UNIT,
+    "TEST.MAX_RANK": _COUNT,
+    "TEST.VIS_QUERIES": _NON_NEGATIVE,
+    # few-shot
+    "MODEL.BACKBONE_ARGS.CHANNELS": Range(1, integers=True, min_items=1, note="stage widths"),
+    "MODEL.BACKBONE_ARGS.DROP_RATE": _DROP,
+    "MODEL.BACKBONE_ARGS.DROPBLOCK_SIZE": _COUNT,
+    "MODEL.BACKBONE_ARGS.DROPBLOCK_RAMP_STEPS": _NON_NEGATIVE,
+    "MODEL.METRIC_SCALE": _POSITIVE,
+    "MODEL.SAP.LOGIT_SCALE_INIT": _POSITIVE,
+    "MODEL.SAP.LOGIT_SCALE_MAX": _POSITIVE,
+    "MODEL.SAP.PURIFY_INIT": Range(0, 1, low_open=True, high_open=True),
+    "MODEL.SAP.ANCHOR_PROTO_WEIGHT": _UNIT,
+    "MODEL.SAP.LEARNED_DIM": _COUNT,
+    "MODEL.SAP.WORD_VOCAB_SIZE": _COUNT,
+    "FEWSHOT.IMAGE_SIZE": _COUNT,
+    "FEWSHOT.N_WAY": Range(2, note="classes per training episode"),
+    "FEWSHOT.K_SHOT": _COUNT,
+    "FEWSHOT.N_QUERY": _COUNT,
+    "FEWSHOT.EPISODES_PER_EPOCH": _COUNT,
+    "FEWSHOT.TEST_WAY": Range(2, note="classes per test episode"),
+    "FEWSHOT.TEST_SHOTS": Range(1, integers=True, min_items=1),
+    "FEWSHOT.TEST_QUERY": _COUNT,
+    "FEWSHOT.TEST_EPISODES": _COUNT,
+    "FEWSHOT.VAL_EPISODES": _COUNT,
+    "FEWSHOT.CI_Z": _POSITIVE,
+    "FEWSHOT.PRETRAIN.EPOCHS": Range(0, note="0: no pre-training"),
+    "FEWSHOT.PRETRAIN.BASE_LR": _NON_NEGATIVE,
+    "FEWSHOT.PRETRAIN.BATCH_SIZE": _COUNT,
+    "FEWSHOT.PRETRAIN.WARMUP_EPOCHS": _NON_NEGATIVE,
+}
+
+#: Keys whose range differs in a config of the few-shot family alone (its classifier is never sized by the data).
+FEWSHOT_RANGES: dict[str, Range] = {"MODEL.NUM_CLASSES": Range(1, note="the training classes")}
+
+#: ``(key, other, slack)``: the value of ``key`` must be at most that of ``other`` plus ``slack``.
+ORDERED_KEYS: tuple[tuple[str, str, int], ...] = (
+    ("LOSS.SDM.MIN_TEMPERATURE", "LOSS.SDM.MAX_TEMPERATURE", 0),
+    ("MONITOR.SPIKE_WARMUP", "MONITOR.SPIKE_WINDOW", 0),
+    ("MODEL.SAP.LOGIT_SCALE_INIT", "MODEL.SAP.LOGIT_SCALE_MAX", 0),
+    ("TEST.RE_RANKING_K2", "TEST.RE_RANKING_K1", 1),
+)
 
 
 def validate(cfg: CN) -> None:
-    """Refuse, before anything runs, values that can only be wrong: an unknown name for a key
-    that takes one of a few names, and a ``TEST.MISS`` that is not a missing-modality setting."""
+    """Refuse, before any data, model or folder exists, values that can only be wrong: an unknown name for a key
+    that takes one of a few names, a number outside its key's range, keys that contradict each other, image
+    sizes that do not fit the ViT's patch grid, and a ``TEST.MISS`` that is not a missing-modality setting."""
     from engine.missing import missing_modalities
 
-    for key, allowed in _choices().items():
+    for key, allowed in _choices(cfg).items():
         try:
             value = _get(cfg, key)
         except KeyError:  # a key of the other family
             continue
         if value not in allowed:
-            hint = difflib.get_close_matches(str(value), allowed, n=1)
+            same_case = [a for a in allowed if a.lower() == str(value).lower()]
+            hint = same_case or difflib.get_close_matches(str(value), allowed, n=1)
             extra = f" (did you mean '{hint[0]}'?)" if hint else ""
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got '{value}'{extra}")
+            names = ", ".join(a or "''" for a in allowed)
+            raise ConfigError(f"config key '{key}' must be one of {names}; got '{value}'{extra}")
+    if "FEWSHOT" in cfg:
+        _check_stages(cfg.FEWSHOT.STAGES)
+    few_shot_only = "FEWSHOT" in cfg and "INPUT" not in cfg
+    ranges = {**RANGES, **(FEWSHOT_RANGES if few_shot_only else {})}
+    for key, rule in ranges.items():
+        try:
+            value = _get(cfg, key)
+        except KeyError:
+            continue
+        if not rule.admits(value):
+            raise ConfigError(f"config key '{key}' must be {rule.describe(isinstance(value, list))}; got {value!r}")
+    for key, other, slack in ORDERED_KEYS:
+        try:
+            value, limit = _get(cfg, key), _get(cfg, other)
+        except KeyError:
+            continue
+        if value > limit + slack:
+            bound = f"{other} + {slack} ({limit + slack:g})" if slack else f"{other} ({limit:g})"
+            raise ConfigError(f"config key '{key}' must be <= {bound}; got {value!r}")
     if "MISS" in cfg.TEST:
         try:
             missing_modalities(cfg.TEST.MISS)
@@ -287,23 +521,89 @@ def validate(cfg: CN) -> None:
     from engine.device import resolve_device  # engine.device imports ConfigError from here
 
     resolve_device(cfg.DEVICE.NAME)  # a name it does not know, or CUDA without a GPU
+    _check_combinations(cfg)
+    if "INPUT" in cfg:
+        _check_vit_shapes(cfg)
+
+
+def _check_stages(stages: Sequence[str]) -> None:
+    """``FEWSHOT.STAGES``: stages the few-shot engine runs, each once, in its order."""
+    from engine.fewshot import STAGES
+
+    if any(st not in STAGES for st in stages) or list(stages) != sorted(set(stages), key=STAGES.index):
+        raise ConfigError(f"config key 'FEWSHOT.STAGES' must list stages of {', '.join(STAGES)}, each once and in "
+                          f"that order; got {list(stages)}")
+
+
+def _check_combinations(cfg: CN) -> None:
+    """Settings that are each fine but cannot be used together."""
     s = cfg.SOLVER
-    if not (0.0 <= s.LR_NOISE < 1.0 and s.LR_NOISE_STD > 0):
-        raise ConfigError(f"SOLVER.LR_NOISE must lie in [0, 1) (0 = off) and SOLVER.LR_NOISE_STD be positive; got "
-                          f"{s.LR_NOISE} and {s.LR_NOISE_STD}")
     if s.LR_NOISE > 0 and s.SCHEDULER != "timm_cosine":
         raise ConfigError(f"SOLVER.LR_NOISE is a setting of SOLVER.SCHEDULER timm_cosine, not of '{s.SCHEDULER}'")
+    if s.OPTIMIZER == "SGD" and s.NESTEROV and s.MOMENTUM == 0:
+        raise ConfigError(f"SOLVER.NESTEROV True needs SOLVER.MOMENTUM > 0 with SOLVER.OPTIMIZER SGD; got "
+                          f"SOLVER.MOMENTUM {s.MOMENTUM!r} (give SOLVER.NESTEROV False for plain SGD)")
     if "REDEAL_LEFTOVERS" in cfg.DATALOADER and not cfg.DATALOADER.REDEAL_LEFTOVERS and s.SCHEDULER not in (
             "timm_cosine",):
         raise ConfigError(f"DATALOADER.REDEAL_LEFTOVERS False gives epochs of varying length, which a per-step "
                           f"schedule (SOLVER.SCHEDULER {s.SCHEDULER}) cannot count; use SOLVER.SCHEDULER timm_cosine")
-    if "NUM_INSTANCE" in cfg.DATALOADER:  # ReID's P x K identity batches
-        batch, k = cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_INSTANCE
-        if k < 1 or batch < k or batch % k:
+    if "NUM_INSTANCE" in cfg.DATALOADER:  # ReID's P x K identity batches (K >= 1: checked with the ranges)
+        batch, k = s.IMS_PER_BATCH, cfg.DATALOADER.NUM_INSTANCE
+        if batch % k:
             raise ConfigError(
                 f"SOLVER.IMS_PER_BATCH ({batch}) must be a multiple of DATALOADER.NUM_INSTANCE ({k}): a batch is P "
-                f"identities x K images; e.g. SOLVER.IMS_PER_BATCH {max(k, 1) * max(1, batch // max(k, 1))}"
+                f"identities x K images; e.g. SOLVER.IMS_PER_BATCH {k * max(1, batch // k)}"
             )
+    if "DEMO" in cfg.MODEL and cfg.MODEL.DEMO.ATM and not cfg.MODEL.DEMO.HDM:
+        raise ConfigError("MODEL.DEMO.ATM needs MODEL.DEMO.HDM (the experts mix the seven HDM features); got "
+                          "MODEL.DEMO.ATM True with MODEL.DEMO.HDM False")
+    if "SDTPS" in cfg.MODEL:
+        bound = cfg.MODEL.SDTPS.GATE_PARAM_BOUND
+        for key in ("GATE_INIT_SCALE", "GATE_INIT_BIAS"):
+            value = cfg.MODEL.SDTPS[key]
+            if abs(value) > bound:
+                raise ConfigError(f"config key 'MODEL.SDTPS.{key}' must lie in [-MODEL.SDTPS.GATE_PARAM_BOUND, "
+                                  f"MODEL.SDTPS.GATE_PARAM_BOUND] ([-{bound:g}, {bound:g}]); got {value!r}")
+    if "BACKBONE_ARGS" in cfg.MODEL and cfg.MODEL.BACKBONE == "resnet12" and len(cfg.MODEL.BACKBONE_ARGS.CHANNELS) != 4:
+        raise ConfigError(f"config key 'MODEL.BACKBONE_ARGS.CHANNELS' must list 4 stage widths for MODEL.BACKBONE "
+                          f"resnet12; got {list(cfg.MODEL.BACKBONE_ARGS.CHANNELS)}")
+
+
+def _check_vit_shapes(cfg: CN) -> None:
+    """For a CLIP tower this repository knows (engine/tower_pretrain.BACKBONE_ARCHS): each side of
+    ``INPUT.SIZE_TRAIN`` / ``SIZE_TEST`` a multiple of its patch size, both sizes giving the one patch grid its
+    positional embedding is built for, and the heads of ATM and SDTPS dividing its token width."""
+    from engine.tower_pretrain import BACKBONE_ARCHS
+    from modeling.backbones.clip_vit import CLIP_VIT_CONFIGS
+
+    arch = BACKBONE_ARCHS.get(cfg.MODEL.BACKBONE)
+    if arch is None:
+        return
+    tower = CLIP_VIT_CONFIGS[arch]
+    patch, width = int(tower["vision_cfg"]["patch_size"]), int(tower["embed_dim"])
+    name = cfg.MODEL.BACKBONE or "''"
+    named = f"MODEL.BACKBONE {name} ({arch})"
+    grids = []
+    for key in ("INPUT.SIZE_TRAIN", "INPUT.SIZE_TEST"):
+        size = list(_get(cfg, key))
+        if size[0] % patch or size[1] % patch:
+            fit = [max(patch, round(side / patch) * patch) for side in size]
+            raise ConfigError(f"config key '{key}' must hold multiples of the patch size {patch} of {named}, e.g. "
+                              f"{fit}; got {size}")
+        grids.append((size[0] // patch, size[1] // patch))
+    if grids[0] != grids[1]:
+        (h, w), (th, tw) = grids
+        raise ConfigError(
+            f"config key 'INPUT.SIZE_TEST' must give the {h} x {w} patch grid of INPUT.SIZE_TRAIN "
+            f"{list(cfg.INPUT.SIZE_TRAIN)}, the one the positional embedding of {named} is built for; got "
+            f"{list(cfg.INPUT.SIZE_TEST)} ({th} x {tw} patches of {patch} px)")
+    heads = ["MODEL.DEMO.HEAD"] if cfg.MODEL.DEMO.ATM else []
+    if cfg.MODEL.SDTPS.ENABLED and cfg.MODEL.NAME != "DeMo":  # DeMo runs without SDTPS whatever ENABLED says
+        heads.append("MODEL.SDTPS.NUM_HEADS")
+    for key in heads:
+        value = _get(cfg, key)
+        if width % value:
+            raise ConfigError(f"config key '{key}' must divide the {width}-d tokens of {named}; got {value}")
 
 
 def _family_owning(key: str) -> str | None:
