@@ -3,15 +3,20 @@
 ``num_workers`` defaults to the CPUs this process may use divided by the local ranks (at
 most 8), ``pin_memory`` to CUDA being available, ``persistent_workers`` on and
 ``prefetch_factor`` 4 whenever workers are used; the shuffling generator is seeded so
-augmentation draws are reproducible.
+augmentation draws are reproducible. Workers ignore the signals that stop a run
+(:data:`STOP_SIGNALS`, :class:`SignalSafeLoader`): the main process decides when to stop and ends its
+workers itself.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import signal
+import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -39,6 +44,66 @@ from utils.distributed import get_world_size
 
 logger = logging.getLogger(__name__)
 
+#: signals that ask a training run to stop (Ctrl-C, a cluster's kill, SLURM's ``--signal`` warning before a
+#: time limit); those this platform lacks are left out
+STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+
+def ignore_stop_signals(worker_id: int, main_pid: int | None = None) -> None:
+    """A loader worker's init function: ignore :data:`STOP_SIGNALS` unless the main process sent them.
+
+    A cluster signals the whole process group; a worker killed by it made the main process fail
+    ("DataLoader worker ... is killed by signal") before it could write its checkpoint. The main process
+    decides instead: it finishes its step, stops and shuts its workers down. SIGINT and SIGUSR1 are
+    ignored. SIGTERM stays blocked, read by a thread that ends the worker when ``main_pid`` sent it, as
+    PyTorch's own handler does (PyTorch ends a stuck worker, and multiprocessing a live one at exit, that
+    way), and drops it otherwise; without ``signal.sigwaitinfo`` (not Linux) SIGTERM keeps PyTorch's
+    handling. The others :class:`SignalSafeLoader` started the worker with blocked are unblocked (one that
+    arrived meanwhile is discarded).
+
+    ``main_pid``: the main process (default: the worker's parent, which it is unless a fork server started
+    it). ``worker_id`` is unused.
+    """
+    waited = [signal.SIGTERM] if hasattr(signal, "sigwaitinfo") else []
+    for sig in STOP_SIGNALS:
+        if sig not in waited:
+            signal.signal(sig, signal.SIG_IGN)  # also discards one that arrived while blocked
+    if waited:
+        signal.pthread_sigmask(signal.SIG_BLOCK, waited)  # before the thread starts: it inherits the mask
+        main = os.getppid() if main_pid is None else main_pid
+        threading.Thread(target=_end_on_sigterm_from, args=(main,), name="sigterm_from_main",
+                         daemon=True).start()
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig for sig in STOP_SIGNALS if sig not in waited])
+
+
+def _end_on_sigterm_from(main_pid: int) -> None:
+    """Take the worker's (blocked) SIGTERMs one by one: exit when ``main_pid`` sent it, as PyTorch's own
+    worker handler does; drop it when anyone else did (a signal to the whole process group)."""
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == main_pid:
+            os._exit(0)
+
+
+class SignalSafeLoader(DataLoader):
+    """A :class:`DataLoader` whose workers start with :data:`STOP_SIGNALS` blocked.
+
+    A worker installs PyTorch's SIGTERM handler (die unless the main process sent it) before its init
+    function runs; a signal to the process group in that moment would still kill it. A child starts with
+    its parent's signal mask, so blocked while the workers start, such a signal waits in the worker until
+    :func:`ignore_stop_signals` discards it, and in the main process until its workers have started.
+    """
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
+            return super().__iter__()
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
 
 def default_num_workers(world_size: int | None = None, cap: int = 8) -> int:
     """CPUs available to this process, shared among the ranks of one node, at most ``cap``."""
@@ -59,7 +124,8 @@ def _loader_kwargs(num_workers: int | None, pin_memory: bool | None, persistent_
         generator=torch.Generator().manual_seed(int(seed)),
     )
     if workers > 0:
-        kwargs.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
+        kwargs.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor,
+                      worker_init_fn=functools.partial(ignore_stop_signals, main_pid=os.getpid()))
     return kwargs
 
 
@@ -105,8 +171,9 @@ def build_reid_train_loader(
     transform = build_reid_transform(size, train=True, flip_prob=flip_prob, padding=padding, re_prob=re_prob,
                                      mean=mean, std=std, per_modality=per_modality)
     dataset = ReIDImageDataset(items, transform, skip_corrupt=skip_corrupt)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=reid_collate,
-                      **_loader_kwargs(num_workers, pin_memory, persistent_workers, prefetch_factor, seed))
+    return SignalSafeLoader(dataset, batch_sampler=sampler, collate_fn=reid_collate,
+                            **_loader_kwargs(num_workers, pin_memory, persistent_workers, prefetch_factor,
+                                             seed))
 
 
 def build_reid_test_loader(
@@ -131,8 +198,8 @@ def build_reid_test_loader(
     transform = build_reid_transform(size, train=False, mean=mean, std=std, interpolation=interpolation)
     dataset = ReIDImageDataset(items, transform, skip_corrupt=skip_corrupt)
     sampler = ShuffledBatchSampler(len(dataset), batch_size, shuffle=False, drop_last=False, rank=0, world_size=1)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=reid_collate,
-                      **_loader_kwargs(num_workers, pin_memory, persistent_workers, prefetch_factor, 0))
+    return SignalSafeLoader(dataset, batch_sampler=sampler, collate_fn=reid_collate,
+                            **_loader_kwargs(num_workers, pin_memory, persistent_workers, prefetch_factor, 0))
 
 
 def build_fewshot_loader(
@@ -186,8 +253,9 @@ def build_fewshot_loader(
         raise ValueError(f"unknown few-shot loader mode '{mode}' (episode, batch)")
     if train:  # augmentation from each sample's own seed, whatever worker draws it
         sampler = SeededBatches(sampler, seed=seed)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                      **_loader_kwargs(num_workers, pin_memory, persistent_workers, prefetch_factor, seed))
+    return SignalSafeLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                            **_loader_kwargs(num_workers, pin_memory, persistent_workers, prefetch_factor,
+                                             seed))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -204,7 +204,8 @@ def resume_command(argv: Sequence[str]) -> str:
 
 def run_cli(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
     """Run ``main`` under :func:`launch`; user errors print one clear line and exit 2 (no traceback);
-    a run stopped by SIGINT / SIGTERM prints where its checkpoint is and how to resume (exit 130)."""
+    a run stopped by a stop signal (SIGINT, SIGTERM, SIGUSR1) prints where its checkpoint is and how to resume
+    (exit 130)."""
     from engine.trainer import RunInterrupted
 
     try:

@@ -40,6 +40,7 @@ from typing import Any, Protocol
 
 import torch
 
+from datasets.loader import STOP_SIGNALS
 from engine import compile_cache
 from engine.checkpoint import Checkpointer, checkpoint_meta, read_checkpoint, unwrap
 from engine.data_wait import DataWait
@@ -72,7 +73,8 @@ class RunState:
 
 
 class RunInterrupted(Exception):
-    """SIGINT / SIGTERM stopped the run at a step boundary, after writing ``checkpoint``."""
+    """A stop signal (SIGINT, SIGTERM, SIGUSR1) stopped the run at a step boundary, after writing
+    ``checkpoint``."""
 
     def __init__(self, signal_name: str, checkpoint: Path | None, run: RunState) -> None:
         super().__init__(f"{signal_name} at epoch {run.global_epoch + 1}, step {run.step}")
@@ -381,7 +383,7 @@ class Trainer:
         if self.cfg.MODEL.COMPILE:
             compile_cache.load(cache)
         train_model = self.compile_stage(stage, train_model)
-        run.stage = stage.name
+        run.stage, run.stage_epoch = stage.name, start_epoch  # a stop mid-epoch saves this stage's count
         sampler = stage.loader.batch_sampler
         steps = epoch_steps(sampler, start_epoch)
         logger.info("stage %s: epochs %d..%d of %d steps%s%s", stage.name, start_epoch + 1, stage.epochs, steps,
@@ -452,8 +454,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
-        """While training, SIGINT / SIGTERM ask for a stop at the next step boundary (with a checkpoint);
-        a second one stops at once."""
+        """While training, a stop signal (:data:`datasets.loader.STOP_SIGNALS`: SIGINT, SIGTERM, SIGUSR1 as
+        SLURM's ``--signal`` sends before a time limit) asks for a stop at the next step boundary (with a
+        checkpoint); a second one stops at once. Loader workers ignore them (the main process ends them)."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -467,7 +470,7 @@ class Trainer:
             self._stop_signal = name
             logger.warning("%s: stopping after this step with a checkpoint (send it again to stop at once)", name)
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             previous[sig] = signal.signal(sig, request)
         try:
             yield
