@@ -243,8 +243,6 @@ def load_config(
     return cfg
 
 
-#: ``SOLVER.OPTIMIZER`` names: the optimizers engine/solver.build_optimizer builds.
-OPTIMIZERS = ("SGD", "Adam", "AdamW")
 #: ``MODEL.COMPILE`` names: "" (eager) or a mode of ``torch.compile`` (engine/trainer.compile_model).
 COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 #: ``MODEL.BACKBONE`` names of the few-shot family (modeling/exp_b1_model.build_exp_b1); "" fails when the model
@@ -258,7 +256,7 @@ def _choices(cfg: CN) -> dict[str, tuple[str, ...]]:
     from datasets import FEWSHOT_DATASETS, REID_DATASETS
     from engine.device import _DTYPES
     from engine.logger import WANDB_MODES
-    from engine.solver import EPOCH_SCHEDULES, STEP_SCHEDULES
+    from engine.solver import EPOCH_SCHEDULES, OPTIMIZERS, STEP_SCHEDULES
     from engine.tower_pretrain import BACKBONE_ARCHS
     from modeling.clip_checkpoint import CLIP_ACTIVATIONS
     from modeling.module.semantic_anchor_purification import SCALE_MODES

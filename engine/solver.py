@@ -16,6 +16,8 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from modeling.param_groups import ParamRules
 
+#: ``SOLVER.OPTIMIZER`` names: the optimizers :func:`build_optimizer` builds
+OPTIMIZERS = ("SGD", "Adam", "AdamW")
 #: ``SOLVER.SCHEDULER`` names: stepped per optimizer step, and stepped per epoch
 STEP_SCHEDULES = ("cosine", "step")
 EPOCH_SCHEDULES = ("timm_cosine",)
@@ -51,7 +53,7 @@ def build_optimizer(
         return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay, **extra)
     if name == "AdamW":
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **extra)
-    raise ValueError(f"SOLVER.OPTIMIZER must be SGD, Adam or AdamW, got '{name}'")
+    raise ValueError(f"SOLVER.OPTIMIZER must be one of {', '.join(OPTIMIZERS)}, got '{name}'")
 
 
 def param_rules(cfg: Any) -> ParamRules:
