@@ -125,16 +125,15 @@ def refuse_finished_resume(output_dir: Path, checkpoint: dict[str, Any], stage_e
     """``--resume`` of a finished run (``summary.json``) whose config asks for no more epochs than the checkpoint
     holds: there is nothing to train, and rewriting its results would lose them, so the command stops before
     writing anything. ``stage_epochs``: the run's stages in order with the epochs the config asks of each."""
-    from engine.trainer import run_state_of
+    from engine.trainer import RunState, epochs_done, run_state_of
 
     if not (output_dir / FINISHED_MARKER).is_file():
         return
-    run = run_state_of(checkpoint)
+    run = RunState(**run_state_of(checkpoint))
     names = [name for name, _ in stage_epochs]
-    at = names.index(run["stage"]) if run.get("stage") in names else -1
     progress = []
-    for i, (name, epochs) in enumerate(stage_epochs):
-        done = epochs if i < at else run["stage_epoch"] if i == at else 0
+    for name, epochs in stage_epochs:
+        done = epochs_done(run, names, name, epochs)
         if done < epochs:
             return  # the schedule grew: the run trains on and writes new results
         progress.append(f"{name}: {done} of {epochs} epochs")

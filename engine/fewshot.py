@@ -290,13 +290,9 @@ def evaluate_only(cfg: CN, model: torch.nn.Module, data: Any, device: torch.devi
     if not is_main_process():
         return results
     eval_dir = fresh_folder(cfg.OUTPUT_DIR, "eval")
-    eval_cfg = cfg.clone()
-    eval_cfg.defrost()
-    eval_cfg.OUTPUT_DIR = str(eval_dir)
-    eval_cfg.freeze()
     label = f"{cfg.MODEL.NAME} ({Path(weights).name}) on {cfg.DATASETS.NAMES} {cfg.FEWSHOT.TEST_SPLIT}"
     logger.info(write_results(eval_dir, results, label))
-    with MetricsLogger.from_config(eval_cfg) as metrics:
+    with MetricsLogger.from_config(cfg, output_dir=eval_dir) as metrics:
         metrics.log(_flat_results(results), step=state["step"], prefix="test")
     logger.info("evaluation written to %s", eval_dir)
     return results

@@ -122,12 +122,13 @@ class MetricsLogger:
             self._start_wandb(mode, dict(config or {}), project, entity, name, group, list(tags), init_timeout)
 
     @classmethod
-    def from_config(cls, cfg: Any) -> MetricsLogger:
-        """The run's logger: ``OUTPUT_DIR`` and the ``WANDB`` section, with the config sent to W&B."""
+    def from_config(cls, cfg: Any, output_dir: str | Path | None = None) -> MetricsLogger:
+        """The run's logger: ``OUTPUT_DIR`` (or ``output_dir``, e.g. an evaluation's own folder) and the ``WANDB``
+        section, with the config sent to W&B."""
         from engine.config import config_to_dict
 
         w = cfg.WANDB
-        return cls(cfg.OUTPUT_DIR, w.MODE, config=config_to_dict(cfg), project=w.PROJECT, entity=w.ENTITY,
+        return cls(cfg.OUTPUT_DIR if output_dir is None else output_dir, w.MODE, config=config_to_dict(cfg), project=w.PROJECT, entity=w.ENTITY,
                    name=w.NAME, group=w.GROUP, tags=w.TAGS, init_timeout=w.INIT_TIMEOUT)
 
     def _start_wandb(

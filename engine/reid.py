@@ -413,11 +413,7 @@ def evaluate_only(cfg: CN, setup: ReIDSetup, evaluator: ReIDEvaluator, ckpt: Che
     if not is_main_process():  # rank 0 writes the evaluation
         return evaluator(setup.model)
     eval_dir = fresh_folder(out_dir, tag)
-    eval_cfg = cfg.clone()
-    eval_cfg.defrost()
-    eval_cfg.OUTPUT_DIR = str(eval_dir)
-    eval_cfg.freeze()
-    with MetricsLogger.from_config(eval_cfg) as metrics:
+    with MetricsLogger.from_config(cfg, output_dir=eval_dir) as metrics:
         results = evaluator(setup.model)
         for line in evaluator.lines(results):
             logger.info(line)

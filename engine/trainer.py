@@ -33,7 +33,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -356,7 +356,7 @@ class Trainer:
         run = self.run
         if run.stage is not None and self.stages.index(run.stage) > self.stages.index(name):
             return False  # finished before the checkpoint the run resumed from
-        done = run.stage_epoch if run.stage == name else 0
+        done = epochs_done(run, self.stages, name, epochs)
         if epochs <= 0 or done >= epochs:
             logger.info("stage %s: nothing to do (%d of %d epochs done)", name, done, epochs)
             return False
@@ -635,6 +635,14 @@ class _PeriodMeans:
 def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     """``torch.compile`` with a ``MODEL.COMPILE`` mode name (``default`` = torch's default mode)."""
     return torch.compile(model, mode=None if mode in ("", "default") else mode)
+
+
+def epochs_done(run: RunState, stages: Sequence[str], name: str, epochs: int) -> int:
+    """Epochs of stage ``name`` (of ``epochs``) trained by a run at ``run``: all of them once a later one of
+    ``stages`` has started."""
+    if run.stage in stages and stages.index(run.stage) > stages.index(name):
+        return epochs
+    return run.stage_epoch if run.stage == name else 0
 
 
 def run_state_of(checkpoint: dict[str, Any]) -> dict[str, Any]:
