@@ -40,6 +40,14 @@ def _trim(ids: torch.Tensor, values: torch.Tensor, sentinel: int) -> tuple[torch
     return ids[:, :keep], values[:, :keep]
 
 
+def _pairwise_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """:func:`engine.evaluation.pairwise_distance`, imported on use (engine.evaluation re-exports this module's
+    re_ranking)."""
+    from engine.evaluation import pairwise_distance
+
+    return pairwise_distance(x, y)
+
+
 def re_ranking(qf: torch.Tensor, gf: torch.Tensor, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
                block_size: int = 4096, max_pairs: int = 2**25) -> torch.Tensor:
     """Re-ranked (Q, G) distances of queries ``qf`` (Q, D) to gallery ``gf`` (G, D), on their device.
@@ -51,31 +59,46 @@ def re_ranking(qf: torch.Tensor, gf: torch.Tensor, k1: int = 20, k2: int = 6, la
     """
     if k2 < 1 or k2 > k1 + 1:
         raise ValueError(f"re-ranking needs 1 <= k2 <= k1 + 1, got k1={k1}, k2={k2}")
-    from engine.evaluation import pairwise_distance  # engine.evaluation re-exports this module's re_ranking
-
     feats = torch.cat([qf, gf]).float()
-    n, num_q, device = feats.shape[0], qf.shape[0], feats.device
+    n, num_q = feats.shape[0], qf.shape[0]
     k1 = min(k1, n - 1)
     half = min(int(round(k1 / 2)), n - 1)
+    sentinel = n  # the id of an empty slot in the sparse rows below
 
-    # each row's maximum distance (the reference scales row i by it), then its k1 + 1 nearest
+    scale, topk1 = _scaled_neighbours(feats, k1, block_size)
+    ids = _reciprocal_neighbours(topk1, half, sentinel)
+    ids, w = _neighbour_weights(feats, ids, scale, sentinel, block_size)
+    if k2 != 1:  # local query expansion: each row becomes the mean of its k2 nearest rows' weights
+        near = topk1[:, :k2]
+        ids, w = _trim(*_merge_sorted_duplicates(ids[near].flatten(1), w[near].flatten(1) / k2, sentinel), sentinel)
+    return _jaccard_distances(feats, num_q, ids, w, scale, sentinel, lambda_value, block_size, max_pairs)
+
+
+def _scaled_neighbours(feats: torch.Tensor, k1: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's maximum distance (the reference scales row i by it), (N,), and its ``k1 + 1`` nearest rows
+    (itself first), (N, k1 + 1); ``feats`` (N, D), distances ``block_size`` rows at a time."""
+    n, device = feats.shape[0], feats.device
     scale = torch.empty(n, device=device)
     topk1 = torch.empty(n, k1 + 1, dtype=torch.long, device=device)
     for start in range(0, n, block_size):
-        d = pairwise_distance(feats[start:start + block_size], feats)
+        d = _pairwise_distance(feats[start:start + block_size], feats)
         scale[start:start + block_size] = d.amax(1)
         topk1[start:start + block_size] = d.topk(k1 + 1, dim=1, largest=False, sorted=True).indices
-    scale = scale.clamp_min(1e-12)
+    return scale.clamp_min(1e-12), topk1
+
+
+def _reciprocal_neighbours(topk1: torch.Tensor, half: int, sentinel: int) -> torch.Tensor:
+    """Each row's k-reciprocal set, expanded: (N, M) ids with repeats, ``sentinel`` in empty slots.
+
+    The k-reciprocal set of i is ``{j in topk1[i] : i in topk1[j]}``; a member c adds its half-size
+    reciprocal set when more than 2/3 of that set lies in i's own reciprocal set.
+    """
+    n, device = topk1.shape[0], topk1.device
+    k1 = topk1.shape[1] - 1
     topkh = topk1[:, : half + 1]
     rows = torch.arange(n, device=device)
-
-    # k-reciprocal sets: j in topk1[i] with i in topk1[j]; the same at half size
     recip = (topk1[topk1] == rows[:, None, None]).any(-1)  # (N, k1 + 1)
     recip_h = (topkh[topkh] == rows[:, None, None]).any(-1)  # (N, half + 1)
-
-    # expansion: a reciprocal neighbour c adds its half-size reciprocal set when more than 2/3 of it
-    # lies in the row's own reciprocal set
-    sentinel = n
     own = torch.where(recip, topk1, torch.full_like(topk1, sentinel))  # (N, k1 + 1)
     cand_sets = torch.where(recip_h[topk1], topkh[topk1], torch.full_like(topk1[..., None].expand(-1, -1, half + 1),
                                                                           sentinel))  # (N, k1 + 1, half + 1)
@@ -86,24 +109,47 @@ def re_ranking(qf: torch.Tensor, gf: torch.Tensor, k1: int = 20, k2: int = 6, la
     size = (cand_sets != sentinel).sum(-1)
     take = recip & (inside.sum(-1) > 2.0 / 3.0 * size)
     expanded = torch.where(take[..., None], cand_sets, torch.full_like(cand_sets, sentinel)).flatten(1)
-    ids = torch.cat([own, expanded], dim=1)  # (N, M) with repeats and sentinels
+    return torch.cat([own, expanded], dim=1)
 
-    # weights exp(-d / scale) over the unique ids, normalised per row (distances again, a block at a time)
+
+def _neighbour_weights(feats: torch.Tensor, ids: torch.Tensor, scale: torch.Tensor, sentinel: int,
+                       block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights ``exp(-d / scale)`` over each row's unique ``ids``, normalised per row (distances again, a
+    block at a time). Returns the merged ids and their weights, both (N, M')."""
+    n, device = feats.shape[0], feats.device
     ids, _ = _trim(*_merge_sorted_duplicates(ids, torch.zeros(ids.shape, device=device), sentinel), sentinel)
     valid = ids != sentinel
     safe = torch.where(valid, ids, torch.zeros_like(ids))
     w = torch.zeros(ids.shape, device=device)
     for start in range(0, n, block_size):
         stop = min(n, start + block_size)
-        d = pairwise_distance(feats[start:stop], feats).gather(1, safe[start:stop])
+        d = _pairwise_distance(feats[start:stop], feats).gather(1, safe[start:stop])
         w[start:stop] = torch.where(valid[start:stop], torch.exp(-d / scale[start:stop, None]), 0.0)
-    w = w / w.sum(1, keepdim=True)
+    return ids, w / w.sum(1, keepdim=True)
 
-    if k2 != 1:  # local query expansion: each row becomes the mean of its k2 nearest rows' weights
-        near = topk1[:, :k2]
-        ids, w = _trim(*_merge_sorted_duplicates(ids[near].flatten(1), w[near].flatten(1) / k2, sentinel), sentinel)
 
-    # Jaccard overlap of every query with every sample through an inverted index over the columns
+def _query_blocks(pairs: list[int], block_size: int, max_pairs: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` query ranges of at most ``block_size`` queries holding at most ``max_pairs`` Jaccard terms
+    (``pairs``: the terms of each query; a query with more than ``max_pairs`` gets a block of its own)."""
+    bounds, start, total = [], 0, 0
+    for i, p in enumerate(pairs):
+        if i > start and (total + p > max_pairs or i - start >= block_size):
+            bounds.append((start, i))
+            start, total = i, 0
+        total += p
+    bounds.append((start, len(pairs)))
+    return bounds
+
+
+def _jaccard_distances(feats: torch.Tensor, num_q: int, ids: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
+                       sentinel: int, lambda_value: float, block_size: int, max_pairs: int) -> torch.Tensor:
+    """``(1 - lambda) * jaccard + lambda * distance`` of every query with every gallery sample, (Q, G).
+
+    The Jaccard overlap ``sum_j min(V[q, j], V[g, j])`` of the sparse rows ``ids``, ``w`` (N, M) is
+    accumulated through an inverted index over the columns, a block of queries at a time.
+    """
+    n, device = feats.shape[0], feats.device
+    rows = torch.arange(n, device=device)
     valid = ids != sentinel
     col = ids[valid]  # column of each non-zero
     owner = rows[:, None].expand_as(ids)[valid]
@@ -114,17 +160,9 @@ def re_ranking(qf: torch.Tensor, gf: torch.Tensor, k1: int = 20, k2: int = 6, la
     counts = starts[1:] - starts[:-1]
     final = torch.empty(num_q, n - num_q, device=device)
     q_ids, q_w = ids[:num_q], w[:num_q]
-    # query blocks holding at most max_pairs (query non-zero, row sharing its column) pairs, and block_size rows
     q_valid = q_ids != sentinel
     pairs = torch.where(q_valid, counts[torch.where(q_valid, q_ids, 0)], 0).sum(1)  # per query
-    bounds, start, total = [], 0, 0
-    for i, p in enumerate(pairs.tolist()):
-        if i > start and (total + p > max_pairs or i - start >= block_size):
-            bounds.append((start, i))
-            start, total = i, 0
-        total += p
-    bounds.append((start, num_q))
-    for start, stop in bounds:
+    for start, stop in _query_blocks(pairs.tolist(), block_size, max_pairs):
         qi, qj = (q_ids[start:stop] != sentinel).nonzero(as_tuple=True)
         cols = q_ids[start:stop][qi, qj]
         reps = counts[cols]
@@ -135,6 +173,6 @@ def re_ranking(qf: torch.Tensor, gf: torch.Tensor, k1: int = 20, k2: int = 6, la
         inter = torch.zeros(stop - start, n, device=device)
         inter.index_put_((qi[pair], owner[at]), overlap, accumulate=True)
         jaccard = 1.0 - inter / (2.0 - inter)
-        dist = pairwise_distance(feats[start:stop], feats) / scale[start:stop, None]
+        dist = _pairwise_distance(feats[start:stop], feats) / scale[start:stop, None]
         final[start:stop] = ((1.0 - lambda_value) * jaccard + lambda_value * dist)[:, num_q:]
     return final

@@ -26,7 +26,7 @@ group a small learning rate (:meth:`GatedAttentionCEM.param_groups`) and watch
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -35,6 +35,28 @@ from torch import nn
 
 from .common import stats_to_floats
 from .registry import LOSS_REGISTRY
+
+
+class _ClassMoments(NamedTuple):
+    """Steps 2-3 of :class:`GatedAttentionCEM` for the C classes of a batch of B samples (D dimensions)."""
+
+    inv: torch.Tensor  # (B,) class index of each sample
+    counts: torch.Tensor  # (C,) samples per class
+    alpha: torch.Tensor  # (B,) attention weight of each sample within its class
+    mu: torch.Tensor  # (C, D) attention-weighted class mean
+    diff: torch.Tensor  # (B, D) each sample minus its class mean
+    var: torch.Tensor  # (C, D) attention-weighted class variance
+
+
+class _ClassPenalty(NamedTuple):
+    """Steps 4-6 of :class:`GatedAttentionCEM` per class."""
+
+    log_var: torch.Tensor  # (C, D)
+    dim_gate: torch.Tensor  # (C, D)
+    snr_gate: torch.Tensor  # (C, D)
+    frac: torch.Tensor  # (C,) M_c / B
+    class_gate: torch.Tensor  # (C,)
+    class_loss: torch.Tensor  # (C,) L_c
 
 
 class GatedAttentionCEM(nn.Module):
@@ -165,67 +187,92 @@ class GatedAttentionCEM(nn.Module):
         if labels.shape[0] != features.shape[0]:
             raise ValueError(f"labels has {labels.shape[0]} entries for {features.shape[0]} features")
         b, d = features.shape
-        device = features.device
-        with torch.autocast(device_type=device.type, enabled=False):
+        with torch.autocast(device_type=features.device.type, enabled=False):
             x = features.float()
             if self.input_norm:
                 x = F.layer_norm(x, (d,))  # step 1 (per sample, so per class too)
-
-            # Step 2: attention logits per sample, softmax within each class (segment softmax).
-            logits = self.attn_w(torch.tanh(self.attn_v(x)) * torch.sigmoid(self.attn_u(x))).squeeze(1)  # (B,)
-            _, inv, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-            c = counts.shape[0]
-            with torch.no_grad():
-                seg_max = torch.full((c,), float("-inf"), device=device).scatter_reduce(
-                    0, inv, logits, reduce="amax", include_self=True
-                )
-            e = torch.exp(logits - seg_max[inv])
-            den = torch.zeros(c, device=device).index_add(0, inv, e)
-            alpha = e / den[inv]  # (B,), sums to 1 within each class
-
-            # Step 3: weighted mean and variance per class.
-            mu = torch.zeros(c, d, device=device).index_add(0, inv, alpha.unsqueeze(1) * x)  # (C, D)
-            diff = x - mu[inv]
-            var = torch.zeros(c, d, device=device).index_add(0, inv, alpha.unsqueeze(1) * diff.pow(2))
-            log_var = torch.log(var + self.eps)
-
-            # Step 4: dimension gate and SNR gate.
-            dim_gate = torch.sigmoid(self.gate_mlp(self.gate_norm(log_var)))
-            snr_gate = torch.sigmoid(self.snr_sharp * (var / (mu.pow(2) + self.eps) - self.snr_thresh))
-            # Step 5: smooth hinge on log var above log tau + margin.
-            beta = self.softplus_beta
-            base = F.softplus(beta * (log_var - math.log(self.tau) - self.margin)) / beta
-            # Step 6: class gate and class loss.
-            frac = counts.float() / b
-            class_gate = torch.sigmoid(self.class_gate_a * (frac - self.class_gate_b))
-            class_loss = class_gate * (dim_gate * snr_gate * base).mean(dim=1)  # (C,)
+            moments = self._class_moments(x, labels)
+            penalty = self._class_penalty(moments, b)
             # Step 7: weights (M/B)^slot_power over classes with enough samples.
-            used = (counts >= self.min_class_samples).float()
-            w = frac.pow(self.slot_power) * used
-            surrogate = (w * class_loss).sum() / w.sum().clamp_min(1e-12)
+            used = (moments.counts >= self.min_class_samples).float()
+            w = penalty.frac.pow(self.slot_power) * used
+            surrogate = (w * penalty.class_loss).sum() / w.sum().clamp_min(1e-12)
             factor = self.warmup_factor(epoch)
             loss = self.loss_scale * factor * surrogate
-
-            with torch.no_grad():
-                n_used = used.sum()
-                nu = n_used.clamp_min(1.0)
-                alpha_max = torch.zeros(c, device=device).scatter_reduce(
-                    0, inv, alpha, reduce="amax", include_self=True
-                )
-                intra = torch.zeros(c, device=device).index_add(0, inv, diff.pow(2).mean(dim=1)) / counts
-                stats = {
-                    "cem": loss.detach(),
-                    "cem_surrogate": surrogate.detach(),
-                    "cem_warmup_factor": factor,
-                    "cem_classes": n_used,
-                    "cem_dim_gate": (dim_gate.mean(1) * used).sum() / nu,
-                    "cem_snr_gate": (snr_gate.mean(1) * used).sum() / nu,
-                    "cem_class_gate": (class_gate * used).sum() / nu,
-                    "cem_log_var": (log_var.mean(1) * used).sum() / nu,
-                    "cem_alpha_max": (alpha_max * used).sum() / nu,
-                    "cem_intra_mse": (intra * used).sum() / nu,
-                }
+            stats = self._stats(loss, surrogate, factor, used, moments, penalty)
         return loss, stats_to_floats(stats)
+
+    def _class_moments(self, x: torch.Tensor, labels: torch.Tensor) -> _ClassMoments:
+        """Steps 2-3 on the normalised float32 features ``x`` (B, D): attention within each class, then the
+        class's attention-weighted mean and variance."""
+        d = x.shape[1]
+        device = x.device
+        # Step 2: attention logits per sample, softmax within each class (segment softmax).
+        logits = self.attn_w(torch.tanh(self.attn_v(x)) * torch.sigmoid(self.attn_u(x))).squeeze(1)  # (B,)
+        _, inv, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+        c = counts.shape[0]
+        with torch.no_grad():
+            seg_max = torch.full((c,), float("-inf"), device=device).scatter_reduce(
+                0, inv, logits, reduce="amax", include_self=True
+            )
+        e = torch.exp(logits - seg_max[inv])
+        den = torch.zeros(c, device=device).index_add(0, inv, e)
+        alpha = e / den[inv]  # (B,), sums to 1 within each class
+
+        # Step 3: weighted mean and variance per class.
+        mu = torch.zeros(c, d, device=device).index_add(0, inv, alpha.unsqueeze(1) * x)  # (C, D)
+        diff = x - mu[inv]
+        var = torch.zeros(c, d, device=device).index_add(0, inv, alpha.unsqueeze(1) * diff.pow(2))
+        return _ClassMoments(inv, counts, alpha, mu, diff, var)
+
+    def _class_penalty(self, moments: _ClassMoments, batch_size: int) -> _ClassPenalty:
+        """Steps 4-6: the dimension, SNR and class gates and the gated hinge of every class of the batch."""
+        mu, var = moments.mu, moments.var
+        log_var = torch.log(var + self.eps)
+        # Step 4: dimension gate and SNR gate.
+        dim_gate = torch.sigmoid(self.gate_mlp(self.gate_norm(log_var)))
+        snr_gate = torch.sigmoid(self.snr_sharp * (var / (mu.pow(2) + self.eps) - self.snr_thresh))
+        # Step 5: smooth hinge on log var above log tau + margin.
+        beta = self.softplus_beta
+        base = F.softplus(beta * (log_var - math.log(self.tau) - self.margin)) / beta
+        # Step 6: class gate and class loss.
+        frac = moments.counts.float() / batch_size
+        class_gate = torch.sigmoid(self.class_gate_a * (frac - self.class_gate_b))
+        class_loss = class_gate * (dim_gate * snr_gate * base).mean(dim=1)  # (C,)
+        return _ClassPenalty(log_var, dim_gate, snr_gate, frac, class_gate, class_loss)
+
+    @torch.no_grad()
+    def _stats(
+        self,
+        loss: torch.Tensor,
+        surrogate: torch.Tensor,
+        factor: float,
+        used: torch.Tensor,
+        moments: _ClassMoments,
+        penalty: _ClassPenalty,
+    ) -> dict[str, Any]:
+        """The statistics of :meth:`forward` (0-d tensors and the warm-up factor), means over the classes used."""
+        inv, counts = moments.inv, moments.counts
+        c = counts.shape[0]
+        device = moments.alpha.device
+        n_used = used.sum()
+        nu = n_used.clamp_min(1.0)
+        alpha_max = torch.zeros(c, device=device).scatter_reduce(
+            0, inv, moments.alpha, reduce="amax", include_self=True
+        )
+        intra = torch.zeros(c, device=device).index_add(0, inv, moments.diff.pow(2).mean(dim=1)) / counts
+        return {
+            "cem": loss.detach(),
+            "cem_surrogate": surrogate.detach(),
+            "cem_warmup_factor": factor,
+            "cem_classes": n_used,
+            "cem_dim_gate": (penalty.dim_gate.mean(1) * used).sum() / nu,
+            "cem_snr_gate": (penalty.snr_gate.mean(1) * used).sum() / nu,
+            "cem_class_gate": (penalty.class_gate * used).sum() / nu,
+            "cem_log_var": (penalty.log_var.mean(1) * used).sum() / nu,
+            "cem_alpha_max": (alpha_max * used).sum() / nu,
+            "cem_intra_mse": (intra * used).sum() / nu,
+        }
 
 
 LOSS_REGISTRY.register("cem")(GatedAttentionCEM)

@@ -20,8 +20,6 @@ from utils.modalities import MODALITIES
 from .registry import build_loss
 from .sdm_temperature import SDMTemperature
 
-MODALITY_ORDER = MODALITIES  # column order of the batch's modality mask
-
 
 class ReIDCriterion(nn.Module):
     """Combine every configured loss term for one DeMo / DeMo-SDTPS training step.
@@ -116,10 +114,10 @@ class ReIDCriterion(nn.Module):
             terms[f"triplet/{name}"] = self.triplet_weight * self.triplet_loss(branch["feat"], pids)[0]
         if self.sdm_enabled and self.sdm_weight > 0 and len(outputs.get("modality_feats", {})) >= 2:
             feats = outputs["modality_feats"]
-            order = [m for m in MODALITY_ORDER if m in feats]
+            order = [m for m in MODALITIES if m in feats]  # MODALITIES: the mask's column order
             # columns picked one by one: indexing with a list would copy it to the device and wait for the copy
             mask = None if modality_mask is None else torch.stack(
-                [modality_mask[:, MODALITY_ORDER.index(m)] for m in order], dim=1)
+                [modality_mask[:, MODALITIES.index(m)] for m in order], dim=1)
             tau = temperature
             if self.sdm_formula == "legacy":  # ablation: the ce - h formula, which has no masks
                 pairs = [self.sdm_legacy(feats[m], feats[n], pids, tau)[0] for m, n in itertools.combinations(order, 2)]

@@ -252,6 +252,43 @@ def center_features(feat: torch.Tensor, mask: torch.Tensor | None = None) -> tor
     return torch.where(keep.unsqueeze(1), feat - mean, feat)
 
 
+def _modality_pairs(
+    features: Mapping[str, torch.Tensor],
+    modality_mask: torch.Tensor | None,
+    modality_order: Sequence[str] | None,
+    pairs: Sequence[tuple[str, str]] | None,
+) -> tuple[list[str], Sequence[tuple[str, str]]]:
+    """The mask's column names and the pairs to align (every unordered pair by default), checked."""
+    order = list(modality_order) if modality_order is not None else list(features)
+    missing = [m for m in order if m not in features]
+    if missing:
+        raise KeyError(f"modality_order names {missing} but features has {sorted(features)}")
+    if modality_mask is not None and modality_mask.shape[-1] != len(order):
+        raise ValueError(f"modality_mask has {modality_mask.shape[-1]} columns for modalities {order}")
+    if pairs is None:
+        pairs = list(itertools.combinations(order, 2))
+    if not pairs:
+        raise ValueError(f"need at least two modalities for SDM, got {order}")
+    return order, pairs
+
+
+def _mean_over_used_pairs(
+    pair_loss: torch.Tensor, s: Mapping[str, torch.Tensor], pairs: Sequence[tuple[str, str]]
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Mean of the (P,) pair losses over the pairs with a valid positive, and the tensor stats of
+    :func:`sdm_multimodal` (``s``: :func:`_sdm_pairs`' per-pair stats)."""
+    used = (s["sdm_valid_rows"] > 0).float()  # (P,): pairs with at least one valid positive
+    n_used = used.sum()
+    total = (pair_loss * used).sum()
+    pos_cos = (s["sdm_pos_cos"] * used).sum()
+    neg_cos = (s["sdm_neg_cos"] * used).sum()
+    tstats: dict[str, Any] = {f"sdm_{m}_{n}": s["sdm"][i] for i, (m, n) in enumerate(pairs)}
+    loss = total / n_used.clamp_min(1.0)
+    tstats = {"sdm": loss.detach(), "sdm_pairs_used": n_used, "sdm_pos_cos": pos_cos / n_used.clamp_min(1.0),
+              "sdm_neg_cos": neg_cos / n_used.clamp_min(1.0), **tstats}
+    return loss, tstats
+
+
 def sdm_multimodal(
     features: Mapping[str, torch.Tensor],
     pids: torch.Tensor,
@@ -282,17 +319,7 @@ def sdm_multimodal(
             ``sdm_pos_cos`` / ``sdm_neg_cos``, the mean cross-modal cosine of same-identity /
             other-identity pairs (over the pairs used).
     """
-    order = list(modality_order) if modality_order is not None else list(features)
-    missing = [m for m in order if m not in features]
-    if missing:
-        raise KeyError(f"modality_order names {missing} but features has {sorted(features)}")
-    if modality_mask is not None and modality_mask.shape[-1] != len(order):
-        raise ValueError(f"modality_mask has {modality_mask.shape[-1]} columns for modalities {order}")
-    if pairs is None:
-        pairs = list(itertools.combinations(order, 2))
-    if not pairs:
-        raise ValueError(f"need at least two modalities for SDM, got {order}")
-
+    order, pairs = _modality_pairs(features, modality_mask, modality_order, pairs)
     index = {m: i for i, m in enumerate(order)}
     if center:
         features = {m: center_features(features[m], None if modality_mask is None else modality_mask[:, index[m]])
@@ -306,15 +333,7 @@ def sdm_multimodal(
     masks = [None if modality_mask is None else torch.stack([modality_mask[:, index[pair[side]]] for pair in pairs])
              for side in (0, 1)]  # (P, B)
     pair_loss, s = _sdm_pairs(stacked[0], stacked[1], pids, temperature, masks[0], masks[1])
-    used = (s["sdm_valid_rows"] > 0).float()  # (P,): pairs with at least one valid positive
-    n_used = used.sum()
-    total = (pair_loss * used).sum()
-    pos_cos = (s["sdm_pos_cos"] * used).sum()
-    neg_cos = (s["sdm_neg_cos"] * used).sum()
-    tstats: dict[str, Any] = {f"sdm_{m}_{n}": s["sdm"][i] for i, (m, n) in enumerate(pairs)}
-    loss = total / n_used.clamp_min(1.0)
-    tstats = {"sdm": loss.detach(), "sdm_pairs_used": n_used, "sdm_pos_cos": pos_cos / n_used.clamp_min(1.0),
-              "sdm_neg_cos": neg_cos / n_used.clamp_min(1.0), **tstats}
+    loss, tstats = _mean_over_used_pairs(pair_loss, s, pairs)
     return loss, finish_stats(tstats, host_stats)
 
 

@@ -35,6 +35,29 @@ def euclidean_dist(x: torch.Tensor, y: torch.Tensor, self_index: torch.Tensor | 
     return d2.clamp_min(1e-12).sqrt()
 
 
+def _hardest_distances(
+    x: torch.Tensor, pids: torch.Tensor, gather: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch-hard mining for the local anchors ``x`` (B, D) among all candidates (every rank's with ``gather``).
+
+    Returns ``dist_ap`` (B,) (hardest positive), ``dist_an`` (B,) (hardest negative; ``dist_ap`` as a
+    finite placeholder where there is none) and ``has_neg`` (B,) bool.
+    """
+    self_index = torch.arange(x.shape[0], device=x.device)
+    if gather and get_world_size() > 1:
+        cand, cand_pids = all_gather_with_grad(x), all_gather_no_grad(pids)
+        self_index = self_index + get_rank() * x.shape[0]  # all ranks pass the same B
+    else:
+        cand, cand_pids = x, pids
+    dist = euclidean_dist(x, cand, self_index)  # (B, N)
+    is_pos = pids.unsqueeze(1) == cand_pids.unsqueeze(0)
+    has_neg = (~is_pos).any(dim=1)
+    dist_ap = dist.masked_fill(~is_pos, float("-inf")).amax(dim=1)
+    dist_an = dist.masked_fill(is_pos, float("inf")).amin(dim=1)
+    dist_an = torch.where(has_neg, dist_an, dist_ap)  # finite placeholder, excluded from the loss
+    return dist_ap, dist_an, has_neg
+
+
 def triplet_loss(
     features: torch.Tensor,
     pids: torch.Tensor,
@@ -74,18 +97,7 @@ def triplet_loss(
         x = features.float()
         if normalize_feature:
             x = F.normalize(x, dim=1)
-        self_index = torch.arange(x.shape[0], device=x.device)
-        if gather and get_world_size() > 1:
-            cand, cand_pids = all_gather_with_grad(x), all_gather_no_grad(pids)
-            self_index = self_index + get_rank() * x.shape[0]  # all ranks pass the same B
-        else:
-            cand, cand_pids = x, pids
-        dist = euclidean_dist(x, cand, self_index)  # (B, N)
-        is_pos = pids.unsqueeze(1) == cand_pids.unsqueeze(0)
-        has_neg = (~is_pos).any(dim=1)
-        dist_ap = dist.masked_fill(~is_pos, float("-inf")).amax(dim=1)
-        dist_an = dist.masked_fill(is_pos, float("inf")).amin(dim=1)
-        dist_an = torch.where(has_neg, dist_an, dist_ap)  # finite placeholder, excluded below
+        dist_ap, dist_an, has_neg = _hardest_distances(x, pids, gather)
         gap = dist_ap - dist_an
         per_anchor = F.softplus(gap) if soft_margin else F.relu(gap + margin)
         keep = has_neg.float()

@@ -13,7 +13,7 @@ as published, with its parts switchable for the paper's ablation rows:
 * heads: BNNeck (BatchNorm with frozen bias) + bias-free classifier on the concatenated
   modality features (``DIRECT``; otherwise one head per modality) and on the MoE feature.
 
-On top: **SDTPS** (:mod:`modeling.module.sdtps`) between the backbone and HDM -- HDM sees each
+On top: **SDTPS** (:mod:`modeling.module.token_selection`) between the backbone and HDM -- HDM sees each
 modality's global feature, its top-K patches and one merged token -- and **DGAF**
 (:mod:`modeling.module.dgaf`), which replaces the concatenation of modality features by a
 gated fusion (the DIRECT head then sits on the fused feature).
@@ -48,7 +48,7 @@ from modeling.backbones.clip_vit import CLIPVisionBackbone
 from modeling.module.atm import AttentionTriggeredMoE, QuickGELU
 from modeling.module.dgaf import DualGatedFusion
 from modeling.module.hdm import HDM_SUBSETS, HierarchicalDecoupling, subset_name
-from modeling.module.sdtps import SDTPS
+from modeling.module.token_selection import SDTPS
 from modeling.param_groups import DEFAULT_RULES, ParamRules, rule_groups
 from modeling.registry import BACKBONE_REGISTRY, MODEL_REGISTRY
 from utils.modalities import MODALITIES
@@ -140,8 +140,11 @@ class DeMo(nn.Module):
         self.global_local = GlobalLocal(d, m) if global_local else None
         self.sdtps = sdtps
         self.hdm = HierarchicalDecoupling(d, dropout=hdm_dropout) if hdm else None
-        self.atm = AttentionTriggeredMoE(d, num_experts=len(HDM_SUBSETS), num_heads=atm_heads) if atm else None
-        self.dgaf = DualGatedFusion(d, m) if dgaf else None
+        self.atm = AttentionTriggeredMoE(
+            d, num_experts=len(HDM_SUBSETS), num_heads=atm_heads,
+            expert_names=[subset_name(subset, self.modalities) for subset in HDM_SUBSETS],
+        ) if atm else None
+        self.dgaf = DualGatedFusion(d, m, modalities=self.modalities) if dgaf else None
         if direct or dgaf:
             self.direct_head: nn.Module | None = BNNeckHead(d if dgaf else m * d, num_classes)
             self.modality_heads: nn.ModuleDict | None = None
@@ -159,7 +162,34 @@ class DeMo(nn.Module):
         cam_ids: torch.Tensor | None = None,
         modality_mask: torch.Tensor | None = None,
     ) -> dict[str, Any]:
-        """``images`` {m: (B, 3, H, W)} for m in RGB, NI, TI; ``cam_ids`` (B,); ``modality_mask`` (B, 3) bool."""
+        """``images`` {m: (B, 3, H, W)} for m in RGB, NI, TI; ``cam_ids`` (B,); ``modality_mask`` (B, 3) bool.
+
+        Returns the training or eval dict of the module docstring. ``stats`` holds, in this order,
+        SDTPS's, ATM's and DGAF's own statistics (each part returns them) and ``norm/direct`` /
+        ``norm/moe``, the mean norms of the two parts of the retrieval feature.
+        """
+        cls, patches, modality_mask = self._tokens(images, cam_ids, modality_mask)
+        glob = self.global_local(cls, patches) if self.global_local is not None else cls  # (M, B, D)
+        moe_feat, keep_indices, stats = self._decoupled_features(cls, patches, glob, modality_mask)
+        modality_feats = {name: glob[i] for i, name in enumerate(self.modalities)}
+        concat, fused, fusion_stats = self._fuse(glob, modality_mask)
+        stats.update(fusion_stats)
+        direct_feat = fused if fused is not None else concat
+        stats.update(self._norm_stats(direct_feat, moe_feat))
+        if not self.training:
+            return self._eval_output(direct_feat, concat, fused, moe_feat, modality_feats, keep_indices, stats)
+        return self._training_output(direct_feat, fused, moe_feat, modality_feats, stats)
+
+    def _tokens(
+        self,
+        images: Mapping[str, torch.Tensor],
+        cam_ids: torch.Tensor | None,
+        modality_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One backbone pass over the 3B images; a missing modality's tokens become its null token.
+
+        Returns ``cls`` (M, B, D), ``patches`` (M, B, N, D) and the mask (B, M) bool (all True for ``None``).
+        """
         missing = [name for name in self.modalities if name not in images]
         if missing:
             raise KeyError(f"images lacks modalities {missing}; expected keys {self.modalities}")
@@ -178,11 +208,18 @@ class DeMo(nn.Module):
         modality_mask = modality_mask.to(device=tokens.device, dtype=torch.bool)
         keep = modality_mask.t()[:, :, None, None]
         tokens = torch.where(keep, tokens, self.null_tokens[:, None, None, :].to(tokens.dtype))
-        cls, patches = tokens[:, :, 0], tokens[:, :, 1:]
+        return tokens[:, :, 0], tokens[:, :, 1:], modality_mask
 
-        glob = self.global_local(cls, patches) if self.global_local is not None else cls  # (M, B, D)
+    def _decoupled_features(
+        self, cls: torch.Tensor, patches: torch.Tensor, glob: torch.Tensor, modality_mask: torch.Tensor
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor] | None, dict[str, torch.Tensor]]:
+        """SDTPS token selection, then HDM's seven subset features, mixed by ATM or concatenated.
+
+        ``cls`` (M, B, D), ``patches`` (M, B, N, D), ``glob`` (M, B, D). Returns the MoE feature
+        (B, 7D) (``None`` without HDM), ``keep_indices`` ({m: (B, K)} with SDTPS, else ``None``) and
+        the SDTPS and ATM statistics.
+        """
         stats: dict[str, torch.Tensor] = {}
-
         keep_indices: dict[str, torch.Tensor] | None = None
         hdm_patches = patches
         if self.sdtps is not None:
@@ -190,48 +227,62 @@ class DeMo(nn.Module):
             hdm_patches = sel.tokens
             keep_indices = {name: sel.keep_indices[i] for i, name in enumerate(self.modalities)}
             stats.update(sel.stats)
+        if self.hdm is None:
+            return None, keep_indices, stats
+        parts = self.hdm(torch.cat([glob.unsqueeze(2), hdm_patches], dim=2), modality_mask)  # (B, 7, D)
+        if self.atm is None:
+            return parts.flatten(1), keep_indices, stats
+        moe = self.atm(parts)
+        stats.update(moe.stats)
+        return moe.feat, keep_indices, stats
 
-        moe_feat: torch.Tensor | None = None
-        if self.hdm is not None:
-            parts = self.hdm(torch.cat([glob.unsqueeze(2), hdm_patches], dim=2), modality_mask)  # (B, 7, D)
-            if self.atm is not None:
-                moe_feat, gates = self.atm(parts)
-                with torch.no_grad():
-                    gd = gates.detach().float()
-                    g = gd.mean(dim=(0, 1))
-                    for i, subset in enumerate(HDM_SUBSETS):
-                        stats[f"atm/gate_{subset_name(subset, self.modalities)}"] = g[i]
-                    stats["atm/gate_entropy"] = -(gd * gd.clamp_min(1e-12).log()).sum(-1).mean()
-                    stats["atm/gate_max"] = gd.amax(-1).mean()
-            else:
-                moe_feat = parts.flatten(1)
+    def _fuse(
+        self, glob: torch.Tensor, modality_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+        """``glob`` (M, B, D) -> ``(concat (B, M*D), fused (B, D) with DGAF else None, DGAF's stats)``."""
+        concat = glob.transpose(0, 1).reshape(glob.shape[1], -1)  # (B, M*D)
+        if self.dgaf is None:
+            return concat, None, {}
+        fusion = self.dgaf(glob.transpose(0, 1), modality_mask)
+        return concat, fusion.fused, fusion.stats
 
-        modality_feats = {name: glob[i] for i, name in enumerate(self.modalities)}
-        concat = glob.transpose(0, 1).reshape(b, -1)  # (B, M*D)
-        fused: torch.Tensor | None = None
-        if self.dgaf is not None:
-            fused, w, c = self.dgaf(glob.transpose(0, 1), modality_mask)
-            with torch.no_grad():
-                wm = w.detach().mean(dim=0)
-                for i, name in enumerate(self.modalities):
-                    stats[f"dgaf/weight_{name}"] = wm[i]
-                stats["dgaf/channel_gate_mean"] = c.detach().float().mean()
-        direct_feat = fused if fused is not None else concat
-        with torch.no_grad():  # the two parts of the retrieval feature: which one dominates its norm
-            stats["norm/direct"] = direct_feat.detach().float().norm(dim=1).mean()
-            if moe_feat is not None:
-                stats["norm/moe"] = moe_feat.detach().float().norm(dim=1).mean()
+    @staticmethod
+    @torch.no_grad()
+    def _norm_stats(direct_feat: torch.Tensor, moe_feat: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The two parts of the retrieval feature: which one dominates its norm (mean L2 norms)."""
+        stats = {"norm/direct": direct_feat.detach().float().norm(dim=1).mean()}
+        if moe_feat is not None:
+            stats["norm/moe"] = moe_feat.detach().float().norm(dim=1).mean()
+        return stats
 
-        if not self.training:
-            parts_out = [direct_feat] + ([moe_feat] if moe_feat is not None else [])
-            feats: dict[str, torch.Tensor] = {"modality_concat": concat, **modality_feats}
-            if moe_feat is not None:
-                feats["moe"] = moe_feat
-            if fused is not None:
-                feats["fused"] = fused
-            return {"feat": torch.cat(parts_out, dim=-1), "feats": feats, "keep_indices": keep_indices,
-                    "stats": stats}
+    @staticmethod
+    def _eval_output(
+        direct_feat: torch.Tensor,
+        concat: torch.Tensor,
+        fused: torch.Tensor | None,
+        moe_feat: torch.Tensor | None,
+        modality_feats: dict[str, torch.Tensor],
+        keep_indices: dict[str, torch.Tensor] | None,
+        stats: dict[str, torch.Tensor],
+    ) -> dict[str, Any]:
+        """DeMo's test feature ``[direct, moe]`` and its named alternatives (module docstring)."""
+        parts_out = [direct_feat] + ([moe_feat] if moe_feat is not None else [])
+        feats: dict[str, torch.Tensor] = {"modality_concat": concat, **modality_feats}
+        if moe_feat is not None:
+            feats["moe"] = moe_feat
+        if fused is not None:
+            feats["fused"] = fused
+        return {"feat": torch.cat(parts_out, dim=-1), "feats": feats, "keep_indices": keep_indices, "stats": stats}
 
+    def _training_output(
+        self,
+        direct_feat: torch.Tensor,
+        fused: torch.Tensor | None,
+        moe_feat: torch.Tensor | None,
+        modality_feats: dict[str, torch.Tensor],
+        stats: dict[str, torch.Tensor],
+    ) -> dict[str, Any]:
+        """The BNNeck heads: one branch per head (direct or per modality, then MoE) (module docstring)."""
         branches: list[dict[str, Any]] = []
         bn_feats: list[torch.Tensor] = []
         if self.direct_head is not None:

@@ -222,6 +222,111 @@ def _expert_key(h: int, e: int, rest: str) -> str:
     return f"{DEMO_MOE}experts.{h}.expertHead.{e}.mlp.{rest}"
 
 
+class _Conversion:
+    """One :func:`convert_state_dict` call's bookkeeping: tensors filled, DeMo keys absent, shapes that misfit.
+
+    Every ``fill_*`` method fills its part of ``out`` (keyed like ``target``) through :meth:`put`.
+    """
+
+    def __init__(self, demo: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> None:
+        self.demo = demo
+        self.target = target
+        self.src = _Source(demo)
+        self.out: dict[str, torch.Tensor] = {}
+        self.wanted: dict[str, list[str]] = {}  # our key -> the DeMo keys it needs that are absent
+        self.bad: list[str] = []  # shape mismatches, "DeMo key (shape) -> our key (shape)"
+        self.handled: set[str] = set()
+
+    def put(self, key: str, value: torch.Tensor | None, needs: list[str]) -> None:
+        """Fill ``key``; with ``value`` None, note the absent DeMo keys (misshapen ones are already in ``bad``)."""
+        self.handled.add(key)
+        if value is not None:
+            self.out[key] = value
+        elif any(k not in self.demo for k in needs):
+            self.wanted[key] = [k for k in needs if k not in self.demo]
+
+    def take_all(self, keys: list[str], shape: tuple[int, ...], key: str) -> list[torch.Tensor] | None:
+        """The expert tensors ``keys``, each of ``shape`` (None if one is absent or misshapen)."""
+        values = [self.src.take(k) for k in keys]
+        present = [v for v in values if v is not None]
+        wrong = [f"{k} {tuple(v.shape)} -> {key} (chunks of {shape})" for k, v in zip(keys, values)
+                 if v is not None and tuple(v.shape) != shape]
+        self.bad.extend(wrong)
+        return present if len(present) == len(values) and not wrong else None
+
+    def fill_reshaped(self) -> None:
+        """The tensors that only change shape: the SIE camera table and the seven HDM query tokens."""
+        if "backbone.camera_embed" in self.target:
+            cv = self.src.take("BACKBONE.cv_embed")
+            self.put("backbone.camera_embed", None if cv is None else cv.reshape(cv.shape[0], -1),
+                     ["BACKBONE.cv_embed"])
+        for i, subset in enumerate(HDM_SUBSETS):
+            key = f"generalFusion.{_subset_letters(subset)}_token"
+            if f"hdm.queries.{i}.query" in self.target:
+                tok = self.src.take(key)
+                self.put(f"hdm.queries.{i}.query", None if tok is None else tok.reshape(-1), [key])
+
+    def fill_experts(self) -> None:
+        """ATM's E x H expert MLPs and BatchNorms, stacked into the batched expert tensors (if the model has ATM)."""
+        if "atm.expert_weight" not in self.target:
+            return
+        target = self.target
+        n_exp, heads, c, _ = target["atm.expert_weight"].shape
+        grid = [(e, h) for e in range(n_exp) for h in range(heads)]  # e-major: channel e*D + h*c
+        for name, rest in (("atm.expert_weight", "0.weight"), ("atm.expert_bias", "0.bias")):
+            keys = [_expert_key(h, e, rest) for e, h in grid]
+            vals = self.take_all(keys, tuple(target[name].shape[2:]), name)
+            self.put(name, None if vals is None else torch.stack(vals).reshape(target[name].shape), keys)
+        for stat in BN_STATS:
+            keys = [_expert_key(h, e, "2." + stat) for e, h in grid]
+            vals = self.take_all(keys, (c,), f"atm.expert_bn.{stat}")
+            self.put(f"atm.expert_bn.{stat}", None if vals is None else torch.cat(vals), keys)
+        keys = [_expert_key(h, e, "2.num_batches_tracked") for e, h in grid]
+        vals = self.take_all(keys, (), "atm.expert_bn.num_batches_tracked")
+        self.put("atm.expert_bn.num_batches_tracked", None if vals is None else torch.stack(vals).max(), keys)
+
+    def fill_renamed(self) -> tuple[list[str], list[str]]:
+        """Every other tensor, by :func:`_renames`. Returns the keys kept from ``target`` (:data:`NEW_KEYS`) and
+        the keys no rule maps."""
+        renames = _renames()
+        kept: list[str] = []
+        unmapped: list[str] = []
+        for key in self.target:
+            if key in self.handled:
+                continue
+            if key in NEW_KEYS:
+                self.out[key] = self.target[key]
+                kept.append(key)
+                continue
+            rule = next(((s, d) for s, d in renames if key.startswith(d)), None)
+            if rule is None:
+                unmapped.append(key)
+                continue
+            source_key = rule[0] + key[len(rule[1]):]
+            self.put(key, self.src.take(source_key), [source_key])
+        return kept, unmapped
+
+    def problems(self, unmapped: list[str]) -> list[str]:
+        """One sentence each for DeMo tensors left over, model tensors missing and shape mismatches."""
+        problems = []
+        leftover = self.src.leftover()
+        if leftover:
+            hint = (" (MambaPro prompts / adapters: DeMo's MODEL.PROMPT / MODEL.ADAPTER, which this repository does "
+                    "not have)" if any(".adapter_" in k for k in leftover) else "")
+            problems.append(f"{len(leftover)} DeMo tensor(s) have no place in this model{hint}: "
+                            f"{short_key_list(leftover)}")
+        missing = [f"{k} (from {short_key_list(v, 2)})" for k, v in self.wanted.items()] + [
+            f"{k} (no DeMo counterpart)" for k in unmapped]
+        if missing:
+            problems.append(f"{len(missing)} tensor(s) of this model are missing from the DeMo checkpoint: "
+                            f"{short_key_list(missing, 8)}")
+        bad = self.bad + [f"{k} {tuple(v.shape)} -> {tuple(self.target[k].shape)}" for k, v in self.out.items()
+                          if v.shape != self.target[k].shape]
+        if bad:
+            problems.append(f"shape mismatch for {len(bad)} tensor(s) (DeMo -> this model): {short_key_list(bad, 6)}")
+        return problems
+
+
 def convert_state_dict(
     demo: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], arch: DemoArchitecture
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -237,85 +342,12 @@ def convert_state_dict(
         if ours != arch.tower:
             raise ConversionError(f"wrong architecture: the checkpoint's CLIP tower ({arch.tower}) is not the "
                                   f"configured one ({ours}); set MODEL.BACKBONE and INPUT.SIZE_TRAIN / SIZE_TEST")
-    src = _Source(demo)
-    out: dict[str, torch.Tensor] = {}
-    wanted: dict[str, list[str]] = {}  # our key -> the DeMo keys it needs that are absent
-    bad: list[str] = []  # shape mismatches, "DeMo key (shape) -> our key (shape)"
-
-    handled: set[str] = set()
-
-    def put(key: str, value: torch.Tensor | None, needs: list[str]) -> None:
-        """Fill ``key``; with ``value`` None, note the absent DeMo keys (misshapen ones are already in ``bad``)."""
-        handled.add(key)
-        if value is not None:
-            out[key] = value
-        elif any(k not in demo for k in needs):
-            wanted[key] = [k for k in needs if k not in demo]
-
-    def take_all(keys: list[str], shape: tuple[int, ...], key: str) -> list[torch.Tensor] | None:
-        """The expert tensors ``keys``, each of ``shape`` (None if one is absent or misshapen)."""
-        values = [src.take(k) for k in keys]
-        present = [v for v in values if v is not None]
-        wrong = [f"{k} {tuple(v.shape)} -> {key} (chunks of {shape})" for k, v in zip(keys, values)
-                 if v is not None and tuple(v.shape) != shape]
-        bad.extend(wrong)
-        return present if len(present) == len(values) and not wrong else None
-
-    if "backbone.camera_embed" in target:
-        cv = src.take("BACKBONE.cv_embed")
-        put("backbone.camera_embed", None if cv is None else cv.reshape(cv.shape[0], -1), ["BACKBONE.cv_embed"])
-    for i, subset in enumerate(HDM_SUBSETS):
-        key = f"generalFusion.{_subset_letters(subset)}_token"
-        if f"hdm.queries.{i}.query" in target:
-            tok = src.take(key)
-            put(f"hdm.queries.{i}.query", None if tok is None else tok.reshape(-1), [key])
-    if "atm.expert_weight" in target:
-        n_exp, heads, c, _ = target["atm.expert_weight"].shape
-        grid = [(e, h) for e in range(n_exp) for h in range(heads)]  # e-major: channel e*D + h*c
-        for name, rest in (("atm.expert_weight", "0.weight"), ("atm.expert_bias", "0.bias")):
-            keys = [_expert_key(h, e, rest) for e, h in grid]
-            vals = take_all(keys, tuple(target[name].shape[2:]), name)
-            put(name, None if vals is None else torch.stack(vals).reshape(target[name].shape), keys)
-        for stat in BN_STATS:
-            keys = [_expert_key(h, e, "2." + stat) for e, h in grid]
-            vals = take_all(keys, (c,), f"atm.expert_bn.{stat}")
-            put(f"atm.expert_bn.{stat}", None if vals is None else torch.cat(vals), keys)
-        keys = [_expert_key(h, e, "2.num_batches_tracked") for e, h in grid]
-        vals = take_all(keys, (), "atm.expert_bn.num_batches_tracked")
-        put("atm.expert_bn.num_batches_tracked", None if vals is None else torch.stack(vals).max(), keys)
-
-    renames = _renames()
-    kept: list[str] = []
-    unmapped: list[str] = []
-    for key in target:
-        if key in handled:
-            continue
-        if key in NEW_KEYS:
-            out[key] = target[key]
-            kept.append(key)
-            continue
-        rule = next(((s, d) for s, d in renames if key.startswith(d)), None)
-        if rule is None:
-            unmapped.append(key)
-            continue
-        source_key = rule[0] + key[len(rule[1]):]
-        put(key, src.take(source_key), [source_key])
-
-    problems = []
-    leftover = src.leftover()
-    if leftover:
-        hint = (" (MambaPro prompts / adapters: DeMo's MODEL.PROMPT / MODEL.ADAPTER, which this repository does not "
-                "have)" if any(".adapter_" in k for k in leftover) else "")
-        problems.append(f"{len(leftover)} DeMo tensor(s) have no place in this model{hint}: {short_key_list(leftover)}")
-    missing = [f"{k} (from {short_key_list(v, 2)})" for k, v in wanted.items()] + [f"{k} (no DeMo counterpart)"
-                                                                                    for k in unmapped]
-    if missing:
-        problems.append(f"{len(missing)} tensor(s) of this model are missing from the DeMo checkpoint: "
-                        f"{short_key_list(missing, 8)}")
-    bad += [f"{k} {tuple(v.shape)} -> {tuple(target[k].shape)}" for k, v in out.items() if v.shape != target[k].shape]
-    if bad:
-        problems.append(f"shape mismatch for {len(bad)} tensor(s) (DeMo -> this model): {short_key_list(bad, 6)}")
+    conversion = _Conversion(demo, target)
+    conversion.fill_reshaped()
+    conversion.fill_experts()
+    kept, unmapped = conversion.fill_renamed()
+    problems = conversion.problems(unmapped)
     if problems:
         raise ConversionError("; ".join(problems))
-    converted = {k: out[k].to(target[k].dtype).clone() for k in target}
+    converted = {k: conversion.out[k].to(target[k].dtype).clone() for k in target}
     return converted, kept

@@ -1,6 +1,15 @@
-"""SDTPS token selection, importable from here as well: the code is :mod:`modeling.module.sdtps`,
-beside DeMo's other modules (HDM, ATM, DGAF)."""
+"""SDTPS token selection: the public import path.
 
-from modeling.module.sdtps import SDTPS, CrossModalAttention, TokenSparse, num_keep_tokens
+Users import from here (``from modeling.sdtps import SDTPS, CrossModalAttention, TokenSparse``);
+the code lives in :mod:`modeling.module.token_selection`, beside DeMo's other parts (HDM, ATM, DGAF).
+"""
 
-__all__ = ["SDTPS", "CrossModalAttention", "TokenSparse", "num_keep_tokens"]
+from modeling.module.token_selection import (
+    SDTPS,
+    CrossModalAttention,
+    SDTPSOutput,
+    TokenSparse,
+    num_keep_tokens,
+)
+
+__all__ = ["SDTPS", "CrossModalAttention", "SDTPSOutput", "TokenSparse", "num_keep_tokens"]

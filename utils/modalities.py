@@ -1,4 +1,7 @@
-"""The modality order every package shares: batches, masks, model outputs and configs."""
+"""The modality order every package shares: batches, masks, model outputs, losses and configs.
+
+Its one definition: import :data:`MODALITIES` from here rather than spelling the names out.
+"""
 
 from __future__ import annotations
 

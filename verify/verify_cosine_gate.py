@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modeling.module.sdtps import CrossModalAttention, TokenSparse
+from modeling.module.token_selection import CrossModalAttention, TokenSparse
 from verify.harness import report, run
 
 ROOT = Path(__file__).resolve().parents[1]

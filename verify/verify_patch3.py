@@ -79,37 +79,59 @@ def reference_attention(feats: np.ndarray, anchors: np.ndarray, scale: float) ->
 
 
 def run_checks(model: nn.Module) -> list[Check]:
-    """Every Patch-3 invariant on ``model`` (an ExpB1 model with SAP); never raises on a broken invariant."""
-    checks: list[Check] = []
+    """Every invariant of SAP's bounded logit scale on ``model`` (an ExpB1 model with SAP); never raises on a
+    broken invariant."""
     sap = getattr(model, "sap", None)
     if sap is None:
         return [Check("model has SAP", False, "model.sap is None (MODEL.SAP.ENABLED False?)")]
     model.eval()
 
     p = getattr(sap, "logit_scale_log", None)
-    checks.append(Check("logit_scale_log is a trainable nn.Parameter", isinstance(p, nn.Parameter) and p.requires_grad,
-                        f"type {type(p).__name__}, requires_grad {getattr(p, 'requires_grad', None)}"))
+    checks = [Check("logit_scale_log is a trainable nn.Parameter", isinstance(p, nn.Parameter) and p.requires_grad,
+                    f"type {type(p).__name__}, requires_grad {getattr(p, 'requires_grad', None)}")]
     if not isinstance(p, torch.Tensor):
         return checks
+    checks += _scale_checks(sap, p)
 
+    support, s_lab, query, q_lab = synthetic_episode(sap.phy_dim)
+    episode_checks, has_stats = _episode_checks(model, support, s_lab, query, q_lab)
+    checks += episode_checks
+    if not has_stats:
+        return checks
+
+    feats = torch.cat([support, query])
+    with torch.no_grad():
+        anchors = model.anchors(support, None)  # 1-shot: the prototypes are the support features
+    checks.append(_reference_check(sap, feats, anchors))
+    checks += _ceiling_checks(model, sap, p, feats, anchors)
+    return checks
+
+
+def _scale_checks(sap: nn.Module, p: torch.Tensor) -> list[Check]:
+    """Checks 2-4: the initial scale, the ceiling, no ``temperature`` attribute."""
     init_raw = float(p.detach().exp())
     init_eff = float(sap.logit_scale.value()) if isinstance(getattr(sap, "logit_scale", None), BoundedScale) else math.nan
-    checks.append(Check("initial scale = 25.00", abs(init_raw - EXPECTED_INIT) < 1e-4 and abs(init_eff - EXPECTED_INIT) < 1e-4,
-                        f"exp(logit_scale_log) = {init_raw:.4f}, effective = {init_eff:.4f}"))
     ceiling = getattr(sap, "logit_scale_max", None)
-    checks.append(Check("ceiling = 100.0", ceiling == EXPECTED_MAX, f"logit_scale_max = {ceiling}"))
-    checks.append(Check("no temperature attribute", not hasattr(sap, "temperature"),
-                        f"hasattr(sap, 'temperature') = {hasattr(sap, 'temperature')}"))
+    return [
+        Check("initial scale = 25.00", abs(init_raw - EXPECTED_INIT) < 1e-4 and abs(init_eff - EXPECTED_INIT) < 1e-4,
+              f"exp(logit_scale_log) = {init_raw:.4f}, effective = {init_eff:.4f}"),
+        Check("ceiling = 100.0", ceiling == EXPECTED_MAX, f"logit_scale_max = {ceiling}"),
+        Check("no temperature attribute", not hasattr(sap, "temperature"),
+              f"hasattr(sap, 'temperature') = {hasattr(sap, 'temperature')}"),
+    ]
 
-    # ---- a 5-way episode through the episode head
-    support, s_lab, query, q_lab = synthetic_episode(sap.phy_dim)
+
+def _episode_checks(model: nn.Module, support: torch.Tensor, s_lab: torch.Tensor, query: torch.Tensor,
+                    q_lab: torch.Tensor) -> tuple[list[Check], bool]:
+    """Check 5 on the synthetic 5-way episode through the episode head; the flag says whether the four SAP
+    stats came back (the later checks need them)."""
     with torch.no_grad():
         logits, stats = model.episode_logits(support, s_lab, query, class_ids=None, n_way=N_WAY)
     missing = [k for k in ("attn_entropy", "attn_max", "logit_scale", "logit_scale_clipped") if k not in stats]
-    checks.append(Check("forward returns the four SAP stats", not missing and logits.shape == (N_WAY * N_QUERY, N_WAY),
-                        f"stats {sorted(stats)}, logits {tuple(logits.shape)}" + (f", missing {missing}" if missing else "")))
+    checks = [Check("forward returns the four SAP stats", not missing and logits.shape == (N_WAY * N_QUERY, N_WAY),
+                    f"stats {sorted(stats)}, logits {tuple(logits.shape)}" + (f", missing {missing}" if missing else ""))]
     if missing:
-        return checks
+        return checks, False
     ent, amax = float(stats["attn_entropy"]), float(stats["attn_max"])
     log_n = math.log(N_WAY)
     checks.append(Check(f"{N_WAY}-way attention entropy clearly below log({N_WAY}) = {log_n:.3f}",
@@ -118,19 +140,24 @@ def run_checks(model: nn.Module) -> list[Check]:
                         amax >= MAX_ATTN_FLOOR, f"{amax:.3f} (>= {MAX_ATTN_FLOOR} required)"))
     acc = float((logits.argmax(-1) == q_lab).float().mean())
     checks.append(Check("episode head classifies the synthetic episode", acc > 1 / N_WAY, f"query accuracy {acc:.3f}"))
+    return checks, True
 
-    # ---- attention against an independent formula at the initial scale
-    feats = torch.cat([support, query])
-    protos = support  # 1-shot: the prototypes are the support features
+
+def _reference_check(sap: nn.Module, feats: torch.Tensor, anchors: torch.Tensor) -> Check:
+    """Check 6: the attention against an independent float64 formula at the initial scale."""
     with torch.no_grad():
-        anchors = model.anchors(protos, None)
         attn, _, _ = sap.compute_cross_attention(feats, anchors)
     ref = reference_attention(sap.q_proj(feats).detach().double().numpy(), sap.k_proj(anchors).detach().double().numpy(),
                               EXPECTED_INIT)
     err = float(np.abs(attn.double().numpy() - ref).max())
-    checks.append(Check("attention = softmax(25 * cosine) (independent float64)", err < 1e-4, f"max abs error {err:.2e}"))
+    return Check("attention = softmax(25 * cosine) (independent float64)", err < 1e-4, f"max abs error {err:.2e}")
 
-    # ---- the ceiling: log(200) -> exactly 100, attention at 100, clipped reported, no gradient
+
+def _ceiling_checks(model: nn.Module, sap: nn.Module, p: torch.Tensor, feats: torch.Tensor,
+                    anchors: torch.Tensor) -> list[Check]:
+    """Check 7: log(200) gives exactly 100, the attention uses 100, clipped is reported, the clamp passes no
+    gradient. The log-scale is restored and the gradients cleared afterwards."""
+    checks: list[Check] = []
     saved = p.detach().clone()
     try:
         with torch.no_grad():

@@ -62,6 +62,53 @@ Constraint = Literal["clamp", "sigmoid", "penalty", "none"]
 SIGMOID_AT_BOUND_TOL = 0.01
 
 
+def _checked_init(
+    init: float | torch.Tensor,
+    shape: Sequence[int],
+    min_value: float | None,
+    max_value: float | None,
+    parameterization: str,
+    constraint: str,
+    warn_every: int,
+) -> torch.Tensor:
+    """:class:`BoundedScale`'s arguments checked; returns the initial scale as a float32 tensor of ``shape``.
+
+    Raises ``ValueError`` naming the first argument that is out of range or inconsistent with the others.
+    """
+    if parameterization not in ("log", "raw"):
+        raise ValueError(f"parameterization must be 'log' or 'raw', got {parameterization!r}")
+    if constraint not in ("clamp", "sigmoid", "penalty", "none"):
+        raise ValueError(f"constraint must be clamp/sigmoid/penalty/none, got {constraint!r}")
+    if min_value is not None and max_value is not None and not min_value < max_value:
+        raise ValueError(f"need min_value < max_value, got [{min_value}, {max_value}]")
+    if warn_every < 1:
+        raise ValueError(f"warn_every must be >= 1, got {warn_every}")
+
+    init_t = torch.as_tensor(init, dtype=torch.float32).detach().clone()
+    shape = tuple(shape)
+    if init_t.dim() == 0 and shape:
+        init_t = init_t.expand(shape).clone()
+    if tuple(init_t.shape) != shape:
+        raise ValueError(f"init has shape {tuple(init_t.shape)} but shape={shape}")
+    if min_value is not None and bool((init_t < min_value).any()):
+        raise ValueError(f"init {init_t.tolist()} is below min_value {min_value}")
+    if max_value is not None and bool((init_t > max_value).any()):
+        raise ValueError(f"init {init_t.tolist()} is above max_value {max_value}")
+    if parameterization == "log":
+        if bool((init_t <= 0).any()):
+            raise ValueError(f"log parameterization needs init > 0, got {init_t.tolist()}")
+        if min_value is not None and min_value < 0:
+            raise ValueError(f"log parameterization gives positive scales; min_value {min_value} < 0")
+    if constraint == "sigmoid":
+        if min_value is None or max_value is None:
+            raise ValueError("constraint='sigmoid' needs both min_value and max_value")
+        if parameterization == "log" and min_value <= 0:
+            raise ValueError("constraint='sigmoid' with parameterization='log' needs min_value > 0")
+        if not bool(((init_t > min_value) & (init_t < max_value)).all()):
+            raise ValueError(f"constraint='sigmoid' needs min < init < max, got init {init_t.tolist()}")
+    return init_t
+
+
 class BoundedScale(nn.Module):
     """A learnable (or fixed) positive-or-raw scale kept inside ``[min_value, max_value]``.
 
@@ -97,38 +144,7 @@ class BoundedScale(nn.Module):
         name: str = "scale",
     ) -> None:
         super().__init__()
-        if parameterization not in ("log", "raw"):
-            raise ValueError(f"parameterization must be 'log' or 'raw', got {parameterization!r}")
-        if constraint not in ("clamp", "sigmoid", "penalty", "none"):
-            raise ValueError(f"constraint must be clamp/sigmoid/penalty/none, got {constraint!r}")
-        if min_value is not None and max_value is not None and not min_value < max_value:
-            raise ValueError(f"need min_value < max_value, got [{min_value}, {max_value}]")
-        if warn_every < 1:
-            raise ValueError(f"warn_every must be >= 1, got {warn_every}")
-
-        init_t = torch.as_tensor(init, dtype=torch.float32).detach().clone()
-        shape = tuple(shape)
-        if init_t.dim() == 0 and shape:
-            init_t = init_t.expand(shape).clone()
-        if tuple(init_t.shape) != shape:
-            raise ValueError(f"init has shape {tuple(init_t.shape)} but shape={shape}")
-        if min_value is not None and bool((init_t < min_value).any()):
-            raise ValueError(f"init {init_t.tolist()} is below min_value {min_value}")
-        if max_value is not None and bool((init_t > max_value).any()):
-            raise ValueError(f"init {init_t.tolist()} is above max_value {max_value}")
-        if parameterization == "log":
-            if bool((init_t <= 0).any()):
-                raise ValueError(f"log parameterization needs init > 0, got {init_t.tolist()}")
-            if min_value is not None and min_value < 0:
-                raise ValueError(f"log parameterization gives positive scales; min_value {min_value} < 0")
-        if constraint == "sigmoid":
-            if min_value is None or max_value is None:
-                raise ValueError("constraint='sigmoid' needs both min_value and max_value")
-            if parameterization == "log" and min_value <= 0:
-                raise ValueError("constraint='sigmoid' with parameterization='log' needs min_value > 0")
-            if not bool(((init_t > min_value) & (init_t < max_value)).all()):
-                raise ValueError(f"constraint='sigmoid' needs min < init < max, got init {init_t.tolist()}")
-
+        init_t = _checked_init(init, shape, min_value, max_value, parameterization, constraint, warn_every)
         self.parameterization = parameterization
         self.constraint = constraint
         self.min_value = None if min_value is None else float(min_value)
@@ -137,7 +153,7 @@ class BoundedScale(nn.Module):
         self.warn_threshold = None if warn_threshold is None else float(warn_threshold)
         self.warn_every = int(warn_every)
         self.learnable = learnable
-        self.shape = shape
+        self.shape = tuple(shape)
         self.name = name
 
         self.register_buffer("init_value", init_t.clone())

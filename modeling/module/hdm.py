@@ -18,11 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.modalities import MODALITIES
+
 #: The seven subsets of (RGB, NI, TI), as modality indices, in DeMo's order R, N, T, RN, RT, NT, RNT.
 HDM_SUBSETS: tuple[tuple[int, ...], ...] = ((0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2))
 
 
-def subset_name(subset: Sequence[int], modalities: Sequence[str] = ("RGB", "NI", "TI")) -> str:
+def subset_name(subset: Sequence[int], modalities: Sequence[str] = MODALITIES) -> str:
     """``(0, 1)`` -> ``'RGB+NI'``."""
     return "+".join(modalities[i] for i in subset)
 
@@ -93,7 +95,7 @@ class HierarchicalDecoupling(nn.Module):
         subsets' heads score all tokens with one matmul against ``W_k^T q``, pool the tokens with their
         probabilities in a second, and project the pooled tokens by ``W_v`` and ``out_proj`` per subset. No
         (token, subset) key or value tensor is ever made. Same result as seven :class:`QueryAttention` calls
-        on the concatenated subset tokens (``tests/test_demo_model.py``).
+        on the concatenated subset tokens (``tests/modeling/module/test_hdm.py``).
         """
         num_mod, b, length, d = tokens.shape
         num_sub, first = len(self.subsets), self.queries[0]

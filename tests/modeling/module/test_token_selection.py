@@ -1,4 +1,5 @@
-"""CrossModalAttention, TokenSparse and SDTPS against independent float64 / hand formulas."""
+"""CrossModalAttention, TokenSparse and SDTPS (modeling/module/token_selection.py) against independent float64 /
+hand formulas, and the public import path modeling.sdtps."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from modeling.sdtps import SDTPS, CrossModalAttention, TokenSparse, num_keep_tokens
+from modeling.module.token_selection import SDTPS, CrossModalAttention, TokenSparse, num_keep_tokens
 
 
 def _sigmoid(x: float) -> float:
@@ -245,3 +246,12 @@ def test_batched_pairs_equal_nine_attention_calls_in_float64(gate_norm: bool, re
     assert torch.equal(got[1], want[1])
     for a, b in [(got[0], want[0]), (got[2], want[2]), *zip(got[3], want[3])]:
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_public_path_re_exports_the_implementation() -> None:
+    import modeling.module.token_selection as impl
+    import modeling.sdtps as public
+
+    for name in public.__all__:
+        assert getattr(public, name) is getattr(impl, name), name
+    assert {"SDTPS", "CrossModalAttention", "TokenSparse"} <= set(public.__all__)

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from modeling.sdtps import CrossModalAttention, TokenSparse
+from modeling.module.token_selection import CrossModalAttention, TokenSparse
+from tests.helpers.verify_scripts import run_verify_script
 from verify import verify_cosine_gate
-
-SCRIPT = Path(__file__).resolve().parents[1] / "verify" / "verify_cosine_gate.py"
 
 
 def test_script_passes_and_prints_the_table() -> None:
-    proc = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=300)
+    proc = run_verify_script("verify_cosine_gate.py")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "cosine  old gate  new gate" in proc.stdout
     assert "-1.0   0.27      0.50" in proc.stdout and "+1.0   0.73      0.73" in proc.stdout
