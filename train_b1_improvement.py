@@ -7,10 +7,18 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
-from engine.defaults import default_argument_parser, main_entry
-from engine.fewshot import main
+from engine.defaults import default_argument_parser, default_setup, main_entry
+from engine.fewshot.family import FEWSHOT
+
+
+def main(args: argparse.Namespace) -> None:
+    """Set up the run folder and config, then train or evaluate (engine/fewshot/run.py)."""
+    cfg = default_setup(args)
+    FEWSHOT.runner()(cfg, args)
+
 
 if __name__ == "__main__":
-    sys.exit(main_entry(main, default_argument_parser(__doc__, gate_flags=False)))
+    sys.exit(main_entry(main, default_argument_parser(__doc__, family=FEWSHOT)))

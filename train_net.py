@@ -11,15 +11,14 @@ import argparse
 import sys
 
 from engine.defaults import default_argument_parser, default_setup, main_entry
+from engine.reid.family import REID
 
 
 def main(args: argparse.Namespace) -> None:
-    """Set up the run folder and config, then train or evaluate (engine/reid.py)."""
+    """Set up the run folder and config, then train or evaluate (engine/reid/run.py)."""
     cfg = default_setup(args)
-    from engine.reid import run_reid
-
-    run_reid(cfg, args)
+    REID.runner()(cfg, args)
 
 
 if __name__ == "__main__":
-    sys.exit(main_entry(main, default_argument_parser(__doc__, gate_flags=True)))
+    sys.exit(main_entry(main, default_argument_parser(__doc__, family=REID)))

@@ -49,10 +49,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'datasets' has no attribute '{name}'")
 
 
-REID_DATASETS = ("RGBNT201", "RGBNT100", "MSVR310", "synthetic_rgbnt")
-FEWSHOT_DATASETS = ("miniImageNet", "tieredImageNet", "CIFAR-FS", "CUB", "synthetic_fewshot")
-
-
 def build_dataset(name: str, root: str, **kwargs: Any) -> ReIDData | FewShotData:
     """Parse the release registered as ``name`` under ``root``.
 
@@ -69,9 +65,9 @@ def build_dataset(name: str, root: str, **kwargs: Any) -> ReIDData | FewShotData
 
 __all__ = [
     "ArrayStore", "CLIP_MEAN", "CLIP_STD", "DATASET_REGISTRY", "DatasetLayoutError", "EpisodeCollate",
-    "EpisodeSampler", "FEWSHOT_DATASETS", "FewShotData", "FewShotImageDataset", "ImageReadError",
+    "EpisodeSampler", "FewShotData", "FewShotImageDataset", "ImageReadError",
     "MINI_IMAGENET_MEAN", "MINI_IMAGENET_STD", "MODALITIES", "ModalityMismatchError", "MultiModalTransform",
-    "REID_DATASETS", "RandomIdentitySampler", "ReIDData", "ReIDImageDataset", "ShuffledBatchSampler",
+    "RandomIdentitySampler", "ReIDData", "ReIDImageDataset", "ShuffledBatchSampler",
     "build_dataset", "build_fewshot_loader", "build_fewshot_transform", "build_reid_test_loader",
     "build_reid_train_loader", "build_reid_transform", "default_num_workers", "fewshot_collate",
     "fewshot_eval_loader", "fewshot_train_loader", "read_image", "reid_collate", "reid_test_loader",

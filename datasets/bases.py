@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from datasets.image_io import ArrayStore, ImageReadError, read_image
+from utils.errors import UserError
 from utils.modalities import MODALITIES  # noqa: F401  (importable from here too)
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ class DatasetLayoutError(FileNotFoundError):
     """A root or split folder is missing or holds something else than the release's layout."""
 
 
-class ModalityMismatchError(ValueError):
+class ModalityMismatchError(UserError, ValueError):
     """The modality folders of a split do not hold the same file names."""
 
 

@@ -23,11 +23,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from utils.errors import UserError
+
 ARRAY_SCHEME = "pkl://"
 CROP_TAG = "#crop="
 
 
-class ImageReadError(OSError):
+class ImageReadError(UserError, OSError):
     """An image file is missing, truncated or not an image; the message names the file."""
 
 

@@ -41,14 +41,9 @@ from datasets.transforms import (
     build_reid_transform,
 )
 from utils.distributed import get_world_size
+from utils.signals import STOP_SIGNALS  # noqa: F401  (importable from here too)
 
 logger = logging.getLogger(__name__)
-
-#: signals that ask a training run to stop (Ctrl-C, a cluster's kill, SLURM's ``--signal`` warning before a
-#: time limit); those this platform lacks are left out
-STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
-    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
-
 
 def ignore_stop_signals(worker_id: int, main_pid: int | None = None) -> None:
     """A loader worker's init function: ignore :data:`STOP_SIGNALS` unless the main process sent them.

@@ -17,9 +17,11 @@ import torch
 import yaml
 from torch import nn
 
-from engine.config import MODEL_FAMILIES, flatten
+from engine.config import flatten
+from engine.family import families, family_of_model
 from engine.seed import get_rng_state, set_rng_state
 from utils.distributed import is_main_process
+from utils.errors import UserError
 from utils.io import atomic_write, atomic_write_text, load_error_summary
 
 logger = logging.getLogger(__name__)
@@ -28,7 +30,7 @@ FORMAT_VERSION = 1
 LAST_POINTER = "last_checkpoint"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be read or does not match the run; the message says which file and why."""
 
 
@@ -262,12 +264,10 @@ def _list_checkpoints(directory: Path, exclude: Path) -> list[str]:
     return sorted(str(p) for p in directory.glob("checkpoint_*.pth") if p.resolve() != exclude.resolve())
 
 
-SCRIPTS = {"reid": "train_net.py", "fewshot": "train_b1_improvement.py"}
-
-
 def checkpoint_meta(cfg: Any) -> dict[str, Any]:
     """What a checkpoint records about where it came from: the model name, its family and the whole config."""
-    return {"model": cfg.MODEL.NAME, "family": MODEL_FAMILIES.get(cfg.MODEL.NAME), "config": cfg.dump()}
+    family = family_of_model(cfg.MODEL.NAME)
+    return {"model": cfg.MODEL.NAME, "family": family.name if family is not None else None, "config": cfg.dump()}
 
 
 def mismatch_message(state: dict[str, Any], path: str | Path, model: nn.Module) -> str:
@@ -281,10 +281,10 @@ def mismatch_message(state: dict[str, Any], path: str | Path, model: nn.Module) 
     shapes = [k for k in own if k in theirs and tuple(own[k].shape) != tuple(theirs[k].shape)]
     origin = ""
     if meta.get("model"):
-        family = meta.get("family")
+        family = next((f for f in families() if f.name == meta.get("family")), None)
         origin = f" It was written by a run of MODEL.NAME {meta['model']}"
-        if family in SCRIPTS:
-            origin += f" ({'ReID' if family == 'reid' else 'few-shot'}: {SCRIPTS[family]})"
+        if family is not None:
+            origin += f" ({family.label}: {family.script})"
         origin += "."
     parts = [f"{len(v)} {what} (e.g. {', '.join(v[:2])})" for what, v in
              (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if v]

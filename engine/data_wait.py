@@ -1,6 +1,6 @@
 """How long the training loop waits for its data: the host time spent getting each next batch.
 
-An epoch that runs slower than the model step alone (``tools/benchmark.py``) either waits for the data
+An epoch that runs slower than the model step alone (``tools/benchmark.py --task train``) either waits for the data
 loader or loses time elsewhere in the loop; this tells the two apart. The time counted is the time the
 loop is blocked in the loader's ``next()``, the first batch of the epoch (filling the pipeline) included;
 that first wait is also kept apart, since it is paid once per epoch however fast the loader runs after.

@@ -13,19 +13,15 @@ from typing import Any
 
 from yacs.config import CfgNode as CN
 
-from datasets.bases import ModalityMismatchError
-from datasets.image_io import ImageReadError
-from engine.checkpoint import CheckpointError
 from engine.config import ConfigError, load_config
+from engine.family import Family
 from engine.launch import launch
 from engine.logger import setup_logging
-from engine.monitor import NonFiniteLossError
 from engine.run_lock import RunFolderError, RunFolderLock
 from engine.seed import seed_everything
-from modeling.clip_checkpoint import ClipWeightsError
 from utils.distributed import barrier, get_rank, is_main_process
-from utils.io import DiskFullError, atomic_write_text
-from utils.registry import NotImplementedYetError
+from utils.errors import UserError
+from utils.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +30,9 @@ FINISHED_MARKER = "summary.json"  # written last by a run that completed
 DEBUG_ENV = "TRAIN_DEBUG"
 
 
-def default_argument_parser(description: str, gate_flags: bool = False) -> argparse.ArgumentParser:
-    """``--config_file``, ``--resume [PATH]``, ``--eval-only`` and trailing ``KEY VALUE`` overrides.
-
-    ``gate_flags`` adds ``--init_scale``/``--init_bias`` (the cosine gate's initial scale and bias) and the
-    gate's two options.
-    """
+def default_argument_parser(description: str, family: Family | None = None) -> argparse.ArgumentParser:
+    """``--config_file``, ``--resume [PATH]``, ``--eval-only`` and trailing ``KEY VALUE`` overrides, plus the
+    command-line flags of ``family`` (``Family.add_arguments``: e.g. ReID's ``--init_scale``/``--init_bias``)."""
     parser = argparse.ArgumentParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -57,31 +50,10 @@ def default_argument_parser(description: str, gate_flags: bool = False) -> argpa
     parser.add_argument("--eval-only", "--eval_only", action="store_true", help="evaluate only (with --resume or MODEL.WEIGHTS)")
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of an error caused by the input (also: {DEBUG_ENV}=1)")
-    if gate_flags:
-        parser.add_argument("--init_scale", type=float, default=None, help="cosine gate scale init (MODEL.SDTPS.GATE_INIT_SCALE)")
-        parser.add_argument("--init_bias", type=float, default=None, help="cosine gate bias init (MODEL.SDTPS.GATE_INIT_BIAS)")
-        parser.add_argument("--use_gate_norm", type=_str2bool, default=None, metavar="BOOL",
-                            help="LayerNorm over heads of the gate logits (MODEL.SDTPS.USE_GATE_NORM)")
-        parser.add_argument("--renormalize_attn", type=_str2bool, default=None, metavar="BOOL",
-                            help="renormalise gated attention rows to sum 1 (MODEL.SDTPS.RENORMALIZE_ATTN)")
+    flag_keys = family.add_arguments(parser) if family is not None else {}
+    parser.set_defaults(flag_keys=dict(flag_keys))
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
     return parser
-
-
-_FLAG_KEYS = {
-    "init_scale": "MODEL.SDTPS.GATE_INIT_SCALE",
-    "init_bias": "MODEL.SDTPS.GATE_INIT_BIAS",
-    "use_gate_norm": "MODEL.SDTPS.USE_GATE_NORM",
-    "renormalize_attn": "MODEL.SDTPS.RENORMALIZE_ATTN",
-}
-
-
-def _str2bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got '{text}'")
 
 
 def overrides_from_args(args: argparse.Namespace) -> list[str]:
@@ -97,7 +69,7 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
             opts += token.split("=", 1)  # KEY=VALUE, as W&B's ${args_no_hyphens} writes them
         else:
             opts.append(token)
-    for flag, key in _FLAG_KEYS.items():
+    for flag, key in getattr(args, "flag_keys", {}).items():
         value = getattr(args, flag, None)
         if value is not None:
             opts += [key, repr(value)]
@@ -175,10 +147,8 @@ def default_setup(args: argparse.Namespace) -> CN:
     return cfg
 
 
-USER_ERRORS = (
-    ConfigError, FileNotFoundError, RunFolderError, CheckpointError, NotImplementedYetError, NonFiniteLossError,
-    ImageReadError, ModalityMismatchError, ClipWeightsError, DiskFullError,
-)
+#: errors the user can fix from their one-line message (every package's error classes derive from UserError)
+USER_ERRORS = (UserError, FileNotFoundError)
 
 
 def user_message(err: BaseException) -> str:

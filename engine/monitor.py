@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from utils.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 MAD_TO_SIGMA = 1.4826  # MAD * 1.4826 estimates the standard deviation of a Gaussian
@@ -173,7 +175,7 @@ class SpikeDetector:
         self.spikes = int(state["spikes"])
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """Raised by :class:`NonFiniteGuard` after too many non-finite steps in a row."""
 
 

@@ -1,6 +1,6 @@
 """A torch.profiler trace of the first steps of one training epoch (``MONITOR.PROFILE_EPOCH``).
 
-The step alone (``tools/benchmark.py --profile``) shows what the model costs; this shows what the training
+The step alone (``tools/benchmark.py --task train --profile``) shows what the model costs; this shows what the training
 loop adds around it: waiting for the loader, launching a step, judging the step before, logging. The loop
 marks those parts with :func:`torch.profiler.record_function` ranges, so they are named in the trace.
 ``MONITOR.PROFILE_STEPS`` steps are recorded after one warm-up step; the trace (Chrome format, gzipped: open

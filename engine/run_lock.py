@@ -22,10 +22,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from utils.errors import UserError
+
 LOCK_FILE = ".lock"
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(UserError, RuntimeError):
     """The output folder holds, or is used by, a run that this command would overwrite."""
 
 

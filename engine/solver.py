@@ -14,8 +14,6 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
-from modeling.param_groups import ParamRules
-
 #: ``SOLVER.OPTIMIZER`` names: the optimizers :func:`build_optimizer` builds
 OPTIMIZERS = ("SGD", "Adam", "AdamW")
 #: ``SOLVER.SCHEDULER`` names: stepped per optimizer step, and stepped per epoch
@@ -56,26 +54,13 @@ def build_optimizer(
     raise ValueError(f"SOLVER.OPTIMIZER must be one of {', '.join(OPTIMIZERS)}, got '{name}'")
 
 
-def param_rules(cfg: Any) -> ParamRules:
-    """The per-tensor rate and decay rules of ``SOLVER.BIAS_LR_FACTOR``, ``WEIGHT_DECAY_BIAS``,
-    ``DECAY_ALL_TENSORS`` and ``LARGE_FC_LR`` (ReID configs have them)."""
+def build_model_optimizer(cfg: Any, groups: Sequence[dict[str, Any]], base_lr: float) -> torch.optim.Optimizer:
+    """``SOLVER.OPTIMIZER`` (momentum, Nesterov from ``SOLVER``) over ``groups``: a model's optimizer groups and any
+    of a criterion's, each with its own ``lr`` and ``weight_decay`` where it sets them (else ``base_lr`` and
+    ``SOLVER.WEIGHT_DECAY``)."""
     s = cfg.SOLVER
-    return ParamRules(bias_lr_factor=float(s.BIAS_LR_FACTOR), weight_decay_bias=float(s.WEIGHT_DECAY_BIAS),
-                      decay_all=bool(s.DECAY_ALL_TENSORS), large_fc_lr=bool(s.LARGE_FC_LR))
-
-
-def build_model_optimizer(cfg: Any, model: torch.nn.Module, base_lr: float,
-                          extra_groups: Sequence[dict[str, Any]] = (),
-                          rules: ParamRules | None = None) -> torch.optim.Optimizer:
-    """``SOLVER.OPTIMIZER`` over the model's groups (``model.param_groups``: the pretrained backbone at
-    ``SOLVER.BACKBONE_LR`` where the model has one, the rest at ``base_lr``; ``rules``, where given, set
-    biases, 1-D tensors and classifiers apart) and ``extra_groups`` (e.g. a criterion's own parameters)."""
-    s = cfg.SOLVER
-    extra = {} if rules is None else {"rules": rules}
-    groups = model.param_groups(base_lr, s.WEIGHT_DECAY, backbone_lr=s.BACKBONE_LR if s.BACKBONE_LR > 0 else None,
-                                **extra)
-    return build_optimizer([*groups, *extra_groups], s.OPTIMIZER, lr=base_lr, weight_decay=s.WEIGHT_DECAY,
-                           momentum=s.MOMENTUM, nesterov=s.NESTEROV)
+    return build_optimizer(list(groups), s.OPTIMIZER, lr=base_lr, weight_decay=s.WEIGHT_DECAY, momentum=s.MOMENTUM,
+                           nesterov=s.NESTEROV)
 
 
 def lr_factor(

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from utils.errors import UserError
 from utils.io import load_error_summary
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ _FORMAT_NAMES = {
 }
 
 
-class ClipWeightsError(ValueError):
+class ClipWeightsError(UserError, ValueError):
     """A CLIP weights file that cannot be used: unreadable, not CLIP, or a training checkpoint."""
 
 

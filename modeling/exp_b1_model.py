@@ -123,11 +123,6 @@ class ExpB1Model(nn.Module):
             groups.append({"params": [scale], "weight_decay": 0.0} if self.scale_no_decay else {"params": [scale]})
         return groups
 
-    def param_groups(self, base_lr: float, weight_decay: float, backbone_lr: float | None = None) -> list[dict[str, Any]]:
-        """:meth:`get_parameters` with each group's rate and decay written out: the optimizer-group interface
-        both model families have (ExpB1 trains its backbone at ``base_lr``; ``backbone_lr`` is not used)."""
-        return [{"lr": base_lr, "weight_decay": weight_decay, **group} for group in self.get_parameters()]
-
 
 def load_backbone_weights(backbone: nn.Module, path: str) -> None:
     """Load a local file into the backbone: a plain state dict, or a checkpoint of this repo

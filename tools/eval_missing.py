@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.defaults import default_argument_parser, default_setup, main_entry
-from engine.missing import DEMO_TABLE_SETTINGS, table_label
+from engine.reid.missing import DEMO_TABLE_SETTINGS, table_label
 from engine.run_lock import RunFolderError
 from utils.io import atomic_write_json, atomic_write_text
 

@@ -12,8 +12,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from utils.errors import UserError
 
-class DiskFullError(OSError):
+
+class DiskFullError(UserError, OSError):
     """A write ran out of space; the file it was replacing is intact."""
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from utils.errors import UserError
+
 T = TypeVar("T", bound=Callable[..., Any])
 
 
-class NotImplementedYetError(KeyError):
+class NotImplementedYetError(UserError, KeyError):
     """Raised when a config names a component nobody has registered."""
 
     def __str__(self) -> str:  # KeyError quotes its message; show it plainly.

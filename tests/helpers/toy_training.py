@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from engine.checkpoint import Checkpointer
+from engine.config import load_config
+from engine.device import build_amp_policy
+from engine.logger import MetricsLogger
+from engine.trainer import Stage, Trainer
 
 
 class ToySampler:
@@ -66,3 +73,47 @@ class Regression:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.calls = state["calls"]
+
+
+DEVICE = torch.device("cpu")
+
+
+class ScoreList:
+    """An evaluator that returns the next of ``scores`` each time."""
+
+    prefix = "val"
+
+    def __init__(self, scores: list[float]) -> None:
+        self.scores = list(scores)
+
+    def __call__(self, model: nn.Module) -> dict[str, Any]:
+        return {"score": self.scores.pop(0)}
+
+    def scalars(self, results: dict[str, Any]) -> dict[str, float]:
+        return {"score": results["score"]}
+
+    def score(self, results: dict[str, Any]) -> float:
+        return results["score"]
+
+    def lines(self, results: dict[str, Any]) -> list[str]:
+        return [f"score {results['score']}"]
+
+
+def toy_data(n: int = 4) -> ToyLoader:
+    g = torch.Generator().manual_seed(0)
+    return ToyLoader([(torch.randn(8, 3, generator=g), torch.randn(8, 1, generator=g)) for _ in range(n)])
+
+
+def toy_stage(model: nn.Module, name: str = "train", epochs: int = 3, objective: Any = None,
+           evaluator: Any = None, hooks: list | None = None) -> Stage:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    return Stage(name, toy_data(), epochs, objective or Regression(), opt, sched, evaluator=evaluator,
+                 hooks=list(hooks or []))
+
+
+def toy_trainer(tmp: Path, model: nn.Module, overrides: list[str] = (), stages=("train",), resume=None) -> Trainer:
+    cfg = load_config(None, ["SOLVER.LOG_PERIOD", "2", "SOLVER.EVAL_PERIOD", "1", "SOLVER.CHECKPOINT_PERIOD", "1",
+                             "SOLVER.GRAD_CLIP", "0.0", *overrides])
+    return Trainer(cfg, model, DEVICE, build_amp_policy("fp32", DEVICE), Checkpointer(tmp),
+                   MetricsLogger(tmp, "disabled"), stages=stages, resume=resume)

@@ -1,0 +1,168 @@
+"""Synthetic pretraining of the CLIP image tower: the stand-in for CLIP weights on the synthetic sets.
+
+The questions the ablations ask are about a CLIP-initialised tower. Without CLIP weights, a
+tower pretrained here plays that part: a DeMo-SDTPS model is trained by the ReID trainer on a
+synthetic set whose identities are never in the ablation sets (another generator seed; ID,
+triplet and centred SDM between the modalities), and its tower (``backbone.visual.*``) is kept.
+
+``tools/pretrain_tower.py --config_file RECIPE --out FILE`` runs a recipe (e.g.
+``configs/synthetic/Pretrain_tower_small.yml``) into ``<FILE's folder>/run/`` and exports the
+tower's ``visual.*`` tensors to ``FILE`` with an ``open_clip_config.json`` beside it (so the
+activation is read from the file, as for open_clip weights) and ``pretrain.json`` (the recipe's
+config and its test metrics). A ReID config that names the recipe in ``MODEL.PRETRAIN_RECIPE``
+gets ``MODEL.PRETRAIN_PATH`` made on first use (:func:`ensure_pretrained_tower`) and reused
+after; a tower made with another recipe is refused, not silently used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from yacs.config import CfgNode as CN
+
+from engine.checkpoint import Checkpointer, read_checkpoint
+from engine.config import ConfigError, config_to_dict, flatten, load_config
+from engine.reid.checks import BACKBONE_ARCHS
+from engine.run_lock import file_lock
+from modeling.backbones.clip_vit import CLIP_VIT_CONFIGS
+from modeling.clip_checkpoint import OPEN_CLIP_CONFIG
+from utils.io import atomic_write, atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+RECORD = "pretrain.json"
+RUN_DIR = "run"
+#: keys that say where and how a recipe runs, not what it trains
+_RUN_KEYS = ("OUTPUT_DIR", "WANDB", "DEVICE", "DATALOADER")
+
+
+def recipe_record(cfg: CN) -> dict[str, Any]:
+    """What identifies a pretraining: the recipe's config without the keys of :data:`_RUN_KEYS`."""
+    record = config_to_dict(cfg)
+    for key in _RUN_KEYS:
+        record.pop(key, None)
+    record["DATASETS"].pop("ROOT_DIR", None)
+    return record
+
+
+def recipe_changes(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """``KEY: recorded -> wanted`` for every recorded key whose value the recipe now changes (keys the
+    repository gained since the tower was made are not changes)."""
+    old, new = flatten(recorded), flatten(wanted)
+    return [f"{k}: {old[k]!r} -> {new.get(k, '<no such key>')!r}" for k in sorted(old) if new.get(k, object()) != old[k]]
+
+
+def export_tower(cfg: CN, run_dir: Path, out: Path, results: dict[str, Any] | None = None) -> Path:
+    """Write the tower of ``run_dir``'s newest checkpoint to ``out`` (``visual.*`` tensors), its
+    ``open_clip_config.json`` and :data:`RECORD` beside it; the tensor file is written last."""
+    checkpoint = Checkpointer(run_dir).latest()
+    if checkpoint is None:
+        raise ConfigError(f"{run_dir} holds no checkpoint to export the tower from")
+    state = read_checkpoint(checkpoint, run_dir)["model"]
+    prefix = "backbone.visual."
+    tower = {"visual." + k[len(prefix):]: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith(prefix)}
+    if not tower:
+        raise ConfigError(f"{checkpoint} holds no CLIP tower tensors ('{prefix}*'): not a DeMo / DeMo_SDTPS checkpoint")
+    arch = BACKBONE_ARCHS.get(cfg.MODEL.BACKBONE)
+    if arch is None:
+        raise ConfigError(f"MODEL.BACKBONE '{cfg.MODEL.BACKBONE}' is not a CLIP tower ({sorted(BACKBONE_ARCHS)})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    quick_gelu = cfg.MODEL.CLIP_ACTIVATION != "gelu"
+    atomic_write_json(out.parent / OPEN_CLIP_CONFIG, {"model_cfg": {**CLIP_VIT_CONFIGS[arch], "quick_gelu": quick_gelu}})
+    atomic_write_json(out.parent / RECORD, {"recipe": recipe_record(cfg), "checkpoint": str(checkpoint),
+                                            "results": results or {}})
+    atomic_write(out, lambda f: torch.save(tower, f))
+    logger.info("exported %d tower tensors of %s to %s", len(tower), checkpoint, out)
+    return out
+
+
+def read_record(out: Path) -> dict[str, Any] | None:
+    """The :data:`RECORD` beside a tower file, or ``None`` when the tower or its record is absent."""
+    try:
+        return json.loads((out.parent / RECORD).read_text()) if out.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def ensure_pretrained_tower(cfg: CN) -> None:
+    """Make ``MODEL.PRETRAIN_PATH`` with the recipe ``MODEL.PRETRAIN_RECIPE`` unless it is there already.
+
+    Runs :func:`pretrain_tower` in a process of its own (its own log, run folder and seed) under a
+    lock beside the file, so runs started side by side pretrain once. A tower whose recorded
+    recipe differs from the recipe's current config is refused with the two ways out.
+    """
+    recipe = cfg.MODEL.PRETRAIN_RECIPE
+    if not recipe:
+        return
+    if not cfg.MODEL.PRETRAIN_PATH:
+        raise ConfigError("MODEL.PRETRAIN_RECIPE needs MODEL.PRETRAIN_PATH: the file the pretrained tower is written to")
+    if not Path(recipe).is_file():
+        raise ConfigError(f"MODEL.PRETRAIN_RECIPE '{recipe}' does not exist")
+    out = Path(cfg.MODEL.PRETRAIN_PATH)
+    wanted = recipe_record(load_config(recipe, []))
+    with file_lock(out.parent / ".pretrain.lock"):
+        record = read_record(out)
+        if record is None:
+            logger.info("MODEL.PRETRAIN_PATH %s does not exist: pretraining it with %s (log: %s)", out, recipe,
+                        out.parent / RUN_DIR / "log.txt")
+            # a process of its own: its own seed, log and run folder, and no process group of a DDP run
+            child = multiprocessing.get_context("spawn").Process(
+                target=pretrain_tower, args=(recipe, str(out), ["WANDB.MODE", "disabled"]), name="pretrain_tower")
+            child.start()
+            child.join()
+            record = read_record(out)
+            if child.exitcode != 0 or record is None:
+                raise ConfigError(f"pretraining the tower with {recipe} failed (exit {child.exitcode}); see "
+                                  f"{out.parent / RUN_DIR / 'log.txt'}, or run python tools/pretrain_tower.py "
+                                  f"--config_file {recipe} --out {out}")
+        changed = recipe_changes(record["recipe"], wanted)
+        if changed:
+            raise ConfigError(
+                f"{out} was pretrained with another recipe than {recipe} ({', '.join(changed[:3])}"
+                f"{' ...' if len(changed) > 3 else ''}): delete {out.parent} to pretrain again, or point "
+                f"MODEL.PRETRAIN_PATH elsewhere"
+            )
+    mAP = record.get("results", {}).get("mAP")
+    logger.info("pretrained tower %s (recipe %s; its test mAP %s)", out, recipe,
+                "n/a" if mAP is None else f"{100 * mAP:.2f}%")
+
+
+def pretrain_tower(recipe: str, out: str | Path, overrides: Sequence[str] = (), resume: str | None = None) -> dict[
+        str, Any]:
+    """Train the ReID recipe ``recipe`` (a config file, with ``overrides``) into ``<out's folder>/run/`` (resumed
+    if interrupted, skipped if finished), then export its tower to ``out``; returns the pretraining's test metrics.
+
+    The training sets up this process as ``train_net.py`` does (log file, seed, run-folder lock): call it from a
+    process of its own (the CLI ``tools/pretrain_tower.py``, or :func:`ensure_pretrained_tower`).
+    """
+    from engine.defaults import FINISHED_MARKER, default_setup
+    from engine.reid.run import run_reid
+
+    out = Path(out)
+    run_dir = out.parent / RUN_DIR
+    opts = [*overrides, "OUTPUT_DIR", str(run_dir)]
+    cfg = load_config(recipe, opts)
+    if cfg.MODEL.PRETRAIN_RECIPE:
+        raise ConfigError(f"{recipe} names a MODEL.PRETRAIN_RECIPE itself: a recipe trains from MODEL.PRETRAIN_PATH "
+                          "or random init, it does not chain another pretraining")
+    if not (run_dir / FINISHED_MARKER).is_file():
+        if resume is None and Checkpointer(run_dir).latest() is not None:
+            resume = "auto"  # an interrupted pretraining continues where it stopped
+        args = argparse.Namespace(config_file=recipe, opts=opts, resume=resume, eval_only=False, flag_keys={})
+        cfg = default_setup(args)
+        try:
+            run_reid(cfg, args)
+        finally:
+            if getattr(args, "run_lock", None) is not None:
+                args.run_lock.release()
+    summary = json.loads((run_dir / FINISHED_MARKER).read_text())
+    results = {k: summary[k] for k in ("mAP", "rank1", "mINP") if k in summary}
+    export_tower(cfg, run_dir, out, results)
+    return results
