@@ -1,12 +1,10 @@
-#!/usr/bin/env python
-"""Operations one training step dispatches, per part of the model: what an eager GPU step pays launches for.
-
-    python tools/count_ops.py --config_file configs/RGBNT201/DeMo_SDTPS_DGAF_ablation.yml [KEY VALUE ...]
+"""Task ``ops``: operations one ReID training step dispatches, per part of the model: what an eager GPU step
+pays kernel launches for.
 
 The eager step on a GPU is bound by kernel launches (BENCHMARKS.md), and launches follow the number of
-operations, whatever the machine. This runs the configured model and objective for one step on the CPU
-(``tools/benchmark.py``'s setup, batch 8 at 64x32: the count does not depend on sizes) and counts the aten
-operations it dispatches, split by the model's top-level parts, the loss, gradient clipping and the
+operations, whatever the machine. This runs the configured model's training step (:mod:`.train_step`, the
+trainer's own step) once on the CPU (batch 8 at 64x32: the count does not depend on sizes) and counts the
+aten operations it dispatches, split by the model's top-level parts, the loss, gradient clipping and the
 optimizer, forward and backward. View operations (reshape, transpose, ...), which launch nothing on a GPU,
 are counted apart. The optimizer's count is the CPU one; on a GPU AdamW is fused into a few kernels.
 """
@@ -15,19 +13,24 @@ from __future__ import annotations
 
 import argparse
 import collections
-import inspect
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from yacs.config import CfgNode as CN
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchmark  # noqa: E402
+from engine.config import load_config
+from tools.benchmarks.train_step import build_train_step, is_fewshot
 
-from engine.config import load_config  # noqa: E402
+#: sizes that change no count, only the time
+SMALL = ["SOLVER.IMS_PER_BATCH", "8", "DATALOADER.NUM_INSTANCE", "4", "INPUT.SIZE_TRAIN", "[64, 32]",
+         "INPUT.SIZE_TEST", "[64, 32]", "DEVICE.NAME", "cpu"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config_file", required=True)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
 
 
 def is_view(func) -> bool:
@@ -83,17 +86,16 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_step(cfg, num_classes: int = 4, num_cameras: int = 2) -> collections.Counter[tuple[str, str, bool]]:
-    """Operation counts of one training step of ``cfg``'s model on the CPU (after one uncounted step)."""
-    args = argparse.Namespace(num_classes=num_classes, num_cameras=num_cameras)
-    model, _, _, _, _, step = benchmark._setup(cfg, "fp32", torch.device("cpu"), args, compiled=False)
-    stage = inspect.getclosurevars(step).nonlocals["stage"]
+def count_step(cfg: CN, num_classes: int = 4, num_cameras: int = 2) -> collections.Counter[tuple[str, str, bool]]:
+    """Operation counts of one training step of ``cfg``'s ReID model on the CPU (after one uncounted step)."""
+    step = build_train_step(cfg, "fp32", torch.device("cpu"), num_classes=num_classes, num_cameras=num_cameras)
     counter = OpCounter()
-    for name, module in model.named_children():
+    for name, module in step.model.named_children():
         counter.label(name, module)
-    counter.label("loss", stage.objective.criterion)
-    stage.optimizer.register_step_pre_hook(lambda *_: counter.parts.names.append("optimizer"))
-    stage.optimizer.register_step_post_hook(lambda *_: None if counter.parts.names.pop() else None)
+    counter.label("loss", step.stage.objective.criterion)
+    optimizer = step.stage.optimizer
+    optimizer.register_step_pre_hook(lambda *_: counter.parts.names.append("optimizer"))
+    optimizer.register_step_post_hook(lambda *_: None if counter.parts.names.pop() else None)
     clip = torch.nn.utils.clip_grad_norm_
 
     def labelled_clip(*a, **k):
@@ -124,19 +126,10 @@ def table(counts: collections.Counter[tuple[str, str, bool]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config_file", required=True)
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[])
-    args = parser.parse_args(argv)
-    small = ["SOLVER.IMS_PER_BATCH", "8", "DATALOADER.NUM_INSTANCE", "4", "INPUT.SIZE_TRAIN", "[64, 32]",
-             "INPUT.SIZE_TEST", "[64, 32]", "DEVICE.NAME", "cpu"]  # sizes change no count, only the time
-    cfg = load_config(args.config_file, [*small, *args.opts])
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    if is_fewshot(load_config(args.config_file, ["DEVICE.NAME", "cpu", *args.opts])):
+        parser.error(f"--task ops counts a ReID step; {args.config_file} is a few-shot config")
+    cfg = load_config(args.config_file, [*SMALL, *args.opts])
     print(table(count_step(cfg)))
     print("\nbackward operations are attributed to 'other'; the optimizer's are the CPU ones (fused on a GPU)")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,7 +6,6 @@ The DeMo state dicts are generated from DeMo's key names and shapes (``modeling/
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,7 @@ from engine.config import load_config
 from engine.reid import build_reid_model
 from modeling.demo_checkpoint import ConversionError, TowerShape, convert_state_dict, infer_architecture
 from modeling.module.atm import quick_gelu
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import convert_demo_checkpoint as conv  # noqa: E402
+from tools import convert_demo_checkpoint as conv
 
 WIDTH, LAYERS, PATCH, D = 64, 2, 16, 64  # clip_vit_tiny
 SIZE = [64, 32]  # 4 x 2 = 8 patches
@@ -165,7 +162,8 @@ def test_atm_matches_demo_formula(converted: Any) -> None:
             y = bn(quick_gelu(F.linear(feats[:, e, h * c:(h + 1) * c], demo[p + "0.weight"], demo[p + "0.bias"])), p + "2.")
             expected[:, e, h * c:(h + 1) * c] = y * gates[:, h, e, None]
     with torch.no_grad():
-        got, got_gates = model.atm(feats)
+        res = model.atm(feats)
+        got, got_gates = res.feat, res.gates
     torch.testing.assert_close(got_gates, gates)
     torch.testing.assert_close(got, expected.flatten(1))
 

@@ -1,4 +1,5 @@
-"""Ablation tables: quick gate_init and sap_scale rows end to end, failed rows, the rendered table."""
+"""tools/ablate.py: quick gate_init and sap_scale rows end to end, failed rows, shared and reused runs, --collect,
+and what the command refuses. The runner's parts are tested in tests/engine/experiments/."""
 
 from __future__ import annotations
 
@@ -9,10 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
+from tools import ablate
 
-import ablate  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 TINY_REID = ["SOLVER.MAX_EPOCHS", "1", "SOLVER.EVAL_PERIOD", "1", "SOLVER.IMS_PER_BATCH", "16",
              "DATALOADER.NUM_INSTANCE", "4", "DATALOADER.NUM_WORKERS", "0", "TEST.IMS_PER_BATCH", "32",
@@ -73,16 +73,6 @@ def test_a_failing_row_is_marked_and_the_others_still_run(tiny_rgbnt_root: Path,
     assert "| fine |" in table and "| fine | – |" not in table  # the good row ran and has a value
 
 
-def test_cpu_slots_are_disjoint_shares(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ablate.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    slots = ablate.cpu_slots(5)
-    assert len(slots) == 5 and all(len(s) == 3 for s in slots)
-    assert len(set().union(*slots)) == 15  # disjoint
-    assert ablate.cpu_slots(1) == [None]  # one job keeps every CPU
-    monkeypatch.setattr(ablate.os, "sched_getaffinity", lambda pid: {0}, raising=False)
-    assert ablate.cpu_slots(2) == [None, None]  # fewer CPUs than jobs: no pinning
-
-
 def test_quick_and_full_tables_use_separate_folders(tmp_path: Path) -> None:
     quick = _ablate("--table", "sdm", "--quick", "--seeds", "1", "--dry-run", "--out", str(tmp_path)).stdout
     full = _ablate("--table", "sdm", "--seeds", "1", "--dry-run", "--out", str(tmp_path)).stdout
@@ -91,48 +81,6 @@ def test_quick_and_full_tables_use_separate_folders(tmp_path: Path) -> None:
     # the quick runs read the small missing-modality set, the full runs the ablation-preset one
     assert quick.splitlines()[0].split("DATASETS.ROOT_DIR")[-1].split()[0] == "data/missing30"
     assert "configs/synthetic/DeMo_SDTPS_pretrained.yml" in full and "data/ablation_missing30" in full
-
-
-def test_unknown_table_is_a_clear_error() -> None:
-    with pytest.raises(ablate.AblationError, match="known tables: .*gate_init"):
-        ablate.load_table("no_such_table")
-
-
-def test_render_mean_and_std_in_percent() -> None:
-    spec = {"columns": ["mAP"], "_name": "t"}
-    md, _ = ablate.render(spec, [{"label": "a", "values": {"mAP": {0: 0.1, 1: 0.2, 2: 0.3}}, "errors": []}], 3)
-    assert "| a | 20.00 ± 10.00 | 3/3 |" in md
-
-
-def test_paired_difference_against_a_hand_computed_case() -> None:
-    ref = {0: 0.50, 1: 0.60, 2: 0.55}
-    near = {0: 0.53, 1: 0.62, 2: 0.60, 3: 0.99}  # seed 3 has no partner: left out
-    far = {0: 0.60, 1: 0.71, 2: 0.65}
-    t975_2 = 4.302652729749464  # Student t, 97.5% quantile, 2 degrees of freedom (tables: 4.303)
-    # near: differences 0.03, 0.02, 0.05 -> mean 1/30, sd sqrt(7/30000), half-width t * sd / sqrt(3)
-    mean, half, n = ablate.paired_difference(near, ref)
-    assert n == 3 and mean == pytest.approx(1 / 30) and half == pytest.approx(t975_2 * (7 / 30000) ** 0.5 / 3 ** 0.5)
-    # far: differences 0.10, 0.11, 0.10 -> mean 0.31/3, sd sqrt(1/30000)
-    mean, half, _ = ablate.paired_difference(far, ref)
-    assert mean == pytest.approx(0.31 / 3) and half == pytest.approx(t975_2 * (1 / 30000) ** 0.5 / 3 ** 0.5)
-    spec = {"columns": ["mAP"], "_name": "t", "reference": "ref"}
-    rows = [{"label": n, "values": {"mAP": v}, "errors": []} for n, v in (("ref", ref), ("near", near), ("far", far))]
-    md, csv_text = ablate.render(spec, rows, 3)
-    assert "| ref | 55.00 ± 5.00 | reference | 3/3 |" in md
-    assert "| near | " in md and "+3.33 ± 3.79 |" in md  # the interval holds 0: no mark
-    assert "+10.33 ± 1.43 * |" in md
-    header, *lines = csv_text.splitlines()
-    assert header.split(",")[3:5] == ["delta_mAP_mean", "delta_mAP_ci95"]
-    far_row = next(line.split(",") for line in lines if line.startswith("far"))
-    assert float(far_row[3]) == pytest.approx(0.31 / 3) and float(far_row[4]) == pytest.approx(0.014342, abs=1e-6)
-    assert ablate.paired_difference({0: 0.5}, ref)[1] != ablate.paired_difference({0: 0.5}, ref)[1]  # NaN: 1 pair
-
-
-def test_a_reference_that_is_no_row_is_refused(tmp_path: Path) -> None:
-    table = tmp_path / "t.yaml"
-    table.write_text("script: train_net.py\ncolumns: [mAP]\nreference: nope\nrows:\n  - {label: a, config: x.yml}\n")
-    with pytest.raises(ablate.AblationError, match="reference 'nope'"):
-        ablate.load_table(str(table))
 
 
 @pytest.mark.parametrize("args, message", [
@@ -204,20 +152,6 @@ def test_collect_renders_finished_runs_and_trains_nothing(tmp_path: Path) -> Non
     assert "| no SDM | 51.00 ± 1.41 | 51.00 ± 1.41 | 51.00 ± 1.41 | 51.00 ± 1.41 | -3.00 (1 seed) |" in res.stdout
     bad = _ablate("--table", "sdm", "--collect", "--out", str(tmp_path / "out"), "--reference", "nope")
     assert bad.returncode == 2 and "--reference 'nope' is not one of the rows" in bad.stderr
-
-
-def test_time_limit_starts_no_run_that_would_not_end_in_time() -> None:
-    """One slot, runs of over 1 s, a 1.5 s limit: the first runs, the other two would end too late."""
-    nap = [sys.executable, "-c", "import time; time.sleep(1.0)"]
-    tasks = [(0, 0, "a", nap), (0, 1, "a", nap), (1, 0, "b", nap)]
-    errors = ablate.run_all(tasks, jobs=1, time_limit=1.5, run_seconds=0.0)
-    assert errors == {(0, 1): "not started: it would not end within --time-limit",
-                      (1, 0): "not started: it would not end within --time-limit"}
-    # an estimate given up front keeps even the first run from starting
-    errors = ablate.run_all(tasks[:1], jobs=1, time_limit=1.0, run_seconds=5.0)
-    assert errors == {(0, 0): "not started: it would not end within --time-limit"}
-    # no limit: everything runs
-    assert ablate.run_all(tasks[:2], jobs=2) == {}
 
 
 def test_a_run_another_table_already_trained_is_reused_not_trained(tmp_path: Path) -> None:

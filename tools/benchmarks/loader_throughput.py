@@ -1,11 +1,8 @@
-"""Measure the throughput of the ReID training loader (decode + shared augmentation + collate).
+"""Task ``loader``: throughput of the ReID training loader (decode + shared augmentation + collate).
 
-    python tools/bench_loader.py [--dataset synthetic_rgbnt --root data --batch-size 64 --num-instance 8
-                                  --num-workers N --batches 40 --warmup 5 --size 256 128]
-
-Prints samples/s (one sample = one identity sighting, all modalities) and images/s (one
-image per modality file) per worker count. The default data set is the synthetic one,
-generated under ``--root`` if absent. No GPU is used: this is the input pipeline alone.
+Prints samples/s (one sample = one identity sighting, all modalities) and images/s (one image per modality
+file) per worker count. The default data set is the synthetic one, generated under ``--root`` if absent. No
+GPU is used: this is the input pipeline alone.
 """
 
 from __future__ import annotations
@@ -17,34 +14,7 @@ import time
 from datasets import build_dataset, build_reid_train_loader, default_num_workers
 
 
-def bench(items, *, batch_size: int, num_instance: int, num_workers: int, batches: int, warmup: int,
-          size: tuple[int, int] = (256, 128)) -> tuple[float, float]:
-    """``(samples_per_s, images_per_s)`` over ``batches`` batches after ``warmup`` batches."""
-    loader = build_reid_train_loader(items, batch_size=batch_size, num_instance=num_instance,
-                                     num_workers=num_workers, size=size)
-    samples = images = 0
-    done = 0
-    epoch = 0
-    start = None
-    while done < warmup + batches:
-        loader.batch_sampler.set_epoch(epoch)
-        for batch in loader:
-            pids, masks = batch["pids"], batch["masks"]
-            done += 1
-            if done == warmup + 1:
-                start = time.perf_counter()
-            if done > warmup:
-                samples += pids.numel()
-                images += int(masks.sum())
-            if done >= warmup + batches:
-                break
-        epoch += 1
-    took = time.perf_counter() - start
-    return samples / took, images / took
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="synthetic_rgbnt")
     parser.add_argument("--root", default="data")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -55,8 +25,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--size", type=int, nargs=2, default=(256, 128), metavar=("H", "W"),
                         help="training image size (INPUT.SIZE_TRAIN)")
-    args = parser.parse_args(argv)
 
+
+def bench(items, *, batch_size: int, num_instance: int, num_workers: int, batches: int, warmup: int,
+          size: tuple[int, int] = (256, 128)) -> tuple[float, float]:
+    """``(samples_per_s, images_per_s)`` over ``batches`` batches after ``warmup`` batches."""
+    loader = build_reid_train_loader(items, batch_size=batch_size, num_instance=num_instance,
+                                     num_workers=num_workers, size=size)
+    samples = images = done = epoch = 0
+    start = None
+    while done < warmup + batches:
+        loader.batch_sampler.set_epoch(epoch)
+        for batch in loader:
+            done += 1
+            if done == warmup + 1:
+                start = time.perf_counter()
+            if done > warmup:
+                samples += batch["pids"].numel()
+                images += int(batch["masks"].sum())
+            if done >= warmup + batches:
+                break
+        epoch += 1
+    took = time.perf_counter() - start
+    return samples / took, images / took
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> int:
     data = build_dataset(args.dataset, args.root, verbose=False)
     workers = args.num_workers if args.num_workers is not None else sorted({0, default_num_workers(1)})
     print(f"{args.dataset}: {len(data.train)} train samples, batch {args.batch_size} "
@@ -67,7 +61,3 @@ def main(argv: list[str] | None = None) -> int:
                          batches=args.batches, warmup=args.warmup, size=args.size)
         print(f"  num_workers={w}: {sps:8.1f} samples/s  {ips:8.1f} images/s")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

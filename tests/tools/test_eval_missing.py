@@ -15,7 +15,7 @@ from engine.config import load_config
 from engine.reid import build_reid_model
 from tools.eval_missing import missing_table
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "synthetic" / "DeMo_SDTPS_tiny.yml"
 
 

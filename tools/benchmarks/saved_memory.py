@@ -1,7 +1,5 @@
-#!/usr/bin/env python
-"""Bytes a training forward and its loss keep for the backward, per part of the model: where a step's peak goes.
-
-    python tools/saved_memory.py --config_file configs/RGBNT201/DeMo_SDTPS_DGAF_ablation.yml [KEY VALUE ...]
+"""Task ``memory``: bytes a ReID training forward and its loss keep for the backward, per part of the model:
+where a step's peak goes.
 
 A training step's memory peaks near the start of its backward, when everything the forward saved for it is
 still held. This runs the configured ReID model and loss forward on the CPU (bf16 autocast, as a GPU step
@@ -18,19 +16,25 @@ from __future__ import annotations
 
 import argparse
 import collections
-import sys
-from pathlib import Path
 
 import torch
+from yacs.config import CfgNode as CN
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchmark  # noqa: E402
-from count_ops import PartStack  # noqa: E402
+from engine.config import load_config
+from engine.device import build_amp_policy
+from engine.reid import ReIDObjective, build_reid_model
+from losses import ReIDCriterion
+from tools.benchmarks.op_count import PartStack
+from tools.benchmarks.train_step import is_fewshot, reid_batch, with_keys
 
-from engine.config import load_config  # noqa: E402
-from engine.device import build_amp_policy  # noqa: E402
-from engine.reid import ReIDObjective, build_reid_model  # noqa: E402
-from losses.reid_criterion import ReIDCriterion  # noqa: E402
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config_file", required=True)
+    parser.add_argument("--batches", type=int, nargs=2, default=None,
+                        help="the two batch sizes measured (default: K and 2K, K = DATALOADER.NUM_INSTANCE)")
+    parser.add_argument("--num-classes", type=int, default=171)
+    parser.add_argument("--num-cameras", type=int, default=4)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
 
 
 class SavedBytes:
@@ -58,18 +62,15 @@ class SavedBytes:
         self._hooks.__exit__(*exc)
 
 
-def saved_by_part(cfg, batch_size: int, num_classes: int = 171, num_cameras: int = 4) -> collections.Counter[str]:
+def saved_by_part(cfg: CN, batch_size: int, num_classes: int = 171, num_cameras: int = 4) -> collections.Counter[str]:
     """Bytes saved for the backward by each top-level part of ``cfg``'s model and by the loss ("loss"), one
     bf16-autocast training forward of ``batch_size`` samples on the CPU."""
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.SOLVER.IMS_PER_BATCH, cfg.DEVICE.NAME = batch_size, "cpu"
-    cfg.freeze()
+    cfg = with_keys(cfg, {"SOLVER.IMS_PER_BATCH": batch_size, "DEVICE.NAME": "cpu"})
     device = torch.device("cpu")
     torch.manual_seed(0)
     model = build_reid_model(cfg, num_classes, num_cameras).train()
     objective = ReIDObjective(ReIDCriterion(cfg, bn_feat_dim=getattr(model, "bn_feat_dim", None)), device)
-    batch = benchmark._batch(cfg, device, num_classes, num_cameras, batch_size)
+    batch = reid_batch(cfg, device, num_classes, num_cameras, batch_size)
     parts = PartStack(default="model")
     for name, module in model.named_children():
         parts.label(name, module)
@@ -99,17 +100,10 @@ def table(small: tuple[int, collections.Counter[str]], large: tuple[int, collect
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config_file", required=True)
-    parser.add_argument("--batches", type=int, nargs=2, default=None,
-                        help="the two batch sizes measured (default: K and 2K, K = DATALOADER.NUM_INSTANCE)")
-    parser.add_argument("--num-classes", type=int, default=171)
-    parser.add_argument("--num-cameras", type=int, default=4)
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[])
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> int:
     cfg = load_config(args.config_file, ["DEVICE.NAME", "cpu", *args.opts])
+    if is_fewshot(cfg):
+        parser.error(f"--task memory measures a ReID forward; {args.config_file} is a few-shot config")
     k = cfg.DATALOADER.NUM_INSTANCE
     b1, b2 = args.batches or (k, 2 * k)
     if b1 == b2 or b1 % k or b2 % k:
@@ -119,7 +113,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmeasured at {b1} and {b2} samples (eager, bf16 autocast, CPU); the loss's backward and the model's "
           "parameters, gradients and optimizer state come on top")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

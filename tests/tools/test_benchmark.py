@@ -1,0 +1,208 @@
+"""tools/benchmark.py --task: every task runs at its smallest CPU size; train and eval time the trainer's own step
+(ReID and few-shot), with DETERMINISTIC True under deterministic kernels; ops counts what one step dispatches, per
+part; memory adds up the bytes saved for the backward, per part."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from engine.config import load_config
+from engine.trainer import Trainer
+from tools import benchmark
+from tools.benchmarks import TASKS, op_count, reid_throughput, saved_memory
+from tools.benchmarks.op_count import PartStack
+from tools.benchmarks.train_step import build_train_step
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "configs" / "synthetic" / "DeMo_SDTPS_tiny.yml"
+FEWSHOT_TINY = REPO / "configs" / "synthetic" / "ExpB1_SAP_tiny.yml"
+SMALL_REID = ["SOLVER.IMS_PER_BATCH", "8", "DATALOADER.NUM_INSTANCE", "4", "DEVICE.NAME", "cpu"]
+
+
+# ---- train / eval: the trainer's step --------------------------------------------------------------------
+def test_deterministic_key_reaches_the_measured_step() -> None:
+    cpu = torch.device("cpu")
+    try:
+        for deterministic in (True, False):
+            cfg = load_config(TINY, ["DETERMINISTIC", str(deterministic), *SMALL_REID])
+            step = build_train_step(cfg, "fp32", cpu, num_classes=4, num_cameras=2)
+            assert torch.are_deterministic_algorithms_enabled() is deterministic
+            step()  # one real step under that setting
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_parts_measure_only_what_was_asked() -> None:
+    """``--task eval`` times the evaluation alone (the train figures are NaN), ``--task train`` the step alone."""
+    cfg = load_config(TINY, [*SMALL_REID, "TEST.IMS_PER_BATCH", "8"])
+    cpu = torch.device("cpu")
+    base = dict(steps=1, warmup=1, num_classes=4, num_cameras=2)
+    only_eval = reid_throughput.measure_precision(cfg, "fp32", cpu, parts={"eval"}, **base)
+    assert math.isnan(only_eval["train_samples_per_s"]) and only_eval["eval_samples_per_s"] > 0
+    only_train = reid_throughput.measure_precision(cfg, "fp32", cpu, parts={"train"}, **base)
+    assert only_train["train_samples_per_s"] > 0 and math.isnan(only_train["eval_samples_per_s"])
+
+
+@pytest.mark.parametrize("config, overrides", [(TINY, SMALL_REID), (FEWSHOT_TINY, ["DEVICE.NAME", "cpu"])],
+                         ids=["reid", "fewshot"])
+def test_train_step_is_the_trainers_step_and_trains(config: Path, overrides: list[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both families' benchmarked step goes through Trainer.launch_step and Trainer.settle, and moves the weights."""
+    calls = {"launch_step": 0, "settle": 0}
+    for name in calls:
+        original = getattr(Trainer, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(Trainer, name, counted)
+    step = build_train_step(load_config(config, overrides), "fp32", torch.device("cpu"), num_classes=4, num_cameras=2)
+    before = [p.detach().clone() for p in step.params]
+    step.run_model.train()
+    step()
+    step()
+    step.finish()
+    assert calls == {"launch_step": 2, "settle": 2}
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(before, step.params))
+
+
+def test_fewshot_train_and_eval_rows_from_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "rows.json"
+    assert benchmark.main(["--task", "train,eval", "--config_file", str(FEWSHOT_TINY), "--shots", "1", "--steps", "1",
+                           "--warmup", "0", "--json", str(out), "DEVICE.NAME", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "episodes/s" in printed and "eval (cached)" in printed
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["phase"] for r in rows] == ["train", "eval (forward)", "eval (cached)"]
+    assert all(r["episodes_per_s"] > 0 and r["shot"] == 1 for r in rows)
+
+
+def test_reid_table_from_the_command_names_the_task(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    table = tmp_path / "BENCH.md"
+    argv = ["--task", "train", "--config_file", str(TINY), "--precisions", "fp32", "--steps", "1", "--warmup", "0",
+            "--num-classes", "4", "--num-cameras", "2", "--append", str(table), *SMALL_REID]
+    assert benchmark.main(argv) == 0
+    text = table.read_text()
+    assert "`python tools/benchmark.py --task train --config_file" in text and "| fp32 |" in text
+    assert "| – |" in text  # eval not measured: its cells are empty
+
+
+def test_a_family_s_own_option_is_refused_for_the_other(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        benchmark.main(["--task", "train", "--shots", "1", "--config_file", str(TINY), *SMALL_REID])
+    assert "--shots is for few-shot configs" in capsys.readouterr().err
+
+
+def test_every_task_has_its_options_and_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert set(TASKS) == {"train", "eval", "train,eval", "loader", "losses", "rerank", "ops", "memory"}
+    with pytest.raises(SystemExit):
+        benchmark.main(["--task", "loader", "--help"])
+    assert "--num-workers" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        benchmark.main(["--task", "nope"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+# ---- losses, rerank, loader ------------------------------------------------------------------------------
+def test_losses_task_prints_every_loss(capsys: pytest.CaptureFixture[str]) -> None:
+    assert benchmark.main(["--task", "losses", "--batch", "16", "--dim", "8", "--ids", "4", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "B=16, D=8, 4 ids x 4" in out and "sdm_multimodal (3 modalities)" in out and "cem (GatedAttentionCEM)" in out
+
+
+def test_rerank_task_prints_one_json_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert benchmark.main(["--task", "rerank", "--num-query", "40", "--num-gallery", "50", "--dim", "16", "--ids", "5",
+                           "--k1", "5", "--k2", "3", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["num_query"] == 40 and result["num_gallery"] == 50 and result["finite"] is True
+    assert result["deterministic"] is False and result["seconds"] >= 0
+
+
+def test_loader_task_measures_the_synthetic_loader(tiny_rgbnt_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert benchmark.main(["--task", "loader", "--root", str(tiny_rgbnt_root), "--batch-size", "8",
+                           "--num-instance", "2", "--num-workers", "0", "--batches", "2", "--warmup", "1",
+                           "--size", "32", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "synthetic_rgbnt:" in out and "num_workers=0:" in out and "images/s" in out
+
+
+# ---- ops ------------------------------------------------------------------------------------------------
+def test_ops_of_a_known_function_are_counted_by_part_and_phase() -> None:
+    counter = op_count.OpCounter()
+    x = torch.randn(4, 3, requires_grad=True)
+    lin = torch.nn.Linear(3, 2)
+    counter.label("linear", lin)
+    with counter:
+        y = lin(x).reshape(8)  # linear's ops, then one view outside it
+        with counter.part("tail"):
+            z = (y * 2).sum()
+        z.backward()
+    counts = counter.counts
+    assert counts[("tail", "forward", False)] == 2  # mul, sum
+    assert counts[("other", "forward", True)] >= 1  # the reshape is a view
+    assert counts[("linear", "forward", False)] >= 1 and sum(v for (p, f, _), v in counts.items() if f == "backward")
+
+
+def test_step_count_has_every_part_of_demo_sdtps_and_changes_with_the_model() -> None:
+    cfg = load_config(TINY, SMALL_REID)
+    counts = op_count.count_step(cfg)
+    parts = {p for p, _, _ in counts}
+    assert {"backbone", "sdtps", "hdm", "loss", "optimizer", "clip"} <= parts
+    without_sdtps = op_count.count_step(load_config(TINY, [*SMALL_REID, "MODEL.SDTPS.ENABLED", "False"]))
+    assert "sdtps" not in {p for p, _, _ in without_sdtps}
+    assert "| total |" in op_count.table(counts)
+
+
+# ---- memory ---------------------------------------------------------------------------------------------
+class _Exp(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.exp()  # saves its result: 5 x 7 float32 = 140 bytes
+
+
+def test_saved_storages_are_counted_once_by_the_part_that_saved_them() -> None:
+    parts = PartStack(default="rest")
+    exp = _Exp()
+    parts.label("exp", exp)
+    x = torch.randn(5, 7, requires_grad=True)
+    with saved_memory.SavedBytes(parts) as saved:
+        y = exp(x)
+        with parts.part("tail"):
+            y.sin()  # saves y again: already counted for "exp"
+            (y + 1).cos()  # saves y + 1: a new 140-byte storage
+    assert dict(saved.bytes) == {"exp": 140, "tail": 140}
+
+
+def test_demo_sdtps_parts_and_hdm_saves_per_sample_no_more_than_its_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per sample, HDM keeps for its backward at most three times the bf16 tokens it attends over (a weight
+    copied once per sample, as a broadcast matmul does, is 7 x 64 x 64 x 2 bytes here: 8 times the tokens)."""
+    cfg = load_config(TINY, ["DEVICE.NAME", "cpu"])
+    shapes: list[tuple[int, ...]] = []
+    build = saved_memory.build_reid_model
+
+    def build_and_watch_hdm(*args, **kwargs) -> nn.Module:
+        model = build(*args, **kwargs)
+        model.hdm.register_forward_pre_hook(lambda _module, inputs: shapes.append(tuple(inputs[0].shape)))
+        return model
+
+    monkeypatch.setattr(saved_memory, "build_reid_model", build_and_watch_hdm)
+    k = cfg.DATALOADER.NUM_INSTANCE
+    small, large = saved_memory.saved_by_part(cfg, k), saved_memory.saved_by_part(cfg, 2 * k)
+    assert {"backbone", "sdtps", "hdm", "loss"} <= set(small)
+    assert all(large[p] > small[p] for p in ("backbone", "sdtps", "loss"))
+    modalities, batch, length, dim = shapes[0]
+    assert batch == k and shapes[1][1] == 2 * k
+    assert (large["hdm"] - small["hdm"]) / k <= 3 * modalities * length * dim * 2
+    assert "| total |" in saved_memory.table((k, small), (2 * k, large), cfg.SOLVER.IMS_PER_BATCH)
+
+
+def test_memory_task_refuses_batches_that_are_not_multiples_of_k(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        benchmark.main(["--task", "memory", "--config_file", str(TINY), "--batches", "3", "5"])
+    assert "--batches needs two different multiples of DATALOADER.NUM_INSTANCE" in capsys.readouterr().err
