@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import multiprocessing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,9 +27,9 @@ import torch
 from yacs.config import CfgNode as CN
 
 from engine.checkpoint import Checkpointer, read_checkpoint
-from engine.config import ConfigError, config_to_dict, flatten, load_config
+from engine.config import ConfigError, load_config
+from engine.recipes import RUN_DIR, ensure_made, recipe_record
 from engine.reid.checks import BACKBONE_ARCHS
-from engine.run_lock import file_lock
 from modeling.backbones.clip_vit import CLIP_VIT_CONFIGS
 from modeling.clip_checkpoint import OPEN_CLIP_CONFIG
 from utils.io import atomic_write, atomic_write_json
@@ -38,27 +37,6 @@ from utils.io import atomic_write, atomic_write_json
 logger = logging.getLogger(__name__)
 
 RECORD = "pretrain.json"
-RUN_DIR = "run"
-#: keys that say where and how a recipe runs, not what it trains
-_RUN_KEYS = ("OUTPUT_DIR", "WANDB", "DEVICE", "DATALOADER")
-
-
-def recipe_record(cfg: CN) -> dict[str, Any]:
-    """What identifies a pretraining: the recipe's config without the keys of :data:`_RUN_KEYS`."""
-    record = config_to_dict(cfg)
-    for key in _RUN_KEYS:
-        record.pop(key, None)
-    record["DATASETS"].pop("ROOT_DIR", None)
-    return record
-
-
-def recipe_changes(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    """``KEY: recorded -> wanted`` for every recorded key whose value the recipe now changes (keys the
-    repository gained since the tower was made are not changes)."""
-    old, new = flatten(recorded), flatten(wanted)
-    return [f"{k}: {old[k]!r} -> {new.get(k, '<no such key>')!r}" for k in sorted(old) if new.get(k, object()) != old[k]]
-
-
 def export_tower(cfg: CN, run_dir: Path, out: Path, results: dict[str, Any] | None = None) -> Path:
     """Write the tower of ``run_dir``'s newest checkpoint to ``out`` (``visual.*`` tensors), its
     ``open_clip_config.json`` and :data:`RECORD` beside it; the tensor file is written last."""
@@ -92,43 +70,16 @@ def read_record(out: Path) -> dict[str, Any] | None:
 
 
 def ensure_pretrained_tower(cfg: CN) -> None:
-    """Make ``MODEL.PRETRAIN_PATH`` with the recipe ``MODEL.PRETRAIN_RECIPE`` unless it is there already.
-
-    Runs :func:`pretrain_tower` in a process of its own (its own log, run folder and seed) under a
-    lock beside the file, so runs started side by side pretrain once. A tower whose recorded
-    recipe differs from the recipe's current config is refused with the two ways out.
-    """
+    """Make ``MODEL.PRETRAIN_PATH`` with the recipe ``MODEL.PRETRAIN_RECIPE`` unless it is there already
+    (:func:`engine.recipes.ensure_made`: :func:`pretrain_tower` in a process of its own, once, under a lock; a
+    tower made with another recipe is refused)."""
     recipe = cfg.MODEL.PRETRAIN_RECIPE
     if not recipe:
         return
     if not cfg.MODEL.PRETRAIN_PATH:
         raise ConfigError("MODEL.PRETRAIN_RECIPE needs MODEL.PRETRAIN_PATH: the file the pretrained tower is written to")
-    if not Path(recipe).is_file():
-        raise ConfigError(f"MODEL.PRETRAIN_RECIPE '{recipe}' does not exist")
     out = Path(cfg.MODEL.PRETRAIN_PATH)
-    wanted = recipe_record(load_config(recipe, []))
-    with file_lock(out.parent / ".pretrain.lock"):
-        record = read_record(out)
-        if record is None:
-            logger.info("MODEL.PRETRAIN_PATH %s does not exist: pretraining it with %s (log: %s)", out, recipe,
-                        out.parent / RUN_DIR / "log.txt")
-            # a process of its own: its own seed, log and run folder, and no process group of a DDP run
-            child = multiprocessing.get_context("spawn").Process(
-                target=pretrain_tower, args=(recipe, str(out), ["WANDB.MODE", "disabled"]), name="pretrain_tower")
-            child.start()
-            child.join()
-            record = read_record(out)
-            if child.exitcode != 0 or record is None:
-                raise ConfigError(f"pretraining the tower with {recipe} failed (exit {child.exitcode}); see "
-                                  f"{out.parent / RUN_DIR / 'log.txt'}, or run python tools/pretrain_tower.py "
-                                  f"--config_file {recipe} --out {out}")
-        changed = recipe_changes(record["recipe"], wanted)
-        if changed:
-            raise ConfigError(
-                f"{out} was pretrained with another recipe than {recipe} ({', '.join(changed[:3])}"
-                f"{' ...' if len(changed) > 3 else ''}): delete {out.parent} to pretrain again, or point "
-                f"MODEL.PRETRAIN_PATH elsewhere"
-            )
+    record = ensure_made(out, recipe, pretrain_tower, read_record, "CLIP tower", "MODEL.PRETRAIN_PATH")
     mAP = record.get("results", {}).get("mAP")
     logger.info("pretrained tower %s (recipe %s; its test mAP %s)", out, recipe,
                 "n/a" if mAP is None else f"{100 * mAP:.2f}%")

@@ -12,7 +12,6 @@ import torch
 
 from engine.config import load_config
 from engine.reid import build_reid_model
-from engine.reid.tower_pretrain import recipe_changes
 
 REPO = Path(__file__).resolve().parents[3]
 TINY = REPO / "configs" / "synthetic" / "DeMo_SDTPS_tiny.yml"
@@ -74,12 +73,3 @@ def test_pretrained_tower_made_on_first_use_then_reused(tiny_rgbnt_root: Path, t
     assert third.returncode == 2
     assert "another recipe" in third.stderr and "SOLVER.BASE_LR: 0.001 -> 0.0005" in third.stderr
     assert "Traceback" not in third.stderr
-
-
-def test_recipe_changes_ignores_keys_added_later() -> None:
-    recorded = {"SOLVER": {"BASE_LR": 1e-3, "MAX_EPOCHS": 15}, "MODEL": {"NAME": "DeMo_SDTPS"}}
-    assert recipe_changes(recorded, {**recorded, "LOSS": {"NEW_KEY": 1}}) == []
-    assert recipe_changes(recorded, {"SOLVER": {"BASE_LR": 1e-3, "MAX_EPOCHS": 20}, "MODEL": {"NAME": "DeMo_SDTPS"}}) \
-        == ["SOLVER.MAX_EPOCHS: 15 -> 20"]
-    assert recipe_changes(recorded, {"SOLVER": {"BASE_LR": 1e-3}, "MODEL": {"NAME": "DeMo_SDTPS"}}) \
-        == ["SOLVER.MAX_EPOCHS: 15 -> '<no such key>'"]

@@ -1,0 +1,72 @@
+"""Pretrained pieces made on first use from a recipe (a config file), then reused: ReID's synthetic CLIP tower,
+the few-shot family's class-name tower.
+
+A piece is a file whose record says which recipe made it. :func:`ensure_made` makes it, when it is absent, by
+calling the family's ``make(recipe, out, overrides)`` in a process of its own (its own seed, log, run folder
+and lock; no process group of a DDP run), under a lock beside the file so that runs started side by side make
+it once; a piece whose recorded recipe differs from what the recipe says now is refused, with the two ways out.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from yacs.config import CfgNode as CN
+
+from engine.config import ConfigError, config_to_dict, flatten, load_config
+from engine.run_lock import file_lock
+
+logger = logging.getLogger(__name__)
+
+#: the folder beside a piece where its recipe trains
+RUN_DIR = "run"
+#: keys that say where and how a recipe runs, not what it trains
+RUN_KEYS = ("OUTPUT_DIR", "WANDB", "DEVICE", "DATALOADER")
+
+
+def recipe_record(cfg: CN) -> dict[str, Any]:
+    """What identifies a recipe's product: its config without the keys of :data:`RUN_KEYS` (and the data root)."""
+    record = config_to_dict(cfg)
+    for key in RUN_KEYS:
+        record.pop(key, None)
+    record["DATASETS"].pop("ROOT_DIR", None)
+    return record
+
+
+def recipe_changes(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """``KEY: recorded -> wanted`` for every recorded key whose value the recipe now changes (keys the
+    repository gained since the piece was made are not changes)."""
+    old, new = flatten(recorded), flatten(wanted)
+    return [f"{k}: {old[k]!r} -> {new.get(k, '<no such key>')!r}" for k in sorted(old) if new.get(k, object()) != old[k]]
+
+
+def ensure_made(out: Path, recipe: str, make: Callable[[str, str, list[str]], Any],
+                read_record: Callable[[Path], dict[str, Any] | None], what: str, key: str) -> dict[str, Any]:
+    """The record of ``out`` (a ``what``, the file config key ``key`` names), made first from ``recipe`` with
+    ``make`` in a process of its own when absent; refused when made with another recipe."""
+    if not Path(recipe).is_file():
+        raise ConfigError(f"the recipe '{recipe}' of {key} does not exist")
+    wanted = recipe_record(load_config(recipe, []))
+    with file_lock(out.parent / f".{out.name}.lock"):
+        record = read_record(out)
+        if record is None:
+            logger.info("%s %s does not exist: pretraining it with %s (log: %s)", key, out, recipe,
+                        out.parent / RUN_DIR / "log.txt")
+            child = multiprocessing.get_context("spawn").Process(
+                target=make, args=(recipe, str(out), ["WANDB.MODE", "disabled"]), name=f"make {what}")
+            child.start()
+            child.join()
+            record = read_record(out)
+            if child.exitcode != 0 or record is None:
+                raise ConfigError(f"making the {what} {out} with {recipe} failed (exit {child.exitcode}); see "
+                                  f"{out.parent / RUN_DIR / 'log.txt'}")
+        changed = recipe_changes(record["recipe"], wanted)
+        if changed:
+            raise ConfigError(
+                f"{out} was made with another recipe than {recipe} ({', '.join(changed[:3])}"
+                f"{' ...' if len(changed) > 3 else ''}): delete {out} to make it again, or point {key} elsewhere")
+    return record
