@@ -7,7 +7,8 @@ An N-way K-shot episode runs as follows (shapes for S = N*K support and Q query 
     anchors    = SemanticAnchors(protos, class_ids)            (N, D)   text / learned / prototype
     f_s', f_q' = SAP(f_s, anchors), SAP(f_q, anchors)          purified features (residual mix)
     protos'    = class means of f_s'                           (N, D)
-    logits     = metric_scale * cos(f_q', protos')             (Q, N)
+    logits     = metric_scale * cos(f_q', protos')             (Q, N)   MODEL.METRIC cosine (default)
+               = -||f_q' - protos'||^2 / temperature                     MODEL.METRIC euclidean (ProtoNet, FEAT)
 
 With ``MODEL.SAP.ENABLED False`` the SAP step is skipped (a cosine prototype classifier).
 The pre-training head is a linear classifier over the training classes (the published
@@ -31,6 +32,7 @@ from torch import nn
 # Importing the backbone modules registers them in BACKBONE_REGISTRY.
 from modeling.backbones import resnet12, timm_backbone, tiny_conv  # noqa: F401
 from modeling.layers.bounded_scale import BoundedScale
+from modeling.module.name_tower import name_tower_embed_dim
 from modeling.module.semantic_anchor_purification import SemanticAnchorPurification
 from modeling.module.semantic_anchors import SemanticAnchors, clip_embed_dim, resolve_anchor_mode
 from modeling.registry import MODEL_REGISTRY, build_backbone
@@ -38,6 +40,8 @@ from modeling.registry import MODEL_REGISTRY, build_backbone
 logger = logging.getLogger(__name__)
 
 METRIC_SCALE_MAX = 100.0
+#: ``MODEL.METRIC``: the episode head's similarity
+METRICS = ("cosine", "euclidean")
 
 
 class ExpB1Model(nn.Module):
@@ -56,7 +60,8 @@ class ExpB1Model(nn.Module):
 
     def __init__(self, backbone: nn.Module, num_train_classes: int, sap: SemanticAnchorPurification | None = None,
                  anchors: SemanticAnchors | None = None, metric_scale: float = 10.0,
-                 metric_scale_learnable: bool = False, scale_no_decay: bool = True) -> None:
+                 metric_scale_learnable: bool = False, scale_no_decay: bool = True, metric: str = "cosine",
+                 metric_temperature: float = 64.0) -> None:
         super().__init__()
         if sap is not None and anchors is None:
             raise ValueError("SAP needs an anchor builder")
@@ -67,6 +72,11 @@ class ExpB1Model(nn.Module):
         self.scale_no_decay = scale_no_decay
         self.metric_scale = BoundedScale(metric_scale, max_value=METRIC_SCALE_MAX, parameterization="log",
                                          constraint="clamp", learnable=metric_scale_learnable, name="metric_scale")
+        if metric not in METRICS:
+            raise ValueError(f"MODEL.METRIC must be one of {METRICS}, got {metric!r}")
+        if metric_temperature <= 0:
+            raise ValueError(f"MODEL.METRIC_TEMPERATURE must be > 0, got {metric_temperature}")
+        self.metric, self.metric_temperature = metric, float(metric_temperature)
         self.classifier = nn.Linear(self.phy_dim, num_train_classes)
 
     # ------------------------------------------------------------------ forward paths
@@ -104,6 +114,9 @@ class ExpB1Model(nn.Module):
             purified, stats = self.sap(torch.cat([support_feats, query_feats], dim=0), anchors)
             support_feats, query_feats = purified[: support_feats.shape[0]], purified[support_feats.shape[0]:]
             protos = onehot.t().to(support_feats.dtype) @ support_feats / counts.to(support_feats.dtype)
+        if self.metric == "euclidean":  # ProtoNet's (FEAT's) head: -||q - p||^2 / temperature
+            diff = query_feats.float()[:, None, :] - protos.float()[None]
+            return -(diff ** 2).sum(-1) / self.metric_temperature, stats
         cos = F.normalize(query_feats.float(), dim=-1) @ F.normalize(protos.float(), dim=-1).t()
         return self.metric_scale() * cos, stats
 
@@ -156,11 +169,14 @@ def build_exp_b1(cfg: Any) -> ExpB1Model:
         sap = SemanticAnchorPurification(backbone.out_dim, logit_scale_init=s.LOGIT_SCALE_INIT,
                                          logit_scale_max=s.LOGIT_SCALE_MAX, scale_mode=s.SCALE_MODE,
                                          purify_init=s.PURIFY_INIT, projections=s.PROJECTIONS)
-        mode = resolve_anchor_mode(s.ANCHOR_MODE, cfg.MODEL.CLIP_WEIGHTS, s.ANCHOR_FALLBACK)
-        embed_dim = clip_embed_dim(s.CLIP_MODEL) if mode == "text" else s.LEARNED_DIM
+        mode = resolve_anchor_mode(s.ANCHOR_MODE, cfg.MODEL.CLIP_WEIGHTS, s.ANCHOR_FALLBACK, s.TEXT_TOWER)
+        embed_dim = s.LEARNED_DIM
+        if mode == "text":  # CLIP's text tower when its weights are given, else the name tower
+            embed_dim = clip_embed_dim(s.CLIP_MODEL) if cfg.MODEL.CLIP_WEIGHTS else name_tower_embed_dim(s.TEXT_TOWER)
         anchors = SemanticAnchors(backbone.out_dim, mode, embed_dim, cfg.MODEL.NUM_CLASSES,
                                   s.ANCHOR_PROTO_WEIGHT, s.WORD_VOCAB_SIZE)
     else:
         logger.info("SAP disabled (MODEL.SAP.ENABLED False): cosine prototype classifier")
     return ExpB1Model(backbone, cfg.MODEL.NUM_CLASSES, sap, anchors, cfg.MODEL.METRIC_SCALE,
-                      cfg.MODEL.METRIC_SCALE_LEARNABLE, scale_no_decay=s.SCALE_NO_DECAY)
+                      cfg.MODEL.METRIC_SCALE_LEARNABLE, scale_no_decay=s.SCALE_NO_DECAY, metric=cfg.MODEL.METRIC,
+                      metric_temperature=cfg.MODEL.METRIC_TEMPERATURE)

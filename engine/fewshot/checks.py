@@ -25,6 +25,7 @@ RANGES: dict[str, Range] = {
     "MODEL.BACKBONE_ARGS.DROPBLOCK_SIZE": COUNT,
     "MODEL.BACKBONE_ARGS.DROPBLOCK_RAMP_STEPS": NON_NEGATIVE,
     "MODEL.METRIC_SCALE": POSITIVE,
+    "MODEL.METRIC_TEMPERATURE": POSITIVE,
     "MODEL.SAP.LOGIT_SCALE_INIT": POSITIVE,
     "MODEL.SAP.LOGIT_SCALE_MAX": POSITIVE,
     "MODEL.SAP.PURIFY_INIT": Range(0, 1, low_open=True, high_open=True),
@@ -46,6 +47,15 @@ RANGES: dict[str, Range] = {
     "FEWSHOT.PRETRAIN.BASE_LR": NON_NEGATIVE,
     "FEWSHOT.PRETRAIN.BATCH_SIZE": COUNT,
     "FEWSHOT.PRETRAIN.WARMUP_EPOCHS": NON_NEGATIVE,
+    "FEWSHOT.TEXT_TOWER.EMBED_DIM": COUNT,
+    "FEWSHOT.TEXT_TOWER.WIDTH": COUNT,
+    "FEWSHOT.TEXT_TOWER.HIDDEN": COUNT,
+    "FEWSHOT.TEXT_TOWER.STEPS": COUNT,
+    "FEWSHOT.TEXT_TOWER.BATCH_SIZE": COUNT,
+    "FEWSHOT.TEXT_TOWER.LR": POSITIVE,
+    "FEWSHOT.TEXT_TOWER.WEIGHT_DECAY": NON_NEGATIVE,
+    "FEWSHOT.TEXT_TOWER.TEMPERATURE": Range(0.01, 1.0, note="the initial softmax temperature"),
+    "FEWSHOT.TEXT_TOWER.EPISODES": COUNT,
 }
 
 #: Keys that moved into ``MODEL``, with what a file naming them is told.
@@ -61,11 +71,13 @@ KEY_HINTS = {
 
 def choices(cfg: CN) -> Mapping[str, tuple[str, ...]]:
     """The few-shot keys that take one of a few names, with those names."""
+    from modeling.exp_b1_model import METRICS
     from modeling.module.semantic_anchor_purification import SCALE_MODES
     from modeling.module.semantic_anchors import ANCHOR_FALLBACKS, ANCHOR_MODES
 
     return {
         "MODEL.BACKBONE": FEWSHOT_BACKBONES,
+        "MODEL.METRIC": METRICS,
         "MODEL.SAP.SCALE_MODE": SCALE_MODES,
         "MODEL.SAP.ANCHOR_MODE": ANCHOR_MODES,
         "MODEL.SAP.ANCHOR_FALLBACK": ANCHOR_FALLBACKS,
@@ -79,6 +91,9 @@ def check(cfg: CN) -> None:
     if any(st not in STAGES for st in stages) or list(stages) != sorted(set(stages), key=STAGES.index):
         raise ConfigError(f"config key 'FEWSHOT.STAGES' must list stages of {', '.join(STAGES)}, each once and in "
                           f"that order; got {list(stages)}")
+    sap = cfg.MODEL.SAP
+    if sap.TEXT_TOWER_RECIPE and not sap.TEXT_TOWER:
+        raise ConfigError("MODEL.SAP.TEXT_TOWER_RECIPE needs MODEL.SAP.TEXT_TOWER: the file the name tower is written to")
     if cfg.MODEL.BACKBONE == "resnet12" and len(cfg.MODEL.BACKBONE_ARGS.CHANNELS) != 4:
         raise ConfigError(f"config key 'MODEL.BACKBONE_ARGS.CHANNELS' must list 4 stage widths for MODEL.BACKBONE "
                           f"resnet12; got {list(cfg.MODEL.BACKBONE_ARGS.CHANNELS)}")

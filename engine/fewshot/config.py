@@ -23,6 +23,10 @@ def add_fewshot_config(cfg: CN) -> None:
     # Scaled-cosine classifier of the episode: logits = METRIC_SCALE * cos(query, prototype).
     m.METRIC_SCALE = 10.0
     m.METRIC_SCALE_LEARNABLE = False
+    # The episode head: cosine (METRIC_SCALE * cos, ExpB1's) | euclidean (ProtoNet's and FEAT's:
+    # -||query - prototype||^2 / METRIC_TEMPERATURE; FEAT's ResNet-12 commands use 64)
+    m.METRIC = "cosine"
+    m.METRIC_TEMPERATURE = 64.0
 
     m.SAP = CN()
     m.SAP.LOGIT_SCALE_INIT = 25.0  # about the sqrt(640) = 25.3 that SCALE_MODE fixed divides by
@@ -43,6 +47,12 @@ def add_fewshot_config(cfg: CN) -> None:
     m.SAP.LEARNED_DIM = 512  # width of learned class / word embeddings
     m.SAP.WORD_VOCAB_SIZE = 1024  # words mode: most distinct words in the training class names
     m.SAP.ANCHOR_CACHE_DIR = "outputs/cache/semantic_anchors"  # text embeddings, keyed by weights + template
+    # A name-tower file (modeling/module/name_tower.py): the stand-in for CLIP's text tower on data sets with
+    # compositional class names; "text" anchors read from it when MODEL.CLIP_WEIGHTS is empty. "" = none.
+    m.SAP.TEXT_TOWER = ""
+    # A few-shot config that makes MODEL.SAP.TEXT_TOWER on first use (engine/fewshot/text_tower.py); "" = the
+    # file must exist (or be "").
+    m.SAP.TEXT_TOWER_RECIPE = ""
 
     f = cfg.FEWSHOT = CN()
     # Stages run in order: pretrain (batch classification over the train classes) and/or meta (episodes).
@@ -66,6 +76,19 @@ def add_fewshot_config(cfg: CN) -> None:
     f.CI_Z = 1.96
     f.TEST_CHECKPOINT = "last"  # last | best (the best validation checkpoint of the last stage)
     f.PLOT = True  # PNG of the SAP stats over training (and to W&B)
+    # How a recipe (MODEL.SAP.TEXT_TOWER_RECIPE) fits the name tower to its backbone's features of the training
+    # classes: AdamW on the cross-entropy of each image against every training class name (CLIP's loss, one way)
+    f.TEXT_TOWER = CN()
+    f.TEXT_TOWER.EMBED_DIM = 128  # width of the joint space of names and image features
+    f.TEXT_TOWER.WIDTH = 128  # word-embedding width
+    f.TEXT_TOWER.HIDDEN = 256  # MLP hidden width
+    f.TEXT_TOWER.STEPS = 1000
+    f.TEXT_TOWER.BATCH_SIZE = 256
+    f.TEXT_TOWER.LR = 1e-3
+    f.TEXT_TOWER.WEIGHT_DECAY = 1e-4
+    f.TEXT_TOWER.TEMPERATURE = 0.07  # initial softmax temperature (learned, as CLIP's; at least 0.01)
+    f.TEXT_TOWER.SEED = 0
+    f.TEXT_TOWER.EPISODES = 2000  # zero-shot test episodes measured when the tower is made
     f.PRETRAIN = CN()  # pre-training stage; optimizer settings otherwise from SOLVER
     f.PRETRAIN.EPOCHS = 0
     f.PRETRAIN.BASE_LR = 0.1

@@ -14,6 +14,7 @@ import datasets
 from engine.checkpoint import unwrap
 from engine.config import ConfigError
 from engine.fewshot.family import FEWSHOT
+from modeling.module.name_tower import load_name_tower
 from modeling.module.semantic_anchors import encode_class_names
 
 logger = logging.getLogger(__name__)
@@ -61,17 +62,25 @@ def check_episodes(data: Any, split: str, n_way: int, k_shot: int, n_query: int,
 def install_anchors(cfg: CN, model: torch.nn.Module, data: Any, device: torch.device) -> None:
     """Give SAP's anchors what they need from the data set's class names.
 
-    ``text``: encode every class name once (disk cache) with the CLIP text tower; ``words``:
+    ``text``: encode every class name once (disk cache) with the CLIP text tower, or with the name tower of
+    ``MODEL.SAP.TEXT_TOWER`` without CLIP weights; ``words``:
     the word vocabulary of the training classes' names. Other modes need nothing.
     """
     anchors = getattr(unwrap(model), "anchors", None)
     if anchors is None:
         return
     s = cfg.MODEL.SAP
-    if anchors.mode == "text":
+    if anchors.mode == "text" and cfg.MODEL.CLIP_WEIGHTS:
         emb = encode_class_names(data.class_names, s.CLIP_MODEL, cfg.MODEL.CLIP_WEIGHTS, s.PROMPT_TEMPLATE,
                                  s.ANCHOR_CACHE_DIR, activation=cfg.MODEL.CLIP_ACTIVATION)
         anchors.set_class_embeddings(emb.to(device))
+    elif anchors.mode == "text":  # the name tower stands in for CLIP's
+        tower = load_name_tower(s.TEXT_TOWER)
+        unknown = tower.unknown_words(data.class_names)
+        if unknown:
+            logger.warning("the name tower %s does not know %d words of the class names (%s): they are left out of "
+                           "those names' embeddings", s.TEXT_TOWER, len(unknown), ", ".join(unknown[:5]))
+        anchors.set_class_embeddings(tower.encode(data.class_names).to(device))
     elif anchors.mode == "words":
         train_ids = sorted({lab for _, lab in data.splits[cfg.FEWSHOT.TRAIN_SPLIT]})
         vocab = anchors.set_class_words(data.class_names, train_ids)

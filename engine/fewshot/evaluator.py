@@ -116,12 +116,43 @@ def build_eval_loader(cfg: Any, data: Any, split: str) -> Any:
     return fewshot_eval_loader(cfg, data.splits[split], data.arrays)
 
 
+#: anchor modes whose anchors carry a class's meaning without its images (scored zero-shot by evaluate_split)
+SEMANTIC_MODES = ("text", "words", "learned")
+
+
+class NearestAnchor(torch.nn.Module):
+    """Episode logits from SAP's semantic anchors alone: cosine of each query's backbone feature to each episode
+    class's projected semantic vector (``normalize(P e)``), no support image used (zero-shot). The episodes are
+    the 1-shot test episodes, so the rows compare."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def episode_logits(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor,
+                       class_ids: torch.Tensor, n_way: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        anchors = self.model.anchors
+        semantic, _ = anchors.semantic(class_ids.to(query.device))
+        names = torch.nn.functional.normalize(anchors.proj(semantic.to(anchors.proj.weight.dtype)).float(), dim=-1)
+        return torch.nn.functional.normalize(query.float(), dim=-1) @ names.t(), {}
+
+
 def evaluate_split(cfg: Any, model: torch.nn.Module, data: Any, split: str, device: torch.device, *,
-                   shots: Sequence[int], n_episodes: int, amp: Any = None) -> dict[str, dict[str, Any]]:
-    """``{"5way_1shot": {...}, "5way_5shot": {...}}`` on ``split`` (see :func:`evaluate_episodes`)."""
+                   shots: Sequence[int], n_episodes: int, amp: Any = None, zero_shot: bool = True
+                   ) -> dict[str, dict[str, Any]]:
+    """``{"5way_1shot": {...}, "5way_5shot": {...}}`` on ``split`` (see :func:`evaluate_episodes`); with semantic
+    anchors (``text``, ``words``, ``learned``) also ``"5way_zeroshot"``: the 1-shot episodes scored by the
+    nearest anchor alone (:class:`NearestAnchor`)."""
     fs = cfg.FEWSHOT
     feats, labels = backbone_features(model, build_eval_loader(cfg, data, split), device, amp, desc=f"{split} features")
     results = {}
+    anchors = getattr(model, "anchors", None)
+    if zero_shot and anchors is not None and anchors.mode in SEMANTIC_MODES:  # the anchors alone, no support image
+        key = f"{fs.TEST_WAY}way_zeroshot"
+        results[key] = evaluate_episodes(NearestAnchor(model), feats, labels, n_way=fs.TEST_WAY, k_shot=1,
+                                         n_query=fs.TEST_QUERY, n_episodes=n_episodes, seed=fs.EVAL_SEED, z=fs.CI_Z,
+                                         desc=f"{split} {key}")
+        results[key]["k_shot"] = 0  # the episodes' support image is drawn, not used
     for shot in shots:
         key = f"{fs.TEST_WAY}way_{shot}shot"
         results[key] = evaluate_episodes(model, feats, labels, n_way=fs.TEST_WAY, k_shot=shot, n_query=fs.TEST_QUERY,
@@ -158,8 +189,8 @@ class FewShotEvaluator:
     def __call__(self, model: torch.nn.Module) -> dict[str, Any]:
         fs = self.cfg.FEWSHOT
         val = evaluate_split(self.cfg, model, self.data, fs.VAL_SPLIT, self.device, shots=[fs.K_SHOT],
-                             n_episodes=fs.VAL_EPISODES, amp=self.amp)
-        return next(iter(val.values()))
+                             n_episodes=fs.VAL_EPISODES, amp=self.amp, zero_shot=False)
+        return val[f"{fs.TEST_WAY}way_{fs.K_SHOT}shot"]
 
     def scalars(self, results: dict[str, Any]) -> dict[str, float]:
         return {k: v for k, v in results.items() if isinstance(v, float)}

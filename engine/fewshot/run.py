@@ -34,6 +34,7 @@ from engine.fewshot.data import install_anchors, load_fewshot_data
 from engine.fewshot.evaluator import FewShotEvaluator, evaluate_split, write_results
 from engine.fewshot.objective import EpisodeObjective, PretrainObjective
 from engine.fewshot.plots import SAP_PLOT, plot_sap_stats
+from engine.fewshot.text_tower import ensure_text_tower
 from engine.logger import MetricsLogger
 from engine.solver import WarmupScheduler, build_model_optimizer, build_scheduler
 from engine.trainer import Stage, StageResult, Trainer
@@ -58,6 +59,7 @@ class FewShotApplication(Application):
         self.device = resolve_device(cfg.DEVICE.NAME)
         self.amp = build_amp_policy(cfg.DEVICE.PRECISION, self.device)
         self.data = load_fewshot_data(cfg)
+        ensure_text_tower(cfg)  # made on first use from MODEL.SAP.TEXT_TOWER_RECIPE
         self.model = build_model(cfg).to(self.device)
         install_anchors(cfg, self.model, self.data, self.device)
 

@@ -3,7 +3,8 @@
 Three modes (``MODEL.SAP.ANCHOR_MODE``):
 
 ``text``
-    class-name embeddings from an open_clip text tower, prompt ``MODEL.SAP.PROMPT_TEMPLATE``
+    class-name embeddings from an open_clip text tower (or, without CLIP weights, from the name tower of
+    ``MODEL.SAP.TEXT_TOWER``: :mod:`modeling.module.name_tower`), prompt ``MODEL.SAP.PROMPT_TEMPLATE``
     (``"a photo of a {}."``). The tower is built with ``pretrained=None`` (nothing is ever
     downloaded) and its weights are read from the local file ``MODEL.CLIP_WEIGHTS`` (an
     OpenAI TorchScript archive such as ``ViT-B-16.pt``, an OpenAI or open_clip state dict, or
@@ -60,8 +61,9 @@ ANCHOR_FALLBACKS = ("prototype", "learned", "error")
 TEXT_BATCH = 256
 
 
-def resolve_anchor_mode(mode: str, clip_weights: str, fallback: str = "prototype") -> str:
-    """The anchor mode actually used: ``text`` needs ``clip_weights``; else ``fallback`` (logged) or an error."""
+def resolve_anchor_mode(mode: str, clip_weights: str, fallback: str = "prototype", text_tower: str = "") -> str:
+    """The anchor mode actually used: ``text`` needs ``clip_weights`` (CLIP) or ``text_tower`` (a name-tower file,
+    :mod:`modeling.module.name_tower`); else ``fallback`` (logged) or an error."""
     if mode not in ANCHOR_MODES:
         raise ValueError(f"MODEL.SAP.ANCHOR_MODE must be one of {ANCHOR_MODES}, got {mode!r}")
     if fallback not in ANCHOR_FALLBACKS:
@@ -72,13 +74,17 @@ def resolve_anchor_mode(mode: str, clip_weights: str, fallback: str = "prototype
     if clip_weights:
         logger.info("SAP anchors: CLIP text embeddings from %s", clip_weights)
         return "text"
+    if text_tower:
+        logger.info("SAP anchors: class-name embeddings from the name tower %s (MODEL.SAP.TEXT_TOWER)", text_tower)
+        return "text"
     if fallback == "error":
         raise FileNotFoundError(
-            "MODEL.SAP.ANCHOR_MODE is 'text' but MODEL.CLIP_WEIGHTS is empty: give a local CLIP weights file, "
-            "or set MODEL.SAP.ANCHOR_FALLBACK to 'prototype' or 'learned' (no weights are downloaded)"
+            "MODEL.SAP.ANCHOR_MODE is 'text' but MODEL.CLIP_WEIGHTS and MODEL.SAP.TEXT_TOWER are empty: give a local "
+            "CLIP weights file or a name tower, or set MODEL.SAP.ANCHOR_FALLBACK to 'prototype' or 'learned' (no "
+            "weights are downloaded)"
         )
-    logger.warning("SAP anchors: MODEL.CLIP_WEIGHTS is empty, so no text tower; using '%s' anchors instead "
-                   "(MODEL.SAP.ANCHOR_FALLBACK)", fallback)
+    logger.warning("SAP anchors: MODEL.CLIP_WEIGHTS and MODEL.SAP.TEXT_TOWER are empty, so no text tower; using "
+                   "'%s' anchors instead (MODEL.SAP.ANCHOR_FALLBACK)", fallback)
     return fallback
 
 

@@ -115,7 +115,7 @@ def test_forward_paths_and_gradient_to_the_scale() -> None:
 def test_text_anchor_mode_without_weights_falls_back_and_logs(caplog) -> None:
     with caplog.at_level(logging.WARNING):
         model = tiny_model("MODEL.SAP.ANCHOR_MODE", "text", "MODEL.SAP.ANCHOR_FALLBACK", "learned")
-    assert model.anchors.mode == "learned" and "CLIP_WEIGHTS is empty" in caplog.text
+    assert model.anchors.mode == "learned" and "MODEL.CLIP_WEIGHTS and MODEL.SAP.TEXT_TOWER are empty" in caplog.text
     with pytest.raises(FileNotFoundError, match="ANCHOR_FALLBACK"):
         tiny_model("MODEL.SAP.ANCHOR_MODE", "text", "MODEL.SAP.ANCHOR_FALLBACK", "error")
 
@@ -139,3 +139,31 @@ def test_scale_decay_ablation_keeps_two_groups_but_decays_the_scale() -> None:
     assert default[1]["weight_decay"] == 0.0 and len(default[1]["params"]) == 1
     assert len(ablated) == 2 and "weight_decay" not in ablated[1]  # the optimizer's default decay applies
     assert ablated[1]["params"][0] is not None and ablated[1]["params"][0].shape == default[1]["params"][0].shape
+
+
+@pytest.mark.parametrize("sap", ["False", "True"])
+def test_euclidean_head_is_protonets_against_numpy(sap: str) -> None:
+    """``MODEL.METRIC euclidean``: ``-||q - p||^2 / T`` to the class means of the (purified) support features,
+    the head of ProtoNet and FEAT, in float64 by hand; without SAP the features are the backbone's."""
+    model = tiny_model("MODEL.SAP.ENABLED", sap, "MODEL.SAP.ANCHOR_MODE", "prototype", "MODEL.METRIC", "euclidean",
+                       "MODEL.METRIC_TEMPERATURE", "16.0").eval()
+    g = torch.Generator().manual_seed(1)
+    support, query = torch.randn(6, 8, generator=g), torch.randn(9, 8, generator=g)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    logits, _ = model.episode_logits(support, labels, query, n_way=3)
+    if sap == "True":
+        with torch.no_grad():
+            purified, _ = model.sap(torch.cat([support, query]), model.anchors(
+                torch.stack([support[labels == c].mean(0) for c in range(3)])))
+        support, query = purified[:6], purified[6:]
+    s, q = support.double().numpy(), query.double().numpy()
+    protos = np.stack([s[labels.numpy() == c].mean(0) for c in range(3)])
+    expected = -((q[:, None, :] - protos[None]) ** 2).sum(-1) / 16.0
+    np.testing.assert_allclose(logits.detach().double().numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_unknown_metric_is_refused() -> None:
+    from engine.config import ConfigError
+
+    with pytest.raises(ConfigError, match="MODEL.METRIC' must be one of cosine, euclidean"):
+        load_config(None, [*TINY, "MODEL.METRIC", "manhattan"])

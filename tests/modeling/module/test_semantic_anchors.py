@@ -59,7 +59,7 @@ def test_word_anchors_cover_novel_combinations_of_known_words() -> None:
 def test_anchor_mode_fallback_is_logged_or_an_error(caplog) -> None:
     with caplog.at_level(logging.WARNING):
         assert resolve_anchor_mode("text", "", "learned") == "learned"
-    assert "MODEL.CLIP_WEIGHTS is empty" in caplog.text and "learned" in caplog.text
+    assert "MODEL.CLIP_WEIGHTS and MODEL.SAP.TEXT_TOWER are empty" in caplog.text and "learned" in caplog.text
     assert resolve_anchor_mode("text", "/some/clip.pt", "prototype") == "text"
     with pytest.raises(FileNotFoundError, match="ANCHOR_FALLBACK"):
         resolve_anchor_mode("text", "", "error")
