@@ -85,8 +85,9 @@ class FewShotApplication(Application):
         step = trainer.run.step
         metrics.log(flat_results(results), step=step, prefix="test")
         plot = make_plots(cfg, out_dir, metrics, step)
+        # the plot is named relative to the run folder, so two identical runs write the same summary.json
         summary = {**flat_results(results), "steps": step, "epochs": trainer.run.global_epoch,
-                   "summary_line": line, "plot": str(plot) if plot else ""}
+                   "summary_line": line, "plot": plot.name if plot else ""}
         summary.update(final_sap_state(final_model))
         return results, summary
 

@@ -124,6 +124,7 @@ def test_tiny_train_then_eval_only_through_the_entry_script(tiny_data, tmp_path,
     assert any("pretrain/loss" in r for r in records) and any("val_meta/acc" in r for r in records)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["5way_1shot/acc"] == pytest.approx(results["5way_1shot"]["acc"])
+    assert summary["plot"] == "sap_stats.png"  # relative to the run folder: the summary names no folder
 
     # --eval-only on the last checkpoint reproduces the final test numbers (same fixed episodes) in a folder of
     # its own; the run's files are left as they were, and --resume of the finished run changes nothing either
