@@ -13,10 +13,10 @@ import torch.distributed as dist
 from torch import nn
 
 from utils.distributed import get_world_size
+from utils.environment import multicast_off
 
 logger = logging.getLogger(__name__)
 R = TypeVar("R")
-
 
 def launch(main: Callable[..., R], *args: Any, timeout_minutes: float = 30.0) -> R:
     """Call ``main(*args)``, inside a process group when started by torchrun.
@@ -31,6 +31,7 @@ def launch(main: Callable[..., R], *args: Any, timeout_minutes: float = 30.0) ->
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
+        multicast_off()
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
     try:

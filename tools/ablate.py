@@ -2,7 +2,7 @@
 """Reproduce an ablation table from one small YAML: rows x seeds, mean +- std, Markdown/CSV/PNG.
 
     python tools/ablate.py --table gate_init [--seeds 3] [--quick] [--real] [--out outputs/ablations]
-        [--jobs N] [--time-limit SECONDS [--run-seconds S]] [--wandb-mode disabled|offline|online]
+        [--jobs N] [--gpus all|none|0,1] [--time-limit SECONDS [--run-seconds S]] [--wandb-mode disabled|offline|online]
         [--rows LABEL ...] [--reference LABEL] [--dry-run] [--collect] [--no-reuse] [-- KEY VALUE ...]
 
 A table file (``configs/ablations/<name>.yaml``) names the training script, the columns
@@ -53,7 +53,7 @@ from engine.experiments.collect import SUMMARY, collect_row, finished_runs, reus
 from engine.experiments.commands import table_command
 from engine.experiments.configs import command_config, folder_config
 from engine.experiments.grid import flat_overrides, row_config, row_owners, run_folder, table_folder
-from engine.experiments.jobs import Job, run_jobs
+from engine.experiments.jobs import Job, parse_gpus, run_jobs
 from engine.experiments.specs import AblationError, load_table
 from engine.experiments.tables import log_wandb_table, plot_table, render_table
 from utils.io import atomic_write_text
@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs side by side (e.g. several small runs on one GPU), each pinned to its share "
                              "of the CPUs")
+    parser.add_argument("--gpus", default="all", metavar="all|none|0,1",
+                        help="the GPUs the runs take in turn, one each (CUDA_VISIBLE_DEVICES): all visible "
+                             "(default), none, or device ids; --jobs 6 --gpus 0,1 runs three on each")
     parser.add_argument("--wandb-mode", default="disabled", choices=("disabled", "offline", "online"))
     parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                         help="start no run that would not end within SECONDS (a GPU lease, a batch job's limit); "
@@ -195,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
     try:
+        gpus = parse_gpus(args.gpus)
+    except ValueError as err:
+        parser.error(str(err))
+    try:
         rows = select_rows(spec, args)
     except AblationError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -205,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     prepare_pretrained(spec, rows, args.quick, args.real, args.overrides, [job.key[0] for job in jobs])
-    errors = run_jobs(jobs, args.jobs, args.time_limit, args.run_seconds, env={"TQDM_DISABLE": "1"})
+    errors = run_jobs(jobs, args.jobs, args.time_limit, args.run_seconds, env={"TQDM_DISABLE": "1"},
+                      gpus=gpus)
     results = collect_rows(spec, rows, owners, folder, args.seeds, errors, args.collect)
     return write_table(spec, results, folder, args)
 

@@ -1,7 +1,10 @@
-"""Running training commands as subprocesses: one at a time or side by side, each pinned to its CPU share.
+"""Running training commands as subprocesses: one at a time or side by side, each pinned to its CPU share and,
+on a machine with GPUs, to one GPU.
 
 A run pinned to a set of CPUs sees only those, so its data-loader default (``DATALOADER.NUM_WORKERS -1``)
-and thread pools size themselves to its share. Under a time limit (a GPU lease, a batch job) a run is
+and thread pools size themselves to its share. Side-by-side runs take the GPUs in turn (run slot ``i`` on
+``gpus[i % len(gpus)]``, through ``CUDA_VISIBLE_DEVICES``), so ``--jobs 6`` on two GPUs puts three runs on
+each (under MPS, if it runs, they share each GPU's compute). Under a time limit (a GPU lease, a batch job) a run is
 started only if it is expected to end in time; runs already going are never stopped.
 """
 
@@ -12,10 +15,12 @@ import queue
 import subprocess
 import threading
 import time
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+from utils.environment import multicast_off
 
 REPO = Path(__file__).resolve().parents[2]
 #: the error of a run that ``run_jobs`` did not start because it would end after the time limit
@@ -54,12 +59,43 @@ def cpu_slots(jobs: int) -> list[set[int] | None]:
     return [set(cpus[i * k:(i + 1) * k]) for i in range(jobs)]
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use: the entries of ``CUDA_VISIBLE_DEVICES`` where it is set, else every device
+    torch counts; ``[]`` without CUDA."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g.strip() for g in listed.split(",") if g.strip() and not g.strip().startswith("-")]
+    try:
+        import torch
+    except ImportError:
+        return []
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def parse_gpus(text: str) -> list[str]:
+    """``--gpus``: ``all`` (:func:`visible_gpus`), ``none`` (no GPU is assigned: runs see what this process sees),
+    or a comma-separated list of device ids (``0,1``)."""
+    if text == "all":
+        return visible_gpus()
+    if text in ("none", ""):
+        return []
+    gpus = [g.strip() for g in text.split(",") if g.strip()]
+    if not all(g.isdigit() for g in gpus):
+        raise ValueError(f"--gpus must be all, none or device ids like 0,1; got {text!r}")
+    return gpus
+
+
+def gpu_slots(parallel: int, gpus: Sequence[str]) -> list[str | None]:
+    """The GPU of each of ``parallel`` run slots: the GPUs in turn (``None`` each without GPUs)."""
+    return [gpus[i % len(gpus)] if gpus else None for i in range(parallel)]
+
+
 def execute(command: list[str], cpus: set[int] | None = None, env: Mapping[str, str] | None = None,
             capture: bool = True) -> Outcome:
     """Run ``command`` in the repository root, pinned to ``cpus`` (and ``OMP_NUM_THREADS`` set to their
     number), with ``env`` added to this process's environment. ``capture`` keeps its output (the error is
     its last stderr line); otherwise it prints to this terminal (the error is its exit status)."""
-    full_env = {**os.environ, **(env or {})}
+    full_env = multicast_off({**os.environ, **(env or {})})
     if cpus:
         full_env["OMP_NUM_THREADS"] = str(len(cpus))
     pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None  # a syscall only: safe after fork
@@ -71,9 +107,10 @@ def execute(command: list[str], cpus: set[int] | None = None, env: Mapping[str, 
 
 
 def run_jobs(jobs: list[Job], parallel: int = 1, time_limit: float | None = None, run_seconds: float = 0.0,
-             env: Mapping[str, str] | None = None) -> dict[Hashable, str]:
-    """Run ``jobs``, ``parallel`` at a time, each on its :func:`cpu_slots` share, output captured; returns the
-    errors by ``Job.key`` (empty when every run succeeded).
+             env: Mapping[str, str] | None = None, gpus: Sequence[str] = ()) -> dict[Hashable, str]:
+    """Run ``jobs``, ``parallel`` at a time, each on its :func:`cpu_slots` share and its :func:`gpu_slots` GPU
+    (``CUDA_VISIBLE_DEVICES``), output captured; returns the errors by ``Job.key`` (empty when every run
+    succeeded).
 
     With ``time_limit`` (seconds from now), a run is not started unless it is expected to end in time:
     expected to take as long as the longest run finished so far (``run_seconds`` before any has). Those not
@@ -81,15 +118,16 @@ def run_jobs(jobs: list[Job], parallel: int = 1, time_limit: float | None = None
     """
     errors: dict[Hashable, str] = {}
     slots: queue.Queue = queue.Queue()
-    for cpus in cpu_slots(parallel):
-        slots.put(cpus)
+    for slot in zip(cpu_slots(parallel), gpu_slots(parallel, gpus)):
+        slots.put(slot)
     done, longest = 0, float(run_seconds)
     deadline = None if time_limit is None else time.monotonic() + time_limit
     lock = threading.Lock()
 
     def one(job: Job) -> None:
         nonlocal done, longest
-        cpus = slots.get()
+        slot = slots.get()
+        cpus, gpu = slot
         with lock:
             late = deadline is not None and time.monotonic() + longest > deadline
             if late:
@@ -100,13 +138,13 @@ def run_jobs(jobs: list[Job], parallel: int = 1, time_limit: float | None = None
             elif job.announce:
                 print(job.announce, flush=True)
         if late:
-            slots.put(cpus)
+            slots.put(slot)
             return
         start = time.perf_counter()
         try:
-            outcome = execute(job.command, cpus, env)
+            outcome = execute(job.command, cpus, {**(env or {}), **({"CUDA_VISIBLE_DEVICES": gpu} if gpu else {})})
         finally:
-            slots.put(cpus)
+            slots.put(slot)
         took = time.perf_counter() - start
         with lock:
             done += 1
@@ -115,7 +153,8 @@ def run_jobs(jobs: list[Job], parallel: int = 1, time_limit: float | None = None
             else:
                 longest = max(longest, took)
             state = "ok" if outcome.error is None else f"FAILED: {outcome.error}"
-            print(f"[{done}/{len(jobs)}] {job.name}: {state} ({took:.0f} s)", flush=True)
+            where = f", GPU {gpu}" if gpu else ""
+            print(f"[{done}/{len(jobs)}] {job.name}: {state} ({took:.0f} s{where})", flush=True)
 
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         list(pool.map(one, jobs))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +30,30 @@ def test_two_ranks_gather_with_gradients(tmp_path: Path) -> None:
            str(REPO / "tests" / "helpers" / "ddp_probe.py"), str(tmp_path)]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-2000:]
+    _check_probe(tmp_path)
+
+
+def test_two_nodes_meet_through_the_c10d_rendezvous(tmp_path: Path) -> None:
+    """The several-hosts command (README, "Several hosts"): two torchrun agents, one process each, that find
+    each other at a rendezvous endpoint, as two hosts would; here two "nodes" on this machine over Gloo."""
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "probe",
+           "--max-restarts", "0", str(REPO / "tests" / "helpers" / "ddp_probe.py"), str(tmp_path)]
+    nodes = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for node in nodes:
+        _, err = node.communicate(timeout=180)
+        assert node.returncode == 0, err[-2000:]
+    _check_probe(tmp_path)
+
+
+def _check_probe(out: Path) -> None:
+    """What both ranks of ``ddp_probe.py`` must have seen."""
     for rank in range(2):
-        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        seen = json.loads((out / f"rank{rank}.json").read_text())
         assert seen["world"] == 2 and seen["ddp"] == "DistributedDataParallel"
         assert seen["gathered"] == [[1.0] * 3] * 2 + [[2.0] * 3] * 2  # rank order
         assert seen["labels"] == [0, 1, 10, 11]

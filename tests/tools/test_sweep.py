@@ -131,3 +131,23 @@ def test_real_benchmark_sweeps_repeat_the_synthetic_grid() -> None:
         assert not _config_file(real).startswith("configs/synthetic/")
         assert [t for t in real["command"] if t != _config_file(real)] == \
             [t for t in synthetic["command"] if t != _config_file(synthetic)]
+
+
+def test_side_by_side_sweep_places_runs_on_the_gpus_in_turn(tmp_path: Path) -> None:
+    """``--jobs 2 --gpus 0,1``: the runs go two at a time, one on each GPU; the summary is the same as in turn."""
+    fake = FAKE + "(out / 'gpu.txt').write_text(__import__('os').environ.get('CUDA_VISIBLE_DEVICES', ''))\n"
+    (tmp_path / "fake.py").write_text(fake)
+    (tmp_path / "sweeps" / "toy").mkdir(parents=True)
+    (tmp_path / "sweeps" / "toy" / "allow").write_text("")
+    spec_file = tmp_path / "toy.yaml"
+    spec_file.write_text(yaml.safe_dump({
+        "program": str(tmp_path / "fake.py"), "method": "grid", "metric": {"name": "test/mAP", "goal": "maximize"},
+        "parameters": {"x": {"values": [1.0, 2.0, 3.0, 4.0]}},
+        "command": ["${env}", "${interpreter}", "${program}", "${args}"],
+    }))
+    res = subprocess.run([sys.executable, "tools/sweep.py", str(spec_file), "--out", str(tmp_path / "sweeps"),
+                          "--jobs", "2", "--gpus", "0,1"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    runs = sorted((tmp_path / "sweeps" / "toy").glob("*-x=*"))
+    assert len(runs) == 4 and {(r / "gpu.txt").read_text() for r in runs} == {"0", "1"}
+    assert "0.4000" in (tmp_path / "sweeps" / "toy" / "summary.md").read_text()

@@ -47,3 +47,42 @@ def test_time_limit_starts_no_run_that_would_not_end_in_time(capsys: pytest.Capt
     assert errors == {(0, 0): NOT_STARTED}
     # no limit: everything runs
     assert run_jobs(tasks[:2], parallel=2) == {}
+
+
+def test_gpus_are_parsed_and_taken_in_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.experiments.jobs import gpu_slots, parse_gpus
+
+    assert parse_gpus("0,1") == ["0", "1"] and parse_gpus("none") == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert parse_gpus("all") == ["2", "3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert parse_gpus("all") == []
+    with pytest.raises(ValueError, match="device ids"):
+        parse_gpus("first")
+    assert gpu_slots(6, ["0", "1"]) == ["0", "1", "0", "1", "0", "1"]  # --jobs 6 on two GPUs: three on each
+    assert gpu_slots(2, []) == [None, None]
+
+
+def test_side_by_side_runs_each_see_one_gpu_of_their_slot(tmp_path) -> None:
+    """Four runs, two at a time, on GPUs 0 and 1: each run sees exactly one GPU, and both GPUs are used."""
+    script = ("import os, sys, pathlib; "
+              "pathlib.Path(sys.argv[1]).write_text(os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>'))")
+    batch = [Job(i, f"run{i}", [sys.executable, "-c", script, str(tmp_path / f"run{i}.txt")]) for i in range(4)]
+    assert run_jobs(batch, parallel=2, gpus=["0", "1"]) == {}
+    seen = [(tmp_path / f"run{i}.txt").read_text() for i in range(4)]
+    assert set(seen) == {"0", "1"}
+    # without GPUs to place, a run sees this process's setting unchanged
+    expected = __import__("os").environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
+    assert run_jobs(batch[:1], parallel=1, gpus=[]) == {} and (tmp_path / "run0.txt").read_text() == expected
+
+
+def test_a_run_starts_with_nvlink_multicast_off_unless_the_user_set_it(tmp_path, monkeypatch) -> None:
+    script = ("import os, sys, pathlib; pathlib.Path(sys.argv[1]).write_text(','.join(os.environ.get(k, '') for k in "
+              "('NCCL_NVLS_ENABLE', 'TORCH_SYMM_MEM_DISABLE_MULTICAST', 'NVSHMEM_DISABLE_NVLS')))")
+    for key in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
+        monkeypatch.delenv(key, raising=False)
+    assert execute([sys.executable, "-c", script, str(tmp_path / "env.txt")]).returncode == 0
+    assert (tmp_path / "env.txt").read_text() == "0,1,1"
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "1")  # the user's own choice is kept
+    assert execute([sys.executable, "-c", script, str(tmp_path / "env.txt")]).returncode == 0
+    assert (tmp_path / "env.txt").read_text() == "1,1,1"
