@@ -50,6 +50,9 @@ def test_config_builds_its_model(path: Path) -> None:
     cfg = load_config(path)
     if cfg.MODEL.get("PRETRAIN_RECIPE"):  # a tower made by a pretraining run (tests/engine/reid/test_tower_pretrain.py)
         cfg = load_config(path, ["MODEL.PRETRAIN_PATH", "", "MODEL.PRETRAIN_RECIPE", ""])
+    if cfg.MODEL.get("SAP", {}).get("TEXT_TOWER_RECIPE"):  # a name tower made by its recipe (test_text_tower.py)
+        cfg = load_config(path, ["MODEL.SAP.TEXT_TOWER", "", "MODEL.SAP.TEXT_TOWER_RECIPE", "",
+                                 "MODEL.SAP.ANCHOR_FALLBACK", "prototype"])
     torch.manual_seed(0)
     if cfg.DATASETS.NAMES in REID_NAMES:
         assert cfg.SOLVER.IMS_PER_BATCH % cfg.DATALOADER.NUM_INSTANCE == 0
