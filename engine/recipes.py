@@ -9,9 +9,10 @@ it once; a piece whose recorded recipe differs from what the recipe says now is 
 
 from __future__ import annotations
 
+import argparse
 import logging
 import multiprocessing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,29 @@ def recipe_changes(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str
     repository gained since the piece was made are not changes)."""
     old, new = flatten(recorded), flatten(wanted)
     return [f"{k}: {old[k]!r} -> {new.get(k, '<no such key>')!r}" for k in sorted(old) if new.get(k, object()) != old[k]]
+
+
+def train_recipe(recipe: str, run_dir: Path, opts: Sequence[str], run: Callable[[CN, argparse.Namespace], Any],
+                 resume: str | None = None) -> CN:
+    """Train ``recipe`` (with ``opts``, which set ``OUTPUT_DIR`` to ``run_dir``) with the family's ``run(cfg, args)``
+    unless ``run_dir`` holds a finished run; an interrupted one continues where it stopped. Sets this process up
+    as a training script does (log file, seed, run-folder lock): call it from a process of its own. Returns the
+    recipe's config."""
+    from engine.checkpoint import Checkpointer
+    from engine.defaults import FINISHED_MARKER, default_setup
+
+    if (run_dir / FINISHED_MARKER).is_file():
+        return load_config(recipe, list(opts))
+    if resume is None and Checkpointer(run_dir).latest() is not None:
+        resume = "auto"
+    args = argparse.Namespace(config_file=recipe, opts=list(opts), resume=resume, eval_only=False, flag_keys={})
+    cfg = default_setup(args)
+    try:
+        run(cfg, args)
+    finally:
+        if getattr(args, "run_lock", None) is not None:
+            args.run_lock.release()
+    return cfg
 
 
 def ensure_made(out: Path, recipe: str, make: Callable[[str, str, list[str]], Any],

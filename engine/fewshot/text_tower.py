@@ -18,7 +18,6 @@ of its own; a tower made with another recipe is refused) and SAP's ``text`` anch
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 from collections.abc import Sequence
@@ -34,7 +33,7 @@ from yacs.config import CfgNode as CN
 from engine.checkpoint import Checkpointer
 from engine.config import ConfigError, load_config
 from engine.fewshot.evaluator import backbone_features, build_eval_loader, evaluate_episodes
-from engine.recipes import RUN_DIR, ensure_made, recipe_record
+from engine.recipes import RUN_DIR, ensure_made, recipe_record, train_recipe
 from modeling.module.name_tower import NameTower, name_words, read_name_tower_file, save_name_tower
 from utils.io import atomic_write
 
@@ -150,26 +149,15 @@ def make_text_tower(recipe: str, out: str | Path, overrides: Sequence[str] = (),
     the name tower to its training-class features and write it to ``out`` with the recipe and its test-class
     accuracies (:func:`measure_tower`), which it returns. Sets this process up as a training script does: call it
     from a process of its own (:func:`ensure_text_tower`)."""
-    from engine.defaults import FINISHED_MARKER, default_setup
-    from engine.fewshot.run import FewShotApplication, run_fewshot
+    from engine.fewshot.run import FewShotApplication, run
 
     out = Path(out)
     run_dir = out.parent / RUN_DIR
     opts = [*overrides, "OUTPUT_DIR", str(run_dir)]
-    cfg = load_config(recipe, opts)
-    if cfg.MODEL.SAP.TEXT_TOWER_RECIPE:
+    if load_config(recipe, opts).MODEL.SAP.TEXT_TOWER_RECIPE:
         raise ConfigError(f"{recipe} names a MODEL.SAP.TEXT_TOWER_RECIPE itself: a recipe trains its backbone from "
                           "scratch, it does not chain another")
-    if not (run_dir / FINISHED_MARKER).is_file():
-        if resume is None and Checkpointer(run_dir).latest() is not None:
-            resume = "auto"
-        args = argparse.Namespace(config_file=recipe, opts=opts, resume=resume, eval_only=False, flag_keys={})
-        cfg = default_setup(args)
-        try:
-            run_fewshot(cfg, resume=resume)
-        finally:
-            if getattr(args, "run_lock", None) is not None:
-                args.run_lock.release()
+    cfg = train_recipe(recipe, run_dir, opts, run, resume)
     app = FewShotApplication(cfg)
     app.build()
     Checkpointer(run_dir).load(Checkpointer(run_dir).latest(), model=app.model, restore_rng=False)

@@ -16,7 +16,6 @@ after; a tower made with another recipe is refused, not silently used.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from collections.abc import Sequence
@@ -28,7 +27,7 @@ from yacs.config import CfgNode as CN
 
 from engine.checkpoint import Checkpointer, read_checkpoint
 from engine.config import ConfigError, load_config
-from engine.recipes import RUN_DIR, ensure_made, recipe_record
+from engine.recipes import RUN_DIR, ensure_made, recipe_record, train_recipe
 from engine.reid.checks import BACKBONE_ARCHS
 from modeling.backbones.clip_vit import CLIP_VIT_CONFIGS
 from modeling.clip_checkpoint import OPEN_CLIP_CONFIG
@@ -93,26 +92,16 @@ def pretrain_tower(recipe: str, out: str | Path, overrides: Sequence[str] = (), 
     The training sets up this process as ``train_net.py`` does (log file, seed, run-folder lock): call it from a
     process of its own (the CLI ``tools/pretrain_tower.py``, or :func:`ensure_pretrained_tower`).
     """
-    from engine.defaults import FINISHED_MARKER, default_setup
+    from engine.defaults import FINISHED_MARKER
     from engine.reid.run import run_reid
 
     out = Path(out)
     run_dir = out.parent / RUN_DIR
     opts = [*overrides, "OUTPUT_DIR", str(run_dir)]
-    cfg = load_config(recipe, opts)
-    if cfg.MODEL.PRETRAIN_RECIPE:
+    if load_config(recipe, opts).MODEL.PRETRAIN_RECIPE:
         raise ConfigError(f"{recipe} names a MODEL.PRETRAIN_RECIPE itself: a recipe trains from MODEL.PRETRAIN_PATH "
                           "or random init, it does not chain another pretraining")
-    if not (run_dir / FINISHED_MARKER).is_file():
-        if resume is None and Checkpointer(run_dir).latest() is not None:
-            resume = "auto"  # an interrupted pretraining continues where it stopped
-        args = argparse.Namespace(config_file=recipe, opts=opts, resume=resume, eval_only=False, flag_keys={})
-        cfg = default_setup(args)
-        try:
-            run_reid(cfg, args)
-        finally:
-            if getattr(args, "run_lock", None) is not None:
-                args.run_lock.release()
+    cfg = train_recipe(recipe, run_dir, opts, run_reid, resume)
     summary = json.loads((run_dir / FINISHED_MARKER).read_text())
     results = {k: summary[k] for k in ("mAP", "rank1", "mINP") if k in summary}
     export_tower(cfg, run_dir, out, results)
