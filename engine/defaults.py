@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from yacs.config import CfgNode as CN
 
 from engine.config import ConfigError, load_config
@@ -144,6 +145,9 @@ def default_setup(args: argparse.Namespace) -> CN:
     if is_main_process():
         logger.info("config saved to %s", save_config(cfg, output_dir))
     seed_everything(cfg.SEED + get_rank(), deterministic=cfg.DETERMINISTIC)
+    if cfg.DEVICE.CPU_THREADS > 0:  # the run's numbers on a CPU then depend on this key, not on the machine
+        torch.set_num_threads(cfg.DEVICE.CPU_THREADS)
+        logger.info("torch intra-op CPU threads: %d (DEVICE.CPU_THREADS)", cfg.DEVICE.CPU_THREADS)
     return cfg
 
 

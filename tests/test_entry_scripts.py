@@ -135,3 +135,20 @@ def test_a_garbled_last_checkpoint_names_what_is_there(tmp_path: Path) -> None:
     assert "last_checkpoint names '" in res.stderr and "which is not a checkpoint file in" in res.stderr
     assert "checkpoint_epoch0001.pth" in res.stderr and "checkpoint_epoch0002.pth" in res.stderr
     assert "pass one with --resume PATH" in res.stderr and "no 'last_checkpoint' file" not in res.stderr
+
+
+def test_a_pinned_cpu_thread_count_gives_the_same_run_whatever_the_machine_offers(tmp_path: Path) -> None:
+    """``DEVICE.CPU_THREADS 1``: the tiny few-shot run started with 1 and with 2 OpenMP threads writes the same
+    summary.json, byte for byte (unpinned, the convolutions' weight gradients differ between the two)."""
+    import os
+
+    written = []
+    for threads in ("1", "2"):
+        out = tmp_path / f"omp{threads}"
+        res = subprocess.run([sys.executable, "train_b1_improvement.py", "--config_file",
+                              "configs/synthetic/ExpB1_SAP_tiny.yml", "WANDB.MODE", "disabled", "DEVICE.CPU_THREADS",
+                              "1", "OUTPUT_DIR", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "OMP_NUM_THREADS": threads})
+        assert res.returncode == 0, res.stderr[-2000:]
+        written.append((out / "summary.json").read_bytes())
+    assert written[0] == written[1]

@@ -80,6 +80,7 @@ SIZE = Range(1, integers=True, min_items=2, max_items=2, note="height, width in 
 RANGES: dict[str, Range] = {
     "MODEL.NUM_CLASSES": Range(0, note="0: set from the data set"),
     "DATALOADER.NUM_WORKERS": Range(-1, note="-1: one per CPU"),
+    "DEVICE.CPU_THREADS": Range(0, note="0: torch's default"),
     "DATALOADER.PREFETCH_FACTOR": COUNT,
     "SOLVER.BASE_LR": NON_NEGATIVE,
     "SOLVER.MOMENTUM": UNIT,

@@ -36,6 +36,10 @@ def base_config() -> CN:
     _C.DEVICE.NAME = "auto"  # auto | cpu | cuda
     # Autocast precision: auto (bf16 on CUDA with bf16 support, else fp16; fp32 on CPU) | fp32 | bf16 | fp16
     _C.DEVICE.PRECISION = "auto"
+    # torch's intra-op CPU threads: 0 = torch's default (the CPUs this process may use, or OMP_NUM_THREADS); N pins
+    # it. On a CPU a run's numbers depend on it (convolution weight gradients are summed in per-thread blocks), so a
+    # pinned count gives the same numbers on any machine and under any tools/ablate.py --jobs.
+    _C.DEVICE.CPU_THREADS = 0
 
     _C.MODEL = CN()
     _C.MODEL.NAME = ""  # ExpB1 | DeMo | DeMo_SDTPS

@@ -213,6 +213,7 @@ def _shown(key: str, raw: str) -> str:
 BAD_VALUES = [
     ("MODEL.NUM_CLASSES", "-1", ">= 0"),
     ("DATALOADER.NUM_WORKERS", "-2", ">= -1 (-1: one per CPU)"),
+    ("DEVICE.CPU_THREADS", "-1", ">= 0 (0: torch's default)"),
     ("DATALOADER.PREFETCH_FACTOR", "0", ">= 1"),
     ("SOLVER.BASE_LR", "-0.1", ">= 0"),
     ("SOLVER.MOMENTUM", "1.5", "in [0, 1]"),
