@@ -46,6 +46,8 @@ RGBNT_PRESETS: dict[str, dict[str, Any]] = {
 FEWSHOT_PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(num_classes=(64, 16, 20), images_per_class=30, size=84),
     "gpu": dict(num_classes=(64, 16, 20), images_per_class=600, size=84),
+    # the gpu set with classes harder to tell apart (render_fewshot's clutter): a task that does not saturate
+    "gpu_hard": dict(num_classes=(64, 16, 20), images_per_class=600, size=84, clutter=1.0),
 }
 
 
@@ -141,12 +143,12 @@ def generate_rgbnt(
     return write_atomically(Path(out), cfg, fill, force=force)
 
 
-def _fewshot_task(task: tuple[str, int, tuple[str, str, str], int, int, int]) -> None:
+def _fewshot_task(task: tuple[str, int, tuple[str, str, str], int, int, int, float]) -> None:
     """Render and write the ``n`` images of one class (runs in a worker process)."""
-    images_dir, cls_index, cls, n, size, seed = task
+    images_dir, cls_index, cls, n, size, seed, clutter = task
     for i in range(n):
         rng = np.random.default_rng([seed, 22, cls_index, i])
-        _save_jpeg(render_fewshot(cls, rng, size), Path(images_dir) / f"{class_label(cls)}_{i:05d}.jpg")
+        _save_jpeg(render_fewshot(cls, rng, size, clutter), Path(images_dir) / f"{class_label(cls)}_{i:05d}.jpg")
 
 
 def generate_fewshot(
@@ -158,6 +160,7 @@ def generate_fewshot(
     seed: int = 0,
     workers: int | None = None,
     force: bool = False,
+    clutter: float = 0.0,
 ) -> bool:
     """Write a synthetic few-shot set in the miniImageNet CSV layout; False if already up to date.
 
@@ -172,6 +175,8 @@ def generate_fewshot(
         raise ValueError("images_per_class must be >= 1")
     cfg = dict(kind="fewshot", version=GENERATOR_VERSION, num_classes=list(num_classes),
                images_per_class=images_per_class, size=int(size), seed=seed)
+    if clutter:  # recorded only when used: the sets written before it have the same marker
+        cfg["clutter"] = float(clutter)
     classes = fewshot_classes(seed, num_classes)
     workers = default_workers(sum(num_classes) * images_per_class) if workers is None else workers
 
@@ -183,7 +188,7 @@ def generate_fewshot(
             rows = ["filename,label"]
             for cls in classes[split]:
                 rows += [f"{class_label(cls)}_{i:05d}.jpg,{class_label(cls)}" for i in range(images_per_class)]
-                tasks.append((str(tmp / "images"), index, cls, images_per_class, int(size), seed))
+                tasks.append((str(tmp / "images"), index, cls, images_per_class, int(size), seed, float(clutter)))
                 index += 1
             (tmp / f"{split}.csv").write_text("\n".join(rows) + "\n")
         _run_tasks(_fewshot_task, tasks, workers)

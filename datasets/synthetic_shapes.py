@@ -105,8 +105,13 @@ def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float, rot: floa
     return np.asarray(big.resize((size, size), Image.BOX), dtype=np.float32) / 255.0
 
 
-def render_fewshot(cls: tuple[str, str, str], rng: np.random.Generator, size: int) -> np.ndarray:
-    """One (size, size, 3) uint8 image of class ``cls`` = (colour, pattern, shape)."""
+def render_fewshot(cls: tuple[str, str, str], rng: np.random.Generator, size: int, clutter: float = 0.0) -> np.ndarray:
+    """One (size, size, 3) uint8 image of class ``cls`` = (colour, pattern, shape).
+
+    ``clutter`` > 0 makes classes harder to tell apart (a harder task at the same number of images): the colour
+    drifts per channel by up to ``30 % x clutter``, the pattern's contrast drops, and up to ``4 x clutter``
+    larger distractors are drawn over the object. At 0 the image is what it always was (the same draws).
+    """
     colour, pattern, shape = cls
     S = size
     ys, xs = np.mgrid[0:S, 0:S].astype(np.float32)
@@ -132,6 +137,9 @@ def render_fewshot(cls: tuple[str, str, str], rng: np.random.Generator, size: in
     mask = _shape_mask(shape, S, cx, cy, r, rot)
     base = np.array(FS_COLOURS[colour], np.float32) * rng.uniform(0.8, 1.15) + rng.normal(0, 8, 3)
     light = base * 0.35 + 255 * 0.65
+    if clutter > 0:
+        base = base * rng.uniform(1 - 0.3 * clutter, 1 + 0.3 * clutter, 3)
+        light = base * (0.35 + 0.4 * clutter) + 255 * (0.65 - 0.4 * clutter)
     pr = rot + rng.uniform(-0.3, 0.3)
     u = ((xs - cx) * math.cos(pr) + (ys - cy) * math.sin(pr)) / r
     v = (-(xs - cx) * math.sin(pr) + (ys - cy) * math.cos(pr)) / r
@@ -153,5 +161,19 @@ def render_fewshot(cls: tuple[str, str, str], rng: np.random.Generator, size: in
     obj = light * (1 - p[..., None]) + base * p[..., None]
     a = mask[..., None]
     img = img * (1 - a) + obj * a
+    if clutter > 0:
+        img = _occlude(img, rng, S, clutter)
     img = img * rng.uniform(0.8, 1.15) + rng.normal(0, rng.uniform(2, 6), img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _occlude(img: np.ndarray, rng: np.random.Generator, size: int, clutter: float) -> np.ndarray:
+    """Up to ``4 x clutter`` distractors of other kinds and colours drawn over the image (the object included)."""
+    for _ in range(int(rng.integers(1, 2 + int(4 * clutter)))):
+        dshape = FS_SHAPES[int(rng.integers(len(FS_SHAPES)))]
+        dcol = np.array(list(FS_COLOURS.values())[int(rng.integers(len(FS_COLOURS)))], np.float32)
+        m = _shape_mask(dshape, size, rng.uniform(0, size), rng.uniform(0, size), rng.uniform(0.12, 0.25) * size,
+                        rng.uniform(0, 2 * math.pi))
+        a = m[..., None] * rng.uniform(0.5, 0.9)
+        img = img * (1 - a) + dcol * a
+    return img

@@ -71,6 +71,7 @@ KEY_HINTS = {
 
 def choices(cfg: CN) -> Mapping[str, tuple[str, ...]]:
     """The few-shot keys that take one of a few names, with those names."""
+    from datasets.synthetic_generators import FEWSHOT_PRESETS
     from modeling.exp_b1_model import METRICS
     from modeling.module.semantic_anchor_purification import SCALE_MODES
     from modeling.module.semantic_anchors import ANCHOR_FALLBACKS, ANCHOR_MODES
@@ -82,6 +83,7 @@ def choices(cfg: CN) -> Mapping[str, tuple[str, ...]]:
         "MODEL.SAP.ANCHOR_MODE": ANCHOR_MODES,
         "MODEL.SAP.ANCHOR_FALLBACK": ANCHOR_FALLBACKS,
         "FEWSHOT.TEST_CHECKPOINT": ("last", "best"),
+        "DATASETS.SYNTHETIC.PRESET": ("", *FEWSHOT_PRESETS),
     }
 
 

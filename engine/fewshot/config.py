@@ -54,6 +54,11 @@ def add_fewshot_config(cfg: CN) -> None:
     # file must exist (or be "").
     m.SAP.TEXT_TOWER_RECIPE = ""
 
+    # The synthetic few-shot set's generator preset (datasets/synthetic_generators.FEWSHOT_PRESETS: small | gpu |
+    # gpu_hard); "" = small. A preset other than the folder's regenerates it: give each its own DATASETS.ROOT_DIR.
+    cfg.DATASETS.SYNTHETIC = CN()
+    cfg.DATASETS.SYNTHETIC.PRESET = ""
+
     f = cfg.FEWSHOT = CN()
     # Stages run in order: pretrain (batch classification over the train classes) and/or meta (episodes).
     f.STAGES = ["pretrain", "meta"]

@@ -25,7 +25,8 @@ def load_fewshot_data(cfg: CN) -> Any:
     name = cfg.DATASETS.NAMES
     if name not in FEWSHOT.datasets:
         raise ConfigError(f"DATASETS.NAMES '{name}' is not a few-shot dataset ({', '.join(FEWSHOT.datasets)})")
-    data = datasets.build_dataset(name, cfg.DATASETS.ROOT_DIR, verbose=True)
+    preset = cfg.DATASETS.SYNTHETIC.PRESET if name == "synthetic_fewshot" else ""
+    data = datasets.build_dataset(name, cfg.DATASETS.ROOT_DIR, verbose=True, **({"preset": preset} if preset else {}))
     fs = cfg.FEWSHOT
     for split in (fs.TRAIN_SPLIT, fs.VAL_SPLIT, fs.TEST_SPLIT):
         if split not in data.splits:

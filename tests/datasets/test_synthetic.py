@@ -215,3 +215,23 @@ def test_cli_runs_as_a_module_without_warnings(tmp_path):
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "wrote 8 images" in run.stdout and read_marker(out)["num_classes"] == [2, 1, 1]
+
+
+def test_cluttered_fewshot_set_is_recorded_and_harder_to_tell_apart(tmp_path):
+    """``clutter`` (the gpu_hard preset) changes the images and is recorded in the marker; a set without it keeps
+    the marker (and images) it always had."""
+    import numpy as np
+    from PIL import Image
+
+    from datasets.synthetic_generators import FEWSHOT_PRESETS
+
+    assert FEWSHOT_PRESETS["gpu_hard"]["clutter"] == 1.0 and "clutter" not in FEWSHOT_PRESETS["gpu"]
+    kw = dict(num_classes=(2, 1, 1), images_per_class=2, size=32, workers=1)
+    generate_fewshot(tmp_path / "plain", **kw)
+    generate_fewshot(tmp_path / "hard", clutter=1.0, **kw)
+    assert "clutter" not in read_marker(tmp_path / "plain") and read_marker(tmp_path / "hard")["clutter"] == 1.0
+    names = sorted(p.name for p in (tmp_path / "plain" / "images").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "hard" / "images").iterdir())
+    differ = [not np.array_equal(np.asarray(Image.open(tmp_path / "plain" / "images" / n)),
+                                 np.asarray(Image.open(tmp_path / "hard" / "images" / n))) for n in names]
+    assert all(differ)
