@@ -56,8 +56,9 @@ def add_fewshot_config(cfg: CN) -> None:
 
     # The synthetic few-shot set's generator preset (datasets/synthetic_generators.FEWSHOT_PRESETS: small | gpu |
     # gpu_hard); "" = small. A preset other than the folder's regenerates it: give each its own DATASETS.ROOT_DIR.
-    cfg.DATASETS.SYNTHETIC = CN()
-    cfg.DATASETS.SYNTHETIC.PRESET = ""
+    if "SYNTHETIC" not in cfg.DATASETS:  # the ReID family has the section too (a config of both families)
+        cfg.DATASETS.SYNTHETIC = CN()
+    cfg.DATASETS.SYNTHETIC.setdefault("PRESET", "")
 
     f = cfg.FEWSHOT = CN()
     # Stages run in order: pretrain (batch classification over the train classes) and/or meta (episodes).
