@@ -123,13 +123,7 @@ def render_fewshot(cls: tuple[str, str, str], rng: np.random.Generator, size: in
     t = ((xs - S / 2) * math.cos(ang) + (ys - S / 2) * math.sin(ang)) / S + 0.5
     img = c0 * (1 - t[..., None]) + c1 * t[..., None]
     # distractors: small shapes of other kinds and colours, drawn first
-    for _ in range(int(rng.integers(1, 4))):
-        dshape = FS_SHAPES[int(rng.integers(len(FS_SHAPES)))]
-        dcol = np.array(list(FS_COLOURS.values())[int(rng.integers(len(FS_COLOURS)))], np.float32)
-        m = _shape_mask(dshape, S, rng.uniform(0, S), rng.uniform(0, S), rng.uniform(0.08, 0.15) * S,
-                        rng.uniform(0, 2 * math.pi))
-        a = m[..., None] * rng.uniform(0.35, 0.7)
-        img = img * (1 - a) + dcol * a
+    img = _distractors(img, rng, S, int(rng.integers(1, 4)), radius=(0.08, 0.15), opacity=(0.35, 0.7))
     # the object
     r = rng.uniform(0.24, 0.38) * S
     cx, cy = rng.uniform(0.5 * r, S - 0.5 * r), rng.uniform(0.5 * r, S - 0.5 * r)
@@ -161,19 +155,22 @@ def render_fewshot(cls: tuple[str, str, str], rng: np.random.Generator, size: in
     obj = light * (1 - p[..., None]) + base * p[..., None]
     a = mask[..., None]
     img = img * (1 - a) + obj * a
-    if clutter > 0:
-        img = _occlude(img, rng, S, clutter)
+    if clutter > 0:  # larger distractors over the object too
+        img = _distractors(img, rng, S, int(rng.integers(1, 2 + int(4 * clutter))), radius=(0.12, 0.25),
+                           opacity=(0.5, 0.9))
     img = img * rng.uniform(0.8, 1.15) + rng.normal(0, rng.uniform(2, 6), img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _occlude(img: np.ndarray, rng: np.random.Generator, size: int, clutter: float) -> np.ndarray:
-    """Up to ``4 x clutter`` distractors of other kinds and colours drawn over the image (the object included)."""
-    for _ in range(int(rng.integers(1, 2 + int(4 * clutter)))):
+def _distractors(img: np.ndarray, rng: np.random.Generator, size: int, count: int, radius: tuple[float, float],
+                 opacity: tuple[float, float]) -> np.ndarray:
+    """``count`` shapes of random kinds and class colours blended over ``img``, each of radius ``radius`` (a
+    fraction of ``size``) and opacity ``opacity`` (ranges drawn from ``rng``)."""
+    for _ in range(count):
         dshape = FS_SHAPES[int(rng.integers(len(FS_SHAPES)))]
         dcol = np.array(list(FS_COLOURS.values())[int(rng.integers(len(FS_COLOURS)))], np.float32)
-        m = _shape_mask(dshape, size, rng.uniform(0, size), rng.uniform(0, size), rng.uniform(0.12, 0.25) * size,
+        m = _shape_mask(dshape, size, rng.uniform(0, size), rng.uniform(0, size), rng.uniform(*radius) * size,
                         rng.uniform(0, 2 * math.pi))
-        a = m[..., None] * rng.uniform(0.5, 0.9)
+        a = m[..., None] * rng.uniform(*opacity)
         img = img * (1 - a) + dcol * a
     return img

@@ -160,7 +160,8 @@ def make_text_tower(recipe: str, out: str | Path, overrides: Sequence[str] = (),
     cfg = train_recipe(recipe, run_dir, opts, run, resume)
     app = FewShotApplication(cfg)
     app.build()
-    Checkpointer(run_dir).load(Checkpointer(run_dir).latest(), model=app.model, restore_rng=False)
+    ckpt = Checkpointer(run_dir)
+    ckpt.load(ckpt.latest(), model=app.model, restore_rng=False)
     fs, data = cfg.FEWSHOT, app.data
     train = backbone_features(app.model, build_eval_loader(cfg, data, fs.TRAIN_SPLIT), app.device, app.amp)
     test = backbone_features(app.model, build_eval_loader(cfg, data, fs.TEST_SPLIT), app.device, app.amp)

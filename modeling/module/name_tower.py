@@ -31,6 +31,18 @@ def name_words(name: str) -> list[str]:
     return name.lower().replace("_", " ").split()
 
 
+def padded_word_ids(rows: Sequence[Sequence[int]], length: int, device: torch.device | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Word-id rows of different lengths as ids (C, length) padded with 0 and a mask (C, length) of the real ones."""
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.bool)
+    for c, row in enumerate(rows):
+        if row:
+            ids[c, : len(row)] = torch.tensor(list(row))
+            mask[c, : len(row)] = True
+    return ids.to(device), mask.to(device)
+
+
 class NameTower(nn.Module):
     """Class-name embeddings (C, E) from word embeddings.
 
@@ -56,13 +68,7 @@ class NameTower(nn.Module):
         """Word ids (C, L) and a mask (C, L) of the known words of each name (unknown words are masked out)."""
         words = [[self.index[w] for w in name_words(n) if w in self.index] for n in names]
         length = max(1, max((len(w) for w in words), default=1))
-        ids = torch.zeros(len(names), length, dtype=torch.long, device=self.word_embedding.weight.device)
-        mask = torch.zeros(len(names), length, dtype=torch.bool, device=ids.device)
-        for c, ws in enumerate(words):
-            if ws:
-                ids[c, : len(ws)] = torch.tensor(ws, device=ids.device)
-                mask[c, : len(ws)] = True
-        return ids, mask
+        return padded_word_ids(words, length, self.word_embedding.weight.device)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Unit-norm embeddings (C, E) of tokenized names (C, L); a name with no known word gives a zero row."""

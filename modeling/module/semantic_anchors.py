@@ -52,6 +52,7 @@ from modeling.clip_checkpoint import (
     read_clip_state_dict,
     resolve_quick_gelu,
 )
+from modeling.module.name_tower import padded_word_ids
 from utils.io import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -250,15 +251,10 @@ class SemanticAnchors(nn.Module):
             raise ValueError(f"{len(vocab)} distinct words in the training class names exceed "
                              f"MODEL.SAP.WORD_VOCAB_SIZE = {self.word_embedding.num_embeddings}")
         index = {w: i for i, w in enumerate(vocab)}
-        length = max(1, max(len(w) for w in words))
-        ids = torch.zeros(len(words), length, dtype=torch.long)
-        mask = torch.zeros(len(words), length, dtype=torch.bool)
-        for c, ws in enumerate(words):
-            if ws and all(w in index for w in ws):  # a class with an unknown word gets no semantic anchor
-                ids[c, : len(ws)] = torch.tensor([index[w] for w in ws])
-                mask[c, : len(ws)] = True
-        device = self.word_embedding.weight.device
-        self.class_words, self.class_word_mask, self.vocabulary = ids.to(device), mask.to(device), vocab
+        # a class with an unknown word gets no semantic anchor
+        rows = [[index[w] for w in ws] if ws and all(w in index for w in ws) else [] for ws in words]
+        ids, mask = padded_word_ids(rows, max(1, max(len(w) for w in words)), self.word_embedding.weight.device)
+        self.class_words, self.class_word_mask, self.vocabulary = ids, mask, vocab
         return vocab
 
     def semantic(self, class_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
