@@ -57,6 +57,10 @@ class Application:
         """Stage ``name``: its loader, objective, optimizer, schedule and evaluator."""
         raise NotImplementedError
 
+    def load_start(self) -> None:
+        """Load what a fresh training run starts from beyond the model as built (the few-shot family's shared
+        pre-training); not called when a run resumes or only evaluates. Nothing by default."""
+
     def evaluate(self, model: torch.nn.Module) -> dict[str, Any]:
         """The test evaluation of ``model`` (``--eval-only`` and the end of a run)."""
         raise NotImplementedError
@@ -93,6 +97,8 @@ def run_application(app: Application, resume: str | None = None, eval_only: bool
     if eval_only:
         return evaluate_only(app, ckpt, resume_path)
     with MetricsLogger.from_config(cfg) as metrics:
+        if state is None:
+            app.load_start()
         resume_or_load(app.model, ckpt, state, resume_path, cfg.MODEL.WEIGHTS)
         trainer = Trainer(cfg, app.model, app.device, app.amp, ckpt, metrics,
                           stages=tuple(name for name, _ in app.stage_epochs()), resume=state)

@@ -69,19 +69,21 @@ def train_recipe(recipe: str, run_dir: Path, opts: Sequence[str], run: Callable[
 
 
 def ensure_made(out: Path, recipe: str, make: Callable[[str, str, list[str]], Any],
-                read_record: Callable[[Path], dict[str, Any] | None], what: str, key: str) -> dict[str, Any]:
-    """The record of ``out`` (a ``what``, the file config key ``key`` names), made first from ``recipe`` with
-    ``make`` in a process of its own when absent; refused when made with another recipe."""
+                read_record: Callable[[Path], dict[str, Any] | None], what: str, key: str,
+                overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The record of ``out`` (a ``what``, the file config key ``key`` names), made first from ``recipe`` (with
+    ``overrides``, e.g. a seed) by ``make`` in a process of its own when absent; refused when made with another
+    recipe."""
     if not Path(recipe).is_file():
         raise ConfigError(f"the recipe '{recipe}' of {key} does not exist")
-    wanted = recipe_record(load_config(recipe, []))
+    wanted = recipe_record(load_config(recipe, list(overrides)))
     with file_lock(out.parent / f".{out.name}.lock"):
         record = read_record(out)
         if record is None:
             logger.info("%s %s does not exist: pretraining it with %s (log: %s)", key, out, recipe,
                         out.parent / RUN_DIR / "log.txt")
             child = multiprocessing.get_context("spawn").Process(
-                target=make, args=(recipe, str(out), ["WANDB.MODE", "disabled"]), name=f"make {what}")
+                target=make, args=(recipe, str(out), [*overrides, "WANDB.MODE", "disabled"]), name=f"make {what}")
             child.start()
             child.join()
             record = read_record(out)

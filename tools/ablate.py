@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -137,22 +138,51 @@ def plan(spec: dict[str, Any], rows: list[dict[str, Any]], owners: list[int], fo
 
 
 def prepare_pretrained(spec: dict[str, Any], rows: list[dict[str, Any]], quick: bool, real: bool, extra: list[str],
-                       todo: list[int]) -> None:
-    """Make the pretrained towers the rows to run name (``MODEL.PRETRAIN_RECIPE``) once, with every CPU,
-    before the runs start side by side (each would otherwise wait for the first to make it)."""
-    if Path(spec["script"]).name != "train_net.py":
-        return
-    from engine.config import load_config
-    from engine.reid.tower_pretrain import ensure_pretrained_tower
+                       todo: list[tuple[int, int]], workers: int) -> None:
+    """Make the pretrained pieces that the (row, seed) runs to train name, once each, before the runs start side
+    by side (each run would otherwise wait for the first to make it, holding its place): ReID's towers
+    (``MODEL.PRETRAIN_RECIPE``), the few-shot name towers (``MODEL.SAP.TEXT_TOWER_RECIPE``) and each seed's
+    shared pre-training (``FEWSHOT.PRETRAIN.RECIPE``), ``workers`` at a time (each in a process of its own)."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    done: set[tuple[str, str]] = set()
-    for i in sorted(set(todo)):
+    from engine.config import ConfigError, load_config
+
+    fewshot = Path(spec["script"]).name != "train_net.py"
+    if fewshot:
+        from engine.fewshot.pretrained import ensure_pretrained, pretrained_file
+        from engine.fewshot.text_tower import ensure_text_tower, makes_text_tower
+    else:
+        from engine.reid.tower_pretrain import ensure_pretrained_tower
+    pieces: dict[tuple[str, str], Any] = {}
+    for i, seed in sorted(set(todo)):
         row = rows[i]
-        cfg = load_config(row_config(row, quick, real), [*flat_overrides(row.get("overrides", [])), *extra])
-        key = (cfg.MODEL.get("PRETRAIN_RECIPE", ""), cfg.MODEL.get("PRETRAIN_PATH", ""))
-        if key[0] and key not in done:
-            ensure_pretrained_tower(cfg)
-            done.add(key)
+        opts = [*flat_overrides(row.get("overrides", [])), *(map(str, spec.get("quick", [])) if quick else []),
+                *extra, "SEED", str(seed)]
+        cfg = load_config(row_config(row, quick, real), opts)
+        if not fewshot:
+            if cfg.MODEL.get("PRETRAIN_RECIPE", ""):
+                pieces.setdefault(("tower", cfg.MODEL.PRETRAIN_PATH), lambda c=cfg: ensure_pretrained_tower(c))
+            continue
+        if makes_text_tower(cfg):
+            pieces.setdefault(("name tower", cfg.MODEL.SAP.TEXT_TOWER), lambda c=cfg: ensure_text_tower(c))
+        if cfg.FEWSHOT.PRETRAIN.RECIPE:
+            pieces.setdefault(("pre-training", str(pretrained_file(cfg))), lambda c=cfg: ensure_pretrained(c))
+    pieces = {key: fn for key, fn in pieces.items() if not Path(key[1]).is_file()}  # a run checks a made one
+    if not pieces:
+        return
+    print(f"making {len(pieces)} pretrained piece(s) first, {workers} at a time: "
+          + ", ".join(f"{what} {path}" for what, path in pieces))
+
+    def make(item: tuple[tuple[str, str], Any]) -> None:
+        (what, path), fn = item
+        try:
+            fn()
+        except ConfigError as err:  # the runs that need it fail with the same error, and say so in the table
+            print(f"error: making the {what} {path} failed: {err}", file=sys.stderr)
+
+    first = sorted(pieces.items(), key=lambda item: item[0][0] != "name tower")  # the longest to make
+    with ThreadPoolExecutor(max_workers=1 if not fewshot else workers) as pool:
+        list(pool.map(make, first))
 
 
 def collect_rows(spec: dict[str, Any], rows: list[dict[str, Any]], owners: list[int], folder: Path, seeds: int,
@@ -188,6 +218,7 @@ def write_table(spec: dict[str, Any], results: list[dict[str, Any]], folder: Pat
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()  # --time-limit counts from here, the pretrained pieces' making included
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -211,9 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     jobs = plan(spec, rows, owners, folder, args)
     if args.dry_run:
         return 0
-    prepare_pretrained(spec, rows, args.quick, args.real, args.overrides, [job.key[0] for job in jobs])
-    errors = run_jobs(jobs, args.jobs, args.time_limit, args.run_seconds, env={"TQDM_DISABLE": "1"},
-                      gpus=gpus)
+    prepare_pretrained(spec, rows, args.quick, args.real, args.overrides, [job.key for job in jobs], args.jobs)
+    left = None if args.time_limit is None else args.time_limit - (time.monotonic() - started)
+    errors = run_jobs(jobs, args.jobs, left, args.run_seconds, env={"TQDM_DISABLE": "1"}, gpus=gpus)
     results = collect_rows(spec, rows, owners, folder, args.seeds, errors, args.collect)
     return write_table(spec, results, folder, args)
 

@@ -96,6 +96,16 @@ def check(cfg: CN) -> None:
     sap = cfg.MODEL.SAP
     if sap.TEXT_TOWER_RECIPE and not sap.TEXT_TOWER:
         raise ConfigError("MODEL.SAP.TEXT_TOWER_RECIPE needs MODEL.SAP.TEXT_TOWER: the file the name tower is written to")
+    pre = cfg.FEWSHOT.PRETRAIN
+    if pre.RECIPE:
+        if not pre.CACHE_DIR:
+            raise ConfigError("FEWSHOT.PRETRAIN.RECIPE needs FEWSHOT.PRETRAIN.CACHE_DIR: the folder its networks are "
+                              "written to, one per seed")
+        if "pretrain" in stages:
+            raise ConfigError("FEWSHOT.PRETRAIN.RECIPE gives this run its pre-trained network: FEWSHOT.STAGES must not "
+                              f"list 'pretrain' as well (got {list(stages)}; e.g. FEWSHOT.STAGES \"['meta']\")")
+        if cfg.MODEL.WEIGHTS:
+            raise ConfigError("MODEL.WEIGHTS and FEWSHOT.PRETRAIN.RECIPE both say what the run starts from: keep one")
     if cfg.MODEL.BACKBONE == "resnet12" and len(cfg.MODEL.BACKBONE_ARGS.CHANNELS) != 4:
         raise ConfigError(f"config key 'MODEL.BACKBONE_ARGS.CHANNELS' must list 4 stage widths for MODEL.BACKBONE "
                           f"resnet12; got {list(cfg.MODEL.BACKBONE_ARGS.CHANNELS)}")

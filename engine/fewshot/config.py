@@ -100,3 +100,8 @@ def add_fewshot_config(cfg: CN) -> None:
     f.PRETRAIN.BASE_LR = 0.1
     f.PRETRAIN.BATCH_SIZE = 128
     f.PRETRAIN.WARMUP_EPOCHS = 1
+    # A few-shot config of the pretrain stage alone whose network this run starts from (engine/fewshot/pretrained.py):
+    # trained once per SEED into CACHE_DIR on first use and shared by every run of that seed that names it, so the
+    # rows of an ablation differ only in their meta stage. "" = the run pre-trains itself (FEWSHOT.STAGES).
+    f.PRETRAIN.RECIPE = ""
+    f.PRETRAIN.CACHE_DIR = ""  # <CACHE_DIR>/seed<SEED>/weights.pth, the recipe's run in .../run/

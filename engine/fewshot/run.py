@@ -4,8 +4,10 @@
 
 1. data: ``DATASETS.NAMES`` under ``DATASETS.ROOT_DIR``, checked against ``FEWSHOT``; SAP's anchors made from
    the class names (:mod:`engine.fewshot.data`);
-2. the stages of ``FEWSHOT.STAGES`` (``pretrain``, ``meta``), each built by :func:`build_stage`: its loader,
-   :class:`engine.fewshot.objective.PretrainObjective` or ``EpisodeObjective``, SGD from
+2. the stages of ``FEWSHOT.STAGES`` (``pretrain``, ``meta``), starting from the network that
+   ``FEWSHOT.PRETRAIN.RECIPE`` trained for this seed when one is named (:mod:`engine.fewshot.pretrained`), each
+   built by :func:`build_stage`: its loader, :class:`engine.fewshot.objective.PretrainObjective` or
+   ``EpisodeObjective``, SGD from
    ``model.get_parameters()`` (``logit_scale_log`` alone at weight decay 0.0), the schedule, and validation
    episodes (:class:`engine.fewshot.evaluator.FewShotEvaluator`);
 3. test: ``FEWSHOT.TEST_EPISODES`` fixed-seed episodes per shot of ``FEWSHOT.TEST_SHOTS``, written as
@@ -34,6 +36,7 @@ from engine.fewshot.data import install_anchors, load_fewshot_data
 from engine.fewshot.evaluator import FewShotEvaluator, evaluate_split, write_results
 from engine.fewshot.objective import EpisodeObjective, PretrainObjective
 from engine.fewshot.plots import SAP_PLOT, plot_sap_stats
+from engine.fewshot.pretrained import ensure_pretrained, load_pretrained
 from engine.fewshot.text_tower import ensure_text_tower
 from engine.logger import MetricsLogger
 from engine.solver import WarmupScheduler, build_model_optimizer, build_scheduler
@@ -62,6 +65,11 @@ class FewShotApplication(Application):
         ensure_text_tower(cfg)  # made on first use from MODEL.SAP.TEXT_TOWER_RECIPE
         self.model = build_model(cfg).to(self.device)
         install_anchors(cfg, self.model, self.data, self.device)
+
+    def load_start(self) -> None:
+        path = ensure_pretrained(self.cfg)  # made on first use from FEWSHOT.PRETRAIN.RECIPE
+        if path is not None:
+            load_pretrained(self.model, path)
 
     def build_stage(self, name: str) -> Stage:
         return build_stage(name, self.cfg, self.model, self.data, self.device, self.amp)

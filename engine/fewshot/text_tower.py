@@ -186,11 +186,19 @@ def read_tower_record(out: Path) -> dict[str, Any] | None:
     return None if data is None else {"recipe": data["recipe"], "results": data["results"]}
 
 
+def makes_text_tower(cfg: CN) -> bool:
+    """Whether a run of ``cfg`` makes (when absent) and reads its recipe's name tower: SAP on, ``text`` anchors,
+    no CLIP weights (whose text tower comes first), and a ``MODEL.SAP.TEXT_TOWER_RECIPE``."""
+    sap = cfg.MODEL.SAP
+    return bool(sap.TEXT_TOWER_RECIPE and sap.ENABLED and sap.ANCHOR_MODE == "text" and not cfg.MODEL.CLIP_WEIGHTS)
+
+
 def ensure_text_tower(cfg: CN) -> None:
     """Make ``MODEL.SAP.TEXT_TOWER`` with ``MODEL.SAP.TEXT_TOWER_RECIPE`` unless it is there already
-    (:func:`engine.recipes.ensure_made`); a tower made with another recipe is refused."""
+    (:func:`engine.recipes.ensure_made`); a tower made with another recipe is refused. A run that will not read
+    the tower (:func:`makes_text_tower`) does not make it."""
     sap = cfg.MODEL.SAP
-    if not sap.TEXT_TOWER_RECIPE:
+    if not makes_text_tower(cfg):
         return
     record = ensure_made(Path(sap.TEXT_TOWER), sap.TEXT_TOWER_RECIPE, make_text_tower, read_tower_record,
                          "name tower", "MODEL.SAP.TEXT_TOWER")

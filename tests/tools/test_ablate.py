@@ -182,3 +182,37 @@ def test_a_run_another_table_already_trained_is_reused_not_trained(tmp_path: Pat
     seed1 = _ablate("--table", "gate_init", "--seeds", "2", "--collect", "--out", str(tmp_path / "out"),
                     "--rows", "new init 0.5/0.5")
     assert "seed 1: reuses" not in seed1.stdout and "1/2 |" in seed1.stdout
+
+
+@pytest.mark.slow
+def test_a_shared_pretraining_is_made_once_per_seed_before_the_runs_and_within_the_time_limit(tmp_path: Path) -> None:
+    from datasets.synthetic import generate_fewshot
+
+    generate_fewshot(tmp_path / "data" / "synthetic_fewshot", num_classes=(12, 5, 5), images_per_class=10, size=32,
+                     workers=1)
+    tiny = REPO / "configs" / "synthetic" / "ExpB1_SAP_tiny.yml"
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(f"_BASE_: {tiny}\nMODEL:\n  NUM_CLASSES: 12\n  SAP:\n    ENABLED: False\n"
+                      "FEWSHOT:\n  STAGES: [pretrain]\n")
+    bed = tmp_path / "bed.yml"
+    bed.write_text(f"_BASE_: {tiny}\nMODEL:\n  NUM_CLASSES: 12\nFEWSHOT:\n  STAGES: [meta]\n  PRETRAIN:\n"
+                   f"    RECIPE: {recipe}\n    CACHE_DIR: {tmp_path / 'pre'}\n")
+    table = tmp_path / "table.yaml"
+    table.write_text(yaml.safe_dump({"script": "train_b1_improvement.py", "columns": ["5way_1shot/acc"], "rows": [
+        {"label": "no SAP", "config": str(bed), "overrides": ["MODEL.SAP.ENABLED", "False"]},
+        {"label": "SAP", "config": str(bed)}]}))
+    args = ["--table", str(table), "--seeds", "2", "--jobs", "2", "--out", str(tmp_path / "out"), "--",
+            "DATASETS.ROOT_DIR", str(tmp_path / "data")]
+    # the two seeds' pre-trainings take longer than the limit: they are made, and then no run starts
+    first = _ablate(*args[:6], "--time-limit", "3", "--run-seconds", "2", *args[6:])
+    assert "making 2 pretrained piece(s) first" in first.stdout, first.stderr[-3000:]
+    assert first.stdout.count("not started (--time-limit") == 4 and "===" not in first.stdout
+    made = {seed: (tmp_path / "pre" / f"seed{seed}" / "weights.pth").stat().st_mtime_ns for seed in (0, 1)}
+    res = _ablate(*args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "making" not in res.stdout and "2/2" in (tmp_path / "out" / "table" / "table.md").read_text()
+    assert {seed: (tmp_path / "pre" / f"seed{seed}" / "weights.pth").stat().st_mtime_ns for seed in (0, 1)} == made
+    for row in ("no_SAP", "SAP"):
+        for seed in (0, 1):
+            log = (tmp_path / "out" / "table" / row / f"seed{seed}" / "log.txt").read_text()
+            assert f"pre/seed{seed}/weights.pth (recipe" in log and "stage pretrain" not in log
