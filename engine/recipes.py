@@ -10,6 +10,7 @@ it once; a piece whose recorded recipe differs from what the recipe says now is 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import multiprocessing
 from collections.abc import Callable, Sequence
@@ -43,6 +44,14 @@ def recipe_changes(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str
     repository gained since the piece was made are not changes)."""
     old, new = flatten(recorded), flatten(wanted)
     return [f"{k}: {old[k]!r} -> {new.get(k, '<no such key>')!r}" for k in sorted(old) if new.get(k, object()) != old[k]]
+
+
+def record_beside(out: Path, name: str) -> dict[str, Any] | None:
+    """The JSON record ``name`` beside the piece file ``out``, or ``None`` when either is absent or unreadable."""
+    try:
+        return json.loads((out.parent / name).read_text()) if out.is_file() else None
+    except (OSError, ValueError):
+        return None
 
 
 def train_recipe(recipe: str, run_dir: Path, opts: Sequence[str], run: Callable[[CN, argparse.Namespace], Any],

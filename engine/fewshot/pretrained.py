@@ -23,7 +23,7 @@ from torch import nn
 from yacs.config import CfgNode as CN
 
 from engine.config import ConfigError, get_key, load_config
-from engine.recipes import RUN_DIR, ensure_made, recipe_record, train_recipe
+from engine.recipes import RUN_DIR, ensure_made, recipe_record, record_beside, train_recipe
 from utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -98,10 +98,7 @@ def make_pretrained(recipe: str, out: str | Path, overrides: Sequence[str] = (),
 
 def read_record(out: Path) -> dict[str, Any] | None:
     """The :data:`RECORD` beside a weights file, or ``None`` when either is absent or unreadable."""
-    try:
-        return json.loads((out.parent / RECORD).read_text()) if out.is_file() else None
-    except (OSError, ValueError):
-        return None
+    return record_beside(out, RECORD)
 
 
 def ensure_pretrained(cfg: CN) -> Path | None:

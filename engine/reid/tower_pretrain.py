@@ -27,7 +27,7 @@ from yacs.config import CfgNode as CN
 
 from engine.checkpoint import Checkpointer, read_checkpoint
 from engine.config import ConfigError, load_config
-from engine.recipes import RUN_DIR, ensure_made, recipe_record, train_recipe
+from engine.recipes import RUN_DIR, ensure_made, recipe_record, record_beside, train_recipe
 from engine.reid.checks import BACKBONE_ARCHS
 from modeling.backbones.clip_vit import CLIP_VIT_CONFIGS
 from modeling.clip_checkpoint import OPEN_CLIP_CONFIG
@@ -61,11 +61,8 @@ def export_tower(cfg: CN, run_dir: Path, out: Path, results: dict[str, Any] | No
 
 
 def read_record(out: Path) -> dict[str, Any] | None:
-    """The :data:`RECORD` beside a tower file, or ``None`` when the tower or its record is absent."""
-    try:
-        return json.loads((out.parent / RECORD).read_text()) if out.is_file() else None
-    except (OSError, ValueError):
-        return None
+    """The :data:`RECORD` beside a tower file, or ``None`` when either is absent or unreadable."""
+    return record_beside(out, RECORD)
 
 
 def ensure_pretrained_tower(cfg: CN) -> None:
