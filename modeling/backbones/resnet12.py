@@ -57,15 +57,15 @@ class DropBlock(nn.Module):
         if not self.training or self.drop_rate == 0.0:
             return x
         self.num_batches_tracked += 1
-        rate = self.current_rate()
-        if rate <= 0.0:
-            return x
         _, _, h, w = x.shape
         bs = min(self.block_size, h, w)
         valid_h, valid_w = h - bs + 1, w - bs + 1
-        gamma = rate / bs**2 * (h * w) / (valid_h * valid_w)
-        seeds = torch.bernoulli(torch.full((x.shape[0], x.shape[1], valid_h, valid_w), gamma,
-                                           device=x.device, dtype=x.dtype))
+        # the rate as a float64 tensor on the device: the same value as current_rate()'s, with no host sync
+        # and no recompilation of a compiled step as the ramp moves
+        ramp = (self.num_batches_tracked.double() / self.ramp_steps).clamp(max=1.0) if self.ramp_steps > 0 else 1.0
+        gamma = self.drop_rate * ramp / bs**2 * (h * w) / (valid_h * valid_w)
+        probs = torch.empty((x.shape[0], x.shape[1], valid_h, valid_w), device=x.device, dtype=x.dtype)
+        seeds = torch.bernoulli(probs.fill_(gamma))
         # grow every seed into a bs x bs block (the block's top-left corner is the seed)
         seeds = F.pad(seeds, (bs - 1, bs - 1, bs - 1, bs - 1))
         dropped = F.max_pool2d(seeds, kernel_size=bs, stride=1)[..., :h, :w]

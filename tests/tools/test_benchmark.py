@@ -76,12 +76,19 @@ def test_train_step_is_the_trainers_step_and_trains(config: Path, overrides: lis
 def test_fewshot_train_and_eval_rows_from_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "rows.json"
     assert benchmark.main(["--task", "train,eval", "--config_file", str(FEWSHOT_TINY), "--shots", "1", "--steps", "1",
-                           "--warmup", "0", "--json", str(out), "DEVICE.NAME", "cpu"]) == 0
+                           "--warmup", "0", "--test-images", "200", "--test-episodes", "30", "--json", str(out),
+                           "DEVICE.NAME", "cpu"]) == 0
     printed = capsys.readouterr().out
-    assert "episodes/s" in printed and "eval (cached)" in printed
+    assert "episodes/s" in printed and "eval (cached)" in printed and "batch 32@32" in printed
     rows = json.loads(out.read_text())["rows"]
-    assert [r["phase"] for r in rows] == ["train", "eval (forward)", "eval (cached)"]
-    assert all(r["episodes_per_s"] > 0 and r["shot"] == 1 for r in rows)
+    assert [r["phase"] for r in rows] == ["pretrain", "train", "eval (forward)", "eval (cached)", "test (30 ep.)"]
+    assert all(r["episodes_per_s"] > 0 for r in rows) and all(r["shot"] == 1 for r in rows[1:])
+    pretrain, test = rows[0], rows[-1]
+    assert pretrain["images_per_s"] == pytest.approx(32 * pretrain["episodes_per_s"])  # a batch of 32 a step
+    # the test's time is its backbone pass over the 200 images plus the 30 episodes
+    assert test["backbone_seconds"] == pytest.approx(200 / test["images_per_s"])
+    assert test["test_seconds"] > test["backbone_seconds"]
+    assert test["episodes_per_s"] == pytest.approx(30 / test["test_seconds"])
 
 
 def test_reid_table_from_the_command_names_the_task(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -26,7 +26,7 @@ from tools.benchmarks.timing import device_name, repeat
 from tools.benchmarks.train_step import build_train_step, is_fewshot
 
 REID_ONLY = ("num_classes", "num_cameras", "append")
-FEWSHOT_ONLY = ("shots",)
+FEWSHOT_ONLY = ("shots", "test_images", "test_episodes")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-classes", type=int, default=None, help="ReID: identities of the classifier (171)")
     parser.add_argument("--num-cameras", type=int, default=None, help="ReID: cameras (4)")
     parser.add_argument("--shots", type=int, nargs="+", default=None, help="few-shot: shots per episode (1 5; not right before KEY VALUE)")
+    parser.add_argument("--test-images", type=int, default=None,
+                        help="few-shot: images of the test split the timed test runs over (12000, miniImageNet's)")
+    parser.add_argument("--test-episodes", type=int, default=None, help="few-shot: episodes of the timed test (2000)")
     parser.add_argument("--profile", default="", metavar="FILE",
                         help="also profile 5 training steps of the first precision; write the op table to FILE")
     parser.add_argument("--append", default="", help="ReID: Markdown file to append the table to (BENCHMARKS.md)")
@@ -101,7 +104,8 @@ def _fewshot(cfg: CN, precisions: list[str], parts: set[str], device: torch.devi
     for precision in precisions:
         for compiled in (False, True) if args.compile else (False,):
             rows = episode_rows(cfg, precision, device, shots=args.shots or [1, 5], parts=parts, iters=args.steps,
-                                warmup=args.warmup, compiled=compiled)
+                                warmup=args.warmup, compiled=compiled, test_images=args.test_images or 12000,
+                                test_episodes=args.test_episodes or 2000)
             print(text_table(cfg, rows, label, precision + (" + compile" if compiled else "")))
             all_rows += [{"precision": precision, "compiled": compiled, **r} for r in rows]
     if args.json:

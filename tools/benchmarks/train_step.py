@@ -8,7 +8,8 @@ images, so a timing measures the model step and not the data pipeline (the ``loa
 * ReID (a config without ``FEWSHOT``): ``SOLVER.IMS_PER_BATCH`` samples (``DATALOADER.NUM_INSTANCE`` per id)
   x 3 modalities at ``INPUT.SIZE_TRAIN``, the criterion and optimizer of ``train_net.py``;
 * few-shot: one ``FEWSHOT.N_WAY``-way K-shot episode with ``FEWSHOT.N_QUERY`` queries per class at
-  ``FEWSHOT.IMAGE_SIZE``, the ``meta`` stage of ``train_b1_improvement.py`` (``engine.fewshot.build_stage``).
+  ``FEWSHOT.IMAGE_SIZE``, the ``meta`` stage of ``train_b1_improvement.py`` (``engine.fewshot.build_stage``), or
+  a batch of ``FEWSHOT.PRETRAIN.BATCH_SIZE`` images through its ``pretrain`` stage.
 
 The non-finite step guard never stops a benchmark (its limit is lifted), and every build starts from seed 0
 (``DETERMINISTIC True`` measures the step under deterministic kernels, i.e. what determinism costs).
@@ -98,10 +99,12 @@ class TrainStep:
 
 
 def build_train_step(cfg: CN, precision: str, device: torch.device, compiled: bool = False, *,
-                     num_classes: int = 171, num_cameras: int = 4, k_shot: int | None = None) -> TrainStep:
+                     num_classes: int = 171, num_cameras: int = 4, k_shot: int | None = None,
+                     stage: str = "meta") -> TrainStep:
     """A fresh (seed 0) model and its training step in ``precision`` on ``device``; ``compiled`` compiles it as
     ``MODEL.COMPILE`` says (mode ``default`` when the config names none). ReID: ``num_classes`` identities,
-    ``num_cameras`` cameras; few-shot: ``k_shot`` shots (default ``FEWSHOT.K_SHOT``)."""
+    ``num_cameras`` cameras; few-shot: ``k_shot`` shots (default ``FEWSHOT.K_SHOT``) of the ``meta`` stage, or
+    the ``pretrain`` stage's batch (``stage``)."""
     keys: dict[str, Any] = {"MONITOR.MAX_NONFINITE_STEPS": 10**9}  # a benchmark never stops on non-finite steps
     if compiled and not cfg.MODEL.COMPILE:
         keys["MODEL.COMPILE"] = "default"
@@ -111,14 +114,14 @@ def build_train_step(cfg: CN, precision: str, device: torch.device, compiled: bo
     seed_everything(0, deterministic=cfg.DETERMINISTIC)
     amp = build_amp_policy(precision, device)
     if is_fewshot(cfg):
-        model, stage, batch = _fewshot_stage(cfg, amp, device)
+        model, built, batch = _fewshot_stage(cfg, amp, device, stage)
     else:
-        model, stage, batch = _reid_stage(cfg, device, num_classes, num_cameras)
-    trainer = Trainer(cfg, model, device, amp, ckpt=None, metrics=None, stages=(stage.name,))
-    run_model = trainer.compile_stage(stage, model) if compiled else model
+        model, built, batch = _reid_stage(cfg, device, num_classes, num_cameras)
+    trainer = Trainer(cfg, model, device, amp, ckpt=None, metrics=None, stages=(built.name,))
+    run_model = trainer.compile_stage(built, model) if compiled else model
     eval_model = _compile(model, cfg.MODEL.COMPILE) if trainer.compiled_step is not None else run_model
-    params = [p for g in stage.optimizer.param_groups for p in g["params"]]  # clipped together, as in training
-    return TrainStep(trainer, stage, model, run_model, eval_model, batch, amp, params)
+    params = [p for g in built.optimizer.param_groups for p in g["params"]]  # clipped together, as in training
+    return TrainStep(trainer, built, model, run_model, eval_model, batch, amp, params)
 
 
 def _compile(model: torch.nn.Module, mode: str) -> torch.nn.Module:
@@ -161,15 +164,25 @@ def _reid_stage(cfg: CN, device: torch.device, num_classes: int, num_cameras: in
     return model, stage, batch
 
 
-def _fewshot_stage(cfg: CN, amp: AmpPolicy, device: torch.device) -> tuple:
-    """The few-shot model (anchors installed), its ``meta`` stage as ``build_stage`` makes it (over a stand-in
-    data set of placeholder items: the benchmark never reads the loader) and one episode."""
+def pretrain_batch(cfg: CN, device: torch.device) -> dict[str, torch.Tensor]:
+    """A device batch as the pre-training loader gives it: ``FEWSHOT.PRETRAIN.BATCH_SIZE`` random ``images`` at
+    ``FEWSHOT.IMAGE_SIZE`` and their ``labels`` over the ``MODEL.NUM_CLASSES`` training classes."""
+    size, n = cfg.FEWSHOT.IMAGE_SIZE, cfg.FEWSHOT.PRETRAIN.BATCH_SIZE
+    g = torch.Generator(device="cpu").manual_seed(0)
+    return {"images": torch.randn(n, 3, size, size, generator=g).to(device),
+            "labels": torch.randint(0, cfg.MODEL.NUM_CLASSES, (n,), generator=g).to(device)}
+
+
+def _fewshot_stage(cfg: CN, amp: AmpPolicy, device: torch.device, name: str = "meta") -> tuple:
+    """The few-shot model (anchors installed), its ``name`` stage as ``build_stage`` makes it (over a stand-in
+    data set of placeholder items: the benchmark never reads the loader) and one episode or batch."""
     fs = cfg.FEWSHOT
     classes = max(fs.N_WAY, fs.TEST_WAY)
-    items = [(f"random/{c}/{i}.png", c) for c in range(classes) for i in range(fs.K_SHOT + fs.N_QUERY)]
+    per_class = max(fs.K_SHOT + fs.N_QUERY, -(-fs.PRETRAIN.BATCH_SIZE // classes))  # one episode or batch
+    items = [(f"random/{c}/{i}.png", c) for c in range(classes) for i in range(per_class)]
     data = SimpleNamespace(splits={fs.TRAIN_SPLIT: items, fs.VAL_SPLIT: items, fs.TEST_SPLIT: items}, arrays=None,
                            class_names=[f"class {c}" for c in range(max(classes, cfg.MODEL.NUM_CLASSES))])
     model = build_model(cfg).to(device)
     install_anchors(cfg, model, data, device)
-    stage = build_stage("meta", cfg, model, data, device, amp)
-    return model, stage, episode_batch(cfg, device)
+    stage = build_stage(name, cfg, model, data, device, amp)
+    return model, stage, pretrain_batch(cfg, device) if name == "pretrain" else episode_batch(cfg, device)

@@ -58,6 +58,36 @@ def test_dropblock_identity_in_eval_and_linear_ramp() -> None:
     assert torch.equal(DropBlock(0.0, 3).train()(x), x)
 
 
+def test_dropblock_seed_probability_follows_the_ramp_on_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seed probability of call 4 of a 10-call ramp is Ghiasi's gamma at rate 0.5 * 4 / 10, in the input's
+    dtype, computed without reading the counter on the host."""
+    seen = []
+    bernoulli = torch.bernoulli
+    monkeypatch.setattr(torch, "bernoulli", lambda p: seen.append(p.clone()) or bernoulli(p))
+    drop = DropBlock(0.5, block_size=3, ramp_steps=10).train()
+    drop.num_batches_tracked.fill_(3)
+    drop(torch.randn(2, 4, 9, 9))
+    gamma = 0.5 * 4 / 10 / 3**2 * 81 / 7**2
+    assert seen[0].shape == (2, 4, 7, 7) and seen[0].dtype == torch.float32
+    assert torch.equal(seen[0], torch.full((2, 4, 7, 7), gamma))
+
+
+def test_a_compiled_resnet12_traces_its_dropblock_ramp_once() -> None:
+    """A training forward compiles to one graph that the moving ramp does not recompile (no host read of the
+    counter, no Python float that changes each call)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = ResNet12(channels=(4, 4, 8, 8), drop_rate=0.1, dropblock_size=2, dropblock_ramp_steps=100).train()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    x = torch.randn(2, 3, 32, 32)
+    for _ in range(4):
+        compiled(x)
+    assert counter.frame_count == 1
+    assert all(int(m.num_batches_tracked) == 4 for m in model.modules() if isinstance(m, DropBlock))
+
+
 def test_dropblock_drops_square_blocks_at_the_expected_rate() -> None:
     torch.manual_seed(0)
     rate, bs = 0.2, 3
