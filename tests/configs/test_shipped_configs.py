@@ -67,6 +67,16 @@ def test_config_builds_its_model(path: Path) -> None:
         assert sum(p.numel() for p in model.parameters()) > 0
 
 
+@pytest.mark.parametrize("path", [p for p in CONFIGS if load_config(p).get("FEWSHOT", {}).get("PRETRAIN", {})
+                                  .get("RECIPE")], ids=_rel)
+def test_a_shared_pretraining_names_a_recipe_of_the_same_network(path: Path) -> None:
+    from engine.fewshot.pretrained import check_recipe
+
+    cfg = load_config(path, ["SEED", "3"])
+    recipe = check_recipe(cfg)  # refuses a recipe of more than pre-training, of another network or data
+    assert recipe.SEED == 3 and "pretrain" not in cfg.FEWSHOT.STAGES
+
+
 @pytest.mark.parametrize("bench", sorted(DEMO_RECIPES))
 def test_demo_configs_carry_demos_recipe(bench: str) -> None:
     cfg = load_config(REPO / "configs" / bench / "DeMo.yml")
