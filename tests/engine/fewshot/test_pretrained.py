@@ -11,6 +11,7 @@ import torch
 from engine.checkpoint import Checkpointer, read_checkpoint
 from engine.config import ConfigError, load_config
 from engine.fewshot.pretrained import RECORD, ensure_pretrained, pretrained_file, read_record
+from tests.helpers.fewshot_data import tiny_fewshot_set
 
 REPO = Path(__file__).resolve().parents[3]
 SAP_TINY = REPO / "configs" / "synthetic" / "ExpB1_SAP_tiny.yml"
@@ -18,11 +19,7 @@ SAP_TINY = REPO / "configs" / "synthetic" / "ExpB1_SAP_tiny.yml"
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    from datasets.synthetic import generate_fewshot
-
-    root = tmp_path_factory.mktemp("pretrained_data")
-    generate_fewshot(root / "synthetic_fewshot", num_classes=(12, 5, 5), images_per_class=10, size=32, workers=1)
-    return root
+    return tiny_fewshot_set(tmp_path_factory.mktemp("pretrained_data"), 12)
 
 
 def _recipe(path: Path, data: Path, lr: float = 0.1, stages: str = "[pretrain]") -> Path:

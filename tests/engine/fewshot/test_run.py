@@ -21,6 +21,7 @@ from engine.fewshot.evaluator import evaluate_episodes, mean_confidence_interval
 from engine.fewshot.plots import plot_sap_stats
 from engine.seed import seed_everything
 from modeling import build_model
+from tests.helpers.fewshot_data import tiny_fewshot_set
 from tests.helpers.run_files import run_files
 
 REPO = Path(__file__).resolve().parents[3]
@@ -30,11 +31,7 @@ TINY_CFG = REPO / "configs" / "synthetic" / "ExpB1_SAP_tiny.yml"
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     """A 6/5/5-class synthetic few-shot set, 10 images of 32x32 per class, in the miniImageNet layout."""
-    from datasets.synthetic import generate_fewshot
-
-    root = tmp_path_factory.mktemp("fewshot_data")
-    generate_fewshot(root / "synthetic_fewshot", num_classes=(6, 5, 5), images_per_class=10, size=32, workers=1)
-    return root
+    return tiny_fewshot_set(tmp_path_factory.mktemp("fewshot_data"), 6)
 
 
 def tiny_overrides(data_root: Path, out: Path) -> list[str]:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from engine.config import ConfigError, load_config
 from engine.fewshot.text_tower import TowerRecipe, ensure_text_tower, fit_name_tower, read_tower_record
 from modeling.module.name_tower import NameTower, load_name_tower
+from tests.helpers.fewshot_data import tiny_fewshot_set
 
 REPO = Path(__file__).resolve().parents[3]
 SAP_TINY = REPO / "configs" / "synthetic" / "ExpB1_SAP_tiny.yml"
@@ -58,11 +59,7 @@ def test_fitted_on_training_names_it_names_novel_combinations() -> None:
 
 @pytest.fixture(scope="module")
 def names_data(tmp_path_factory) -> Path:
-    from datasets.synthetic import generate_fewshot
-
-    root = tmp_path_factory.mktemp("names_data")
-    generate_fewshot(root / "synthetic_fewshot", num_classes=(24, 5, 5), images_per_class=10, size=32, workers=1)
-    return root
+    return tiny_fewshot_set(tmp_path_factory.mktemp("names_data"), 24)
 
 
 def _recipe(path: Path, data: Path, steps: int = 300) -> Path:
