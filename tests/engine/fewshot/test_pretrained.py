@@ -64,6 +64,12 @@ def test_made_once_per_seed_started_from_and_refused_when_stale(tiny_data: Path,
         assert torch.equal(value, expected), key
     assert any(not torch.equal(fresh[k], recipe_state[k]) for k in fresh if k.startswith("backbone."))
 
+    # with no stage to train, a run tests the recipe's network: the numbers the recipe recorded, exactly
+    untrained = run_fewshot(_cfg(recipe, tiny_data, cache, tmp_path / "nometa", "MODEL.SAP.ENABLED", "False",
+                                 "FEWSHOT.STAGES", "[]"))
+    assert {f"{k}/acc": v["acc"] for k, v in untrained.items()} == {
+        k: v for k, v in record["results"].items() if k.endswith("/acc")}
+
     # another seed gets a network of its own
     seed1 = _cfg(recipe, tiny_data, cache, tmp_path / "seed1", "SEED", "1")
     assert ensure_pretrained(seed1) == cache / "seed1" / "weights.pth"
