@@ -216,3 +216,22 @@ def test_a_shared_pretraining_is_made_once_per_seed_before_the_runs_and_within_t
         for seed in (0, 1):
             log = (tmp_path / "out" / "table" / row / f"seed{seed}" / "log.txt").read_text()
             assert f"pre/seed{seed}/weights.pth (recipe" in log and "stage pretrain" not in log
+
+
+@pytest.mark.parametrize("table", sorted(p.stem for p in (REPO / "configs" / "ablations").glob("*.yaml")))
+def test_every_shipped_table_loads_every_row_in_every_mode(table: str) -> None:
+    """Each row's config (default, --quick and, where it has one, --real) loads with the row's and the table's
+    overrides, and the row's flags are those of the table's script."""
+    from engine.config import load_config
+    from engine.experiments.grid import flat_overrides, row_config
+    from engine.experiments.specs import load_table
+
+    spec = load_table(table)
+    for row in spec["rows"]:
+        modes = [(False, False), (True, False)] + ([(False, True)] if "real_config" in row else [])
+        for quick, real in modes:
+            path = REPO / row_config(row, quick, real)
+            assert path.is_file(), f"{table}: {row['label']}: no config {path}"
+            opts = [*flat_overrides(row.get("overrides", [])), *(map(str, spec.get("quick", [])) if quick else [])]
+            cfg = load_config(path, opts)
+            assert ("FEWSHOT" in cfg) == (Path(spec["script"]).name == "train_b1_improvement.py"), row["label"]
