@@ -9,13 +9,21 @@ from typing import Any
 import numpy as np
 import torch
 
+#: ``DETERMINISTIC_ATTENTION``: the attention kernels a deterministic run lets SDPA pick
+DETERMINISTIC_ATTENTION = ("math", "fused")
 
-def seed_everything(seed: int, deterministic: bool = False) -> None:
+
+def seed_everything(seed: int, deterministic: bool = False, attention: str = "math") -> None:
     """Seed Python, NumPy and torch (all devices); optionally force deterministic kernels.
 
     ``deterministic`` is strict: an operation without a deterministic implementation raises (naming it)
-    instead of silently running a nondeterministic kernel.
+    instead of silently running a nondeterministic kernel. ``attention`` says which kernels SDPA may then
+    use: ``math`` alone, or also the ``fused`` flash and memory-efficient kernels, whose backward passes torch
+    runs in their deterministic variants under strict deterministic algorithms (flash's deterministic
+    ``mha_bwd``, memory-efficient with one key split) while it excludes cuDNN's attention itself.
     """
+    if attention not in DETERMINISTIC_ATTENTION:
+        raise ValueError(f"attention must be one of {DETERMINISTIC_ATTENTION}, got {attention!r}")
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -24,9 +32,9 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
         torch.use_deterministic_algorithms(True)
-        # The fused attention kernels (flash, memory-efficient, cuDNN) have non-deterministic backward
-        # passes that use_deterministic_algorithms does not flag; the math kernel is deterministic.
-        set_fused_attention(False)
+        # Under warn_only the fused attention kernels' backward passes are not deterministic (two runs differed,
+        # BENCHMARKS.md); strict, torch picks their deterministic variants. "math" keeps to the math kernel.
+        set_fused_attention(attention == "fused")
     else:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False

@@ -149,6 +149,7 @@ def choices(cfg: CN, owners: tuple[Family, ...]) -> dict[str, tuple[str, ...]]:
     ``owners``."""
     from engine.device import _DTYPES
     from engine.logger import WANDB_MODES
+    from engine.seed import DETERMINISTIC_ATTENTION
     from engine.solver import EPOCH_SCHEDULES, OPTIMIZERS, STEP_SCHEDULES
     from modeling.clip_checkpoint import CLIP_ACTIVATIONS
 
@@ -156,6 +157,7 @@ def choices(cfg: CN, owners: tuple[Family, ...]) -> dict[str, tuple[str, ...]]:
         "DEVICE.PRECISION": ("auto", *_DTYPES),
         "SOLVER.OPTIMIZER": OPTIMIZERS,
         "MODEL.COMPILE": COMPILE_MODES,
+        "DETERMINISTIC_ATTENTION": DETERMINISTIC_ATTENTION,
         "MODEL.BACKBONE": ("",),
         "DATASETS.NAMES": ("", *(name for family in owners for name in family.datasets)),
         "MODEL.CLIP_ACTIVATION": CLIP_ACTIVATIONS,

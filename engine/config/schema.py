@@ -31,6 +31,10 @@ def base_config() -> CN:
     # implementation raises; cuDNN deterministic; SDPA's math kernel instead of the fused ones): a run repeats
     # bit for bit on the same machine, side by side with others and across a resume (BENCHMARKS.md).
     _C.DETERMINISTIC = False
+    # The attention kernels SDPA may pick under DETERMINISTIC: math (its math kernel alone; measured, slower) |
+    # fused (flash and memory-efficient as well: under torch's strict deterministic algorithms their backward
+    # passes run deterministic variants and torch itself excludes cuDNN's; engine/seed.py)
+    _C.DETERMINISTIC_ATTENTION = "math"
 
     _C.DEVICE = CN()
     _C.DEVICE.NAME = "auto"  # auto | cpu | cuda

@@ -108,7 +108,7 @@ def test_a_family_s_own_option_is_refused_for_the_other(capsys: pytest.CaptureFi
 
 
 def test_every_task_has_its_options_and_help(capsys: pytest.CaptureFixture[str]) -> None:
-    assert set(TASKS) == {"train", "eval", "train,eval", "loader", "losses", "rerank", "ops", "memory"}
+    assert set(TASKS) == {"train", "eval", "train,eval", "loader", "losses", "rerank", "ops", "memory", "attention"}
     with pytest.raises(SystemExit):
         benchmark.main(["--task", "loader", "--help"])
     assert "--num-workers" in capsys.readouterr().out
@@ -213,3 +213,21 @@ def test_memory_task_refuses_batches_that_are_not_multiples_of_k(capsys: pytest.
     with pytest.raises(SystemExit):
         benchmark.main(["--task", "memory", "--config_file", str(TINY), "--batches", "3", "5"])
     assert "--batches needs two different multiples of DATALOADER.NUM_INSTANCE" in capsys.readouterr().err
+
+
+def test_attention_kernels_against_float64_and_repeated(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "attention.json"
+    assert benchmark.main(["--task", "attention", "--batch", "3", "--heads", "2", "--tokens", "9", "--head-dim", "8",
+                           "--precision", "fp32", "--steps", "1", "--warmup", "0", "--kernels", "math,explicit,cudnn",
+                           "--deterministic", "--device", "cpu", "--json", str(out)]) == 0
+    torch.use_deterministic_algorithms(False)
+    rows = {r["kernel"]: r for r in json.loads(out.read_text())["rows"]}
+    for kernel in ("math", "explicit"):  # float32 against the float64 formula: round-off only
+        r = rows[kernel]
+        assert r["available"] and r["bitwise_repeatable"] and r["forward_backward_ms"] > 0
+        assert r["out_rel_error"] < 1e-6 and r["dq_rel_error"] < 1e-5
+    assert not rows["cudnn"]["available"] and rows["cudnn"]["reason"]  # no cuDNN attention on a CPU
+    assert "unavailable" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:
+        benchmark.main(["--task", "attention", "--kernels", "math,flashy", "--device", "cpu"])
+    assert refused.value.code == 2 and "unknown ['flashy']" in capsys.readouterr().err

@@ -21,6 +21,8 @@ TASKS: dict[str, tuple[str, str]] = {
     "rerank": ("rerank_cost", "k-reciprocal re-ranking time and peak memory"),
     "ops": ("op_count", "operations one ReID training step dispatches, per model part"),
     "memory": ("saved_memory", "bytes a ReID forward keeps for the backward, per model part"),
+    "attention": ("attention_backends", "SDPA's kernels and a written-out attention at the CLIP tower's shape: "
+                                        "time, memory, bitwise-repeatable backward, error against float64"),
 }
 
 

@@ -111,7 +111,7 @@ def build_train_step(cfg: CN, precision: str, device: torch.device, compiled: bo
     if is_fewshot(cfg):
         keys.update({"FEWSHOT.K_SHOT": k_shot or cfg.FEWSHOT.K_SHOT, "DATALOADER.NUM_WORKERS": 0})
     cfg = with_keys(cfg, keys)
-    seed_everything(0, deterministic=cfg.DETERMINISTIC)
+    seed_everything(0, deterministic=cfg.DETERMINISTIC, attention=cfg.DETERMINISTIC_ATTENTION)
     amp = build_amp_policy(precision, device)
     if is_fewshot(cfg):
         model, built, batch = _fewshot_stage(cfg, amp, device, stage)
