@@ -75,27 +75,31 @@ def evaluate_episodes(model: torch.nn.Module, feats: torch.Tensor, labels: torch
     model.eval()
     sampler = EpisodeSampler(labels.tolist(), n_way, k_shot, n_query, n_episodes, seed=seed, fixed=True,
                              rank=0, world_size=1)
-    per_class = k_shot + n_query
-    support_pos = torch.cat([torch.arange(c * per_class, c * per_class + k_shot) for c in range(n_way)])
-    query_pos = torch.cat([torch.arange(c * per_class + k_shot, (c + 1) * per_class) for c in range(n_way)])
-    support_labels = torch.arange(n_way, device=feats.device).repeat_interleave(k_shot)
-    query_labels = torch.arange(n_way, device=feats.device).repeat_interleave(n_query)
-    accs = torch.empty(n_episodes, dtype=torch.float64)
-    stat_sums: dict[str, float] = {}
-    for i, idx in enumerate(progress(iter(sampler), desc=desc, total=len(sampler))):
-        idx_t = torch.as_tensor(idx, device=feats.device)
-        s_idx, q_idx = idx_t[support_pos.to(feats.device)], idx_t[query_pos.to(feats.device)]
+    per_class, device = k_shot + n_query, feats.device
+    support_pos = torch.cat([torch.arange(c * per_class, c * per_class + k_shot) for c in range(n_way)]).to(device)
+    query_pos = torch.cat([torch.arange(c * per_class + k_shot, (c + 1) * per_class) for c in range(n_way)]).to(device)
+    support_labels = torch.arange(n_way, device=device).repeat_interleave(k_shot)
+    query_labels = torch.arange(n_way, device=device).repeat_interleave(n_query)
+    # every episode's indices drawn first and copied once; the accuracies and SAP stats stay on the device until
+    # the end: the loop waits on the device nowhere (the same arithmetic, episode by episode, as one at a time)
+    episodes = torch.as_tensor(list(sampler), dtype=torch.long).to(device)
+    accs = torch.empty(n_episodes, dtype=torch.float64, device=device)
+    stat_sums: dict[str, torch.Tensor] = {}
+    for i in progress(range(n_episodes), desc=desc, total=n_episodes):
+        s_idx, q_idx = episodes[i][support_pos], episodes[i][query_pos]
         class_ids = labels[s_idx][::k_shot]
         logits, stats = model.episode_logits(feats[s_idx], support_labels, feats[q_idx], class_ids, n_way=n_way)
-        accs[i] = (logits.argmax(-1) == query_labels).double().mean().cpu()
+        accs[i] = (logits.argmax(-1) == query_labels).double().mean()
         for key in ("attn_entropy", "attn_max", "logit_scale"):
             if key in stats:
-                stat_sums[key] = stat_sums.get(key, 0.0) + float(stats[key])
+                value = torch.as_tensor(stats[key], device=device).double()
+                stat_sums[key] = stat_sums[key] + value if key in stat_sums else value
     model.train(was_training)
+    accs = accs.cpu()
     mean, ci, std = mean_confidence_interval(accs.numpy(), z)
     out: dict[str, Any] = dict(acc=mean, ci95=ci, std=std, n_episodes=n_episodes, n_way=n_way, k_shot=k_shot,
                                n_query=n_query, seed=seed)
-    out.update({k: v / n_episodes for k, v in stat_sums.items()})
+    out.update({k: float(v) / n_episodes for k, v in stat_sums.items()})
     out["episode_acc"] = [round(a, 6) for a in accs.tolist()]  # same episodes in every run: paired comparisons
     return out
 

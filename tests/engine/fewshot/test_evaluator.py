@@ -39,3 +39,29 @@ def test_nearest_anchor_scores_queries_by_the_class_names_alone() -> None:
         scores = f[episode[:, 1:].reshape(-1)] @ anchors[classes].T
         accs.append((scores.argmax(1) == np.repeat(np.arange(3), 3)).mean())
     assert result["acc"] == pytest.approx(np.mean(accs), abs=1e-12)
+
+
+def test_sap_episodes_and_their_stats_equal_scoring_them_one_at_a_time() -> None:
+    """The evaluator keeps every episode's accuracy and SAP stats on the device until the end; the numbers are
+    those of scoring each fixed-seed episode alone with the model's head and averaging its stats in float64."""
+    torch.manual_seed(0)
+    cfg = load_config(None, ["MODEL.NAME", "ExpB1", "MODEL.BACKBONE", "tiny_conv", "MODEL.BACKBONE_ARGS.CHANNELS",
+                             "[4, 8]", "MODEL.NUM_CLASSES", "6", "MODEL.SAP.ANCHOR_MODE", "prototype"])
+    model = build_model(cfg).eval()
+    g = torch.Generator().manual_seed(2)
+    labels = torch.arange(6).repeat_interleave(7)
+    feats = torch.randn(len(labels), 8, generator=g)
+    result = evaluate_episodes(model, feats, labels, n_way=3, k_shot=2, n_query=4, n_episodes=25, seed=5)
+
+    accs, entropy = [], 0.0
+    with torch.no_grad():
+        for idx in EpisodeSampler(labels.tolist(), 3, 2, 4, 25, seed=5, fixed=True, rank=0, world_size=1):
+            episode = torch.as_tensor(idx).reshape(3, 6)
+            support, query = episode[:, :2].reshape(-1), episode[:, 2:].reshape(-1)
+            logits, stats = model.episode_logits(feats[support], torch.arange(3).repeat_interleave(2), feats[query],
+                                                 labels[support][::2], n_way=3)
+            accs.append((logits.argmax(-1) == torch.arange(3).repeat_interleave(4)).double().mean().item())
+            entropy += float(stats["attn_entropy"])
+    assert result["episode_acc"] == [round(a, 6) for a in accs]
+    assert result["acc"] == pytest.approx(float(np.mean(accs)), abs=1e-12)
+    assert result["attn_entropy"] == entropy / 25
