@@ -46,11 +46,16 @@ class DropBlock(nn.Module):
         self.ramp_steps = int(ramp_steps)
         self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
 
-    def current_rate(self) -> float:
-        """Drop probability at the current point of the ramp."""
+    def rate(self) -> torch.Tensor | float:
+        """Drop probability at the current point of the ramp: a float64 tensor on the counter's device (read
+        without a host sync, so a compiled forward is not recompiled as the ramp moves), or the fixed rate."""
         if self.ramp_steps <= 0:
             return self.drop_rate
-        return self.drop_rate * min(1.0, float(self.num_batches_tracked) / self.ramp_steps)
+        return self.drop_rate * (self.num_batches_tracked.double() / self.ramp_steps).clamp(max=1.0)
+
+    def current_rate(self) -> float:
+        """Drop probability at the current point of the ramp, on the host."""
+        return float(self.rate())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, H, W)."""
@@ -60,10 +65,7 @@ class DropBlock(nn.Module):
         _, _, h, w = x.shape
         bs = min(self.block_size, h, w)
         valid_h, valid_w = h - bs + 1, w - bs + 1
-        # the rate as a float64 tensor on the device: the same value as current_rate()'s, with no host sync
-        # and no recompilation of a compiled step as the ramp moves
-        ramp = (self.num_batches_tracked.double() / self.ramp_steps).clamp(max=1.0) if self.ramp_steps > 0 else 1.0
-        gamma = self.drop_rate * ramp / bs**2 * (h * w) / (valid_h * valid_w)
+        gamma = self.rate() / bs**2 * (h * w) / (valid_h * valid_w)
         probs = torch.empty((x.shape[0], x.shape[1], valid_h, valid_w), device=x.device, dtype=x.dtype)
         seeds = torch.bernoulli(probs.fill_(gamma))
         # grow every seed into a bs x bs block (the block's top-left corner is the seed)
