@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers.fewshot_data import tiny_fewshot_set
 from tools import ablate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -186,10 +187,7 @@ def test_a_run_another_table_already_trained_is_reused_not_trained(tmp_path: Pat
 
 @pytest.mark.slow
 def test_a_shared_pretraining_is_made_once_per_seed_before_the_runs_and_within_the_time_limit(tmp_path: Path) -> None:
-    from datasets.synthetic import generate_fewshot
-
-    generate_fewshot(tmp_path / "data" / "synthetic_fewshot", num_classes=(12, 5, 5), images_per_class=10, size=32,
-                     workers=1)
+    tiny_fewshot_set(tmp_path / "data", 12)
     tiny = REPO / "configs" / "synthetic" / "ExpB1_SAP_tiny.yml"
     recipe = tmp_path / "recipe.yml"
     recipe.write_text(f"_BASE_: {tiny}\nMODEL:\n  NUM_CLASSES: 12\n  SAP:\n    ENABLED: False\n"

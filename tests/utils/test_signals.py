@@ -160,11 +160,9 @@ def test_group_signal_stops_reid_run_with_a_checkpoint_and_resume_ends_identical
 @needs_sigwaitinfo
 def test_group_sigterm_stops_fewshot_run_and_resume_ends_identically(tmp_path: Path) -> None:
     """train_b1_improvement.py: the same Trainer and loaders, two stages (pretrain, then meta)."""
-    from datasets.synthetic import generate_fewshot
+    from tests.helpers.fewshot_data import tiny_fewshot_set
 
-    data = tmp_path / "data"
-    generate_fewshot(data / "synthetic_fewshot", num_classes=(6, 5, 5), images_per_class=10, size=32,
-                     workers=1)
+    data = tiny_fewshot_set(tmp_path / "data", 6)
 
     def args(out: Path) -> list[str]:
         return ["DATASETS.ROOT_DIR", str(data), "MODEL.NUM_CLASSES", "6", "OUTPUT_DIR", str(out),

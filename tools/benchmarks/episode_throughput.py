@@ -23,6 +23,9 @@ from yacs.config import CfgNode as CN
 from tools.benchmarks.timing import peak_memory, repeat, reset_peak_memory, seconds_per_call
 from tools.benchmarks.train_step import TrainStep, build_train_step
 
+#: images per class of the timed test's stand-in split (miniImageNet's test split: 20 classes of 600)
+TEST_IMAGES_PER_CLASS = 600
+
 
 def _timed(fn: Callable[[], object], iters: int, warmup: int, device: torch.device) -> tuple[float, float]:
     """(episodes/s, peak MiB) of ``fn`` over ``iters`` calls after ``warmup`` calls."""
@@ -74,17 +77,18 @@ def _test_row(step: TrainStep, cfg: CN, device: torch.device, k: int, iters: int
             step.model.backbone(images)
 
     batches_per_s, peak = _timed(backbone, max(1, iters // 3), warmup, device)
-    classes = max(fs.TEST_WAY, n_images // 600)
+    classes = max(fs.TEST_WAY, n_images // TEST_IMAGES_PER_CLASS)
     labels = torch.arange(classes, device=device).repeat_interleave(math.ceil(n_images / classes))[:n_images]
     feats = torch.randn(len(labels), step.model.phy_dim, device=device)
     shape = dict(n_way=fs.TEST_WAY, k_shot=k, n_query=fs.TEST_QUERY, seed=fs.EVAL_SEED)
     evaluate_episodes(step.model, feats, labels, n_episodes=10, desc="warm-up", **shape)
     episodes_seconds = seconds_per_call(lambda: evaluate_episodes(step.model, feats, labels, n_episodes=n_episodes,
                                                                    desc="test", **shape), 1, device)
-    seconds = n_images / (batches_per_s * batch) + episodes_seconds
+    backbone_seconds = n_images / (batches_per_s * batch)
+    seconds = backbone_seconds + episodes_seconds
     return dict(phase=f"test ({n_episodes} ep.)", way=fs.TEST_WAY, shot=k, query=fs.TEST_QUERY, image_size=size,
                 episodes_per_s=n_episodes / seconds, images_per_s=batches_per_s * batch, peak_mib=peak,
-                test_seconds=seconds, backbone_seconds=n_images / (batches_per_s * batch))
+                test_seconds=seconds, backbone_seconds=backbone_seconds)
 
 
 def _phases(step: TrainStep, parts: set[str]) -> list[tuple[str, Callable[[], object], int]]:
