@@ -40,11 +40,13 @@ def test_a_forked_child_does_not_keep_the_lock_of_its_dead_parent(tmp_path: Path
     """A run's loader workers are forked: they close their copy of the lock at once, so a run killed with -9
     frees its folder even while its workers live on for a moment."""
     folder = tmp_path / "run"
+    # the child says it is running (its at-fork handlers have run) before the holder reports it: otherwise a
+    # busy machine may kill the holder before the child has been scheduled at all
     code = ("import os, sys, time; from engine.run_lock import RunFolderLock; "
             f"lock = RunFolderLock({str(folder)!r}).acquire(); "
-            "child = os.fork()\n"
-            "if child == 0:\n    time.sleep(30); os._exit(0)\n"
-            "print(child, flush=True); time.sleep(60)")
+            "r, w = os.pipe(); child = os.fork()\n"
+            "if child == 0:\n    os.write(w, b'x'); time.sleep(30); os._exit(0)\n"
+            "os.read(r, 1); print(child, flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
     child = int(holder.stdout.readline())
     try:
