@@ -144,7 +144,8 @@ def default_setup(args: argparse.Namespace) -> CN:
     logger.info("command: %s", " ".join(sys.argv))
     if is_main_process():
         logger.info("config saved to %s", save_config(cfg, output_dir))
-    seed_everything(cfg.SEED + get_rank(), deterministic=cfg.DETERMINISTIC, attention=cfg.DETERMINISTIC_ATTENTION)
+    seed_everything(cfg.SEED + get_rank(), deterministic=cfg.DETERMINISTIC, attention=cfg.DETERMINISTIC_ATTENTION,
+                    fill_uninitialized=cfg.DETERMINISTIC_FILL_UNINITIALIZED)
     if cfg.DEVICE.CPU_THREADS > 0:  # the run's numbers on a CPU then depend on this key, not on the machine
         torch.set_num_threads(cfg.DEVICE.CPU_THREADS)
         logger.info("torch intra-op CPU threads: %d (DEVICE.CPU_THREADS)", cfg.DEVICE.CPU_THREADS)

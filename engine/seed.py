@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -13,14 +15,19 @@ import torch
 DETERMINISTIC_ATTENTION = ("math", "fused")
 
 
-def seed_everything(seed: int, deterministic: bool = False, attention: str = "math") -> None:
+def seed_everything(seed: int, deterministic: bool = False, attention: str = "fused",
+                    fill_uninitialized: bool = False) -> None:
     """Seed Python, NumPy and torch (all devices); optionally force deterministic kernels.
 
     ``deterministic`` is strict: an operation without a deterministic implementation raises (naming it)
     instead of silently running a nondeterministic kernel. ``attention`` says which kernels SDPA may then
     use: ``math`` alone, or also the ``fused`` flash and memory-efficient kernels, whose backward passes torch
     runs in their deterministic variants under strict deterministic algorithms (flash's deterministic
-    ``mha_bwd``, memory-efficient with one key split) while it excludes cuDNN's attention itself.
+    ``mha_bwd``, memory-efficient with one key split) while it excludes cuDNN's attention itself (evaluation
+    may still use it: :func:`forward_only_kernels`). ``fill_uninitialized`` keeps torch's default of filling
+    every new uninitialised tensor (NaN for floats) under deterministic algorithms, so that a kernel reading
+    memory it never wrote gives the same (NaN) result every run; off, those fills (thousands of kernels a
+    step, BENCHMARKS.md) are skipped, and two runs compared byte for byte still show such a read.
     """
     if attention not in DETERMINISTIC_ATTENTION:
         raise ValueError(f"attention must be one of {DETERMINISTIC_ATTENTION}, got {attention!r}")
@@ -35,11 +42,35 @@ def seed_everything(seed: int, deterministic: bool = False, attention: str = "ma
         # Under warn_only the fused attention kernels' backward passes are not deterministic (two runs differed,
         # BENCHMARKS.md); strict, torch picks their deterministic variants. "math" keeps to the math kernel.
         set_fused_attention(attention == "fused")
+        torch.utils.deterministic.fill_uninitialized_memory = fill_uninitialized
     else:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False
         torch.backends.cudnn.benchmark = True
         set_fused_attention(True)
+        torch.utils.deterministic.fill_uninitialized_memory = True  # torch's default; read only when deterministic
+
+
+@contextlib.contextmanager
+def forward_only_kernels() -> Iterator[None]:
+    """Inside, strict deterministic algorithms relax to warn-only, for code that runs no backward pass
+    (evaluation).
+
+    Strict mode refuses cuDNN's attention outright because its backward pass is not deterministic; its forward
+    pass is (each query tile sums over the keys in one fixed order), and it is the fastest attention kernel at
+    the CLIP tower's 129 tokens (BENCHMARKS.md). Warn-only lets SDPA pick it and changes nothing else an
+    evaluation runs: every operation keeps its deterministic implementation, and the only operations that act
+    differently, those with none, would have raised under strict mode. Without strict deterministic
+    algorithms (or with ``DETERMINISTIC_ATTENTION math``, where cuDNN's attention is off) nothing changes.
+    """
+    if not torch.are_deterministic_algorithms_enabled() or torch.is_deterministic_algorithms_warn_only_enabled():
+        yield
+        return
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(True)
 
 
 def set_fused_attention(enabled: bool) -> None:

@@ -220,7 +220,21 @@ class StepRunner:
                 f"continues from it, e.g. with a lower SOLVER.BASE_LR.")
 
 
-def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
-    """``torch.compile`` with a ``MODEL.COMPILE`` mode name (``default`` = torch's default mode)."""
-    return torch.compile(model, mode=None if mode in ("", "default") else mode)
+def compile_model(model: Callable[..., Any], mode: str) -> Callable[..., Any]:
+    """``torch.compile`` of a module or function with a ``MODEL.COMPILE`` mode name (``default`` = torch's
+    default mode).
+
+    Under deterministic algorithms (``DETERMINISTIC True``) inductor compiles in its deterministic mode as well:
+    it chooses kernel configurations without timing them on the device, because the fastest tiling of a
+    reduction may differ from one run to the next, and with it the order of the sum.
+    """
+    mode_name = None if mode in ("", "default") else mode
+    if not torch.are_deterministic_algorithms_enabled():
+        return torch.compile(model, mode=mode_name)
+    import torch._inductor as inductor  # only a deterministic compile needs its mode table
+
+    options = dict(inductor.list_mode_options(mode_name)) if mode_name else {}
+    if hasattr(inductor.config, "deterministic"):
+        options["deterministic"] = True
+    return torch.compile(model, options=options or None)
 

@@ -28,13 +28,16 @@ def base_config() -> CN:
     _C.OUTPUT_DIR = "outputs/default"
     _C.SEED = 0
     # Deterministic kernels (torch's deterministic algorithms, strict: an operation without a deterministic
-    # implementation raises; cuDNN deterministic; SDPA's math kernel instead of the fused ones): a run repeats
+    # implementation raises; cuDNN deterministic; inductor's deterministic mode when compiled): a run repeats
     # bit for bit on the same machine, side by side with others and across a resume (BENCHMARKS.md).
     _C.DETERMINISTIC = False
-    # The attention kernels SDPA may pick under DETERMINISTIC: math (its math kernel alone; measured, slower) |
-    # fused (flash and memory-efficient as well: under torch's strict deterministic algorithms their backward
-    # passes run deterministic variants and torch itself excludes cuDNN's; engine/seed.py)
-    _C.DETERMINISTIC_ATTENTION = "math"
+    # The attention kernels SDPA may pick under DETERMINISTIC: fused (flash and memory-efficient, whose backward
+    # passes run deterministic variants under strict deterministic algorithms; evaluation also cuDNN's, whose
+    # forward is deterministic; engine/seed.py) | math (SDPA's math kernel alone: slower on ViT-B/16)
+    _C.DETERMINISTIC_ATTENTION = "fused"
+    # Under DETERMINISTIC, fill every new uninitialised tensor (torch's default there): a read of memory never
+    # written then gives NaN every run. Off, thousands of fill kernels a step are skipped (BENCHMARKS.md).
+    _C.DETERMINISTIC_FILL_UNINITIALIZED = False
 
     _C.DEVICE = CN()
     _C.DEVICE.NAME = "auto"  # auto | cpu | cuda

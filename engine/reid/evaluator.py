@@ -16,6 +16,7 @@ from engine.evaluation import bootstrap_map_ci, evaluate_reid, evaluate_reid_fea
 from engine.logger import progress
 from engine.prefetch import DevicePrefetcher
 from engine.reid.missing import canonical, missing_modalities, present_modalities
+from engine.seed import forward_only_kernels
 from utils.io import atomic_write_json
 from utils.modalities import MODALITIES
 
@@ -30,6 +31,7 @@ def _pad_rows(x: Any, rows: int) -> Any:
 
 
 @torch.no_grad()
+@forward_only_kernels()
 def extract_features(
     model: torch.nn.Module, loader: Any, device: torch.device, amp: AmpPolicy, keep: tuple[str, ...], miss_mode: str
 ) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from engine.device import AmpPolicy
+from engine.step import compile_model
 from losses.reid_criterion import ReIDCriterion
 
 
@@ -54,7 +55,7 @@ class ReIDObjective:
             total, terms, stats = criterion.compute(outputs, batch["pids"], batch["masks"], temperature)
             return total, terms, {**_model_stats(outputs), **stats}
 
-        compiled = torch.compile(forward_loss, mode=None if mode in ("", "default") else mode)
+        compiled = compile_model(forward_loss, mode)
         temperature = torch.zeros((), device=self.device)
 
         def step(model: torch.nn.Module, batch: dict[str, Any], epoch: float) -> tuple:

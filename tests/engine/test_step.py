@@ -108,3 +108,22 @@ def test_compiled_evaluation_equals_eager_and_pads_the_last_batch() -> None:
         assert torch.allclose(compiled["feats"][name], value, atol=1e-5, rtol=1e-4), name
     for m, idx in eager["keep_indices"].items():
         assert torch.equal(compiled["keep_indices"][m], idx)
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead", "max-autotune"])
+def test_a_deterministic_compile_keeps_its_mode_and_turns_on_inductor_s_deterministic_mode(
+        mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch._inductor as inductor
+
+    calls: list[dict] = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or real_compile(fn, **kw))
+    try:
+        torch.use_deterministic_algorithms(True)
+        compile_model(torch.nn.Linear(2, 2), mode)  # torch refuses an option it does not know, here
+    finally:
+        torch.use_deterministic_algorithms(False)
+    compile_model(torch.nn.Linear(2, 2), mode)
+    expected = {} if mode == "default" else inductor.list_mode_options(mode)
+    assert calls[0] == {"options": {**expected, "deterministic": True}}
+    assert calls[1] == {"mode": None if mode == "default" else mode}

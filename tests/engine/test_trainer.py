@@ -174,12 +174,12 @@ def test_resume_inside_a_stage_and_after_a_finished_one(tmp_path: Path) -> None:
         assert torch.equal(a, b)
 
 
-def test_deterministic_mode_forbids_the_fused_attention_kernels() -> None:
+def test_deterministic_math_attention_forbids_the_fused_attention_kernels() -> None:
     """Their backward passes are not deterministic on CUDA (and use_deterministic_algorithms does not say so)."""
     from engine.seed import seed_everything
 
     try:
-        seed_everything(0, deterministic=True)
+        seed_everything(0, deterministic=True, attention="math")
         assert not torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.mem_efficient_sdp_enabled()
         assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
         # strict: an operation without a deterministic implementation raises instead of warning

@@ -16,6 +16,7 @@ from engine.config import load_config
 from engine.trainer import Trainer
 from tools import benchmark
 from tools.benchmarks import TASKS, op_count, reid_throughput, saved_memory
+from tools.benchmarks.kernel_mix import kernel_kind, kernel_mix, mix_table
 from tools.benchmarks.op_count import PartStack
 from tools.benchmarks.train_step import build_train_step
 
@@ -231,3 +232,53 @@ def test_attention_kernels_against_float64_and_repeated(tmp_path: Path, capsys: 
     with pytest.raises(SystemExit) as refused:
         benchmark.main(["--task", "attention", "--kernels", "math,flashy", "--device", "cpu"])
     assert refused.value.code == 2 and "unknown ['flashy']" in capsys.readouterr().err
+
+
+# ---- --profile: device time by kernel kind --------------------------------------------------------------------
+@pytest.mark.parametrize("name, kind", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__5x_cublas",
+     "matmul"),
+    ("nvjet_tst_128x256_64x4_1x2_h_bz_coopB_TNT", "matmul"),
+    ("triton_tem_fused_addmm_0", "matmul"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4, false, false, cutlass::bfloat16_t>>",
+     "attention"),
+    ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_4x1x1_kernel0_0", "attention"),
+    ("triton_per_fused__scaled_dot_product_flash_attention_native_layer_norm_0", "compiled (triton)"),
+    ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>", "normalisation"),
+    ("void (anonymous namespace)::softmax_warp_forward<c10::BFloat16, c10::BFloat16, float, 8, false, false>", "softmax"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "elementwise / reduce"),
+    ("Memcpy HtoD (Pageable -> Device)", "copy / fill"),
+    ("some_kernel_nobody_named", "other"),
+])
+def test_kernels_are_sorted_by_kind(name: str, kind: str) -> None:
+    assert kernel_kind(name) == kind
+
+
+def test_kernel_mix_sums_device_kernels_own_time_and_the_table_shares_it() -> None:
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(key: str, us: float, device: DeviceType) -> SimpleNamespace:
+        return SimpleNamespace(key=key, self_device_time_total=us, device_type=device)
+
+    events = [event("nvjet_tst_a", 300.0, DeviceType.CUDA), event("sm90_xmma_gemm_b", 100.0, DeviceType.CUDA),
+              event("flash_fwd_kernel", 100.0, DeviceType.CUDA),
+              event("aten::mm", 400.0, DeviceType.CPU)]  # an op, not a kernel: its time is its kernels'
+    mix = kernel_mix(events)
+    assert mix == {"matmul": 400.0, "attention": 100.0}
+    table = mix_table(mix, calls=2, title="t")
+    assert "| matmul | 0.20 | 80.0% |" in table and "| attention | 0.05 | 20.0% |" in table
+    assert "| all | 0.25 | 100% |" in table
+    assert "no device kernels" in mix_table({}, calls=2, title="t")
+
+
+def test_profile_covers_training_and_evaluation_as_asked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "profile.md"
+    argv = ["--task", "train,eval", "--config_file", str(TINY), "--precisions", "fp32", "--steps", "1", "--warmup",
+            "0", "--num-classes", "4", "--num-cameras", "2", "--profile", str(out), *SMALL_REID]
+    assert benchmark.main(argv) == 0
+    text = out.read_text()
+    assert "5 training steps, fp32" in text and "5 evaluation batches of" in text
+    assert text.count("by CPU time") == 2 and "aten::" in text

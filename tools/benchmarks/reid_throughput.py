@@ -12,10 +12,12 @@ import contextlib
 import datetime
 import math
 import shlex
+from collections.abc import Callable
 
 import torch
 from yacs.config import CfgNode as CN
 
+from engine.seed import forward_only_kernels
 from tools.benchmarks.timing import device_name, peak_memory, repeat, reset_peak_memory, seconds_per_call
 from tools.benchmarks.train_step import TrainStep, build_train_step, reid_batch
 
@@ -76,17 +78,25 @@ def _time_train(step: TrainStep, device: torch.device, steps: int, warmup: int) 
 def _time_eval(cfg: CN, step: TrainStep, device: torch.device, steps: int, warmup: int, num_classes: int,
                num_cameras: int) -> float:
     """Seconds per evaluation batch of ``TEST.IMS_PER_BATCH`` samples."""
+    forward = eval_forward(cfg, step, device, num_classes, num_cameras)
+    repeat(forward, max(2, warmup // 2), device)
+    return seconds_per_call(forward, steps, device)
+
+
+def eval_forward(cfg: CN, step: TrainStep, device: torch.device, num_classes: int,
+                 num_cameras: int) -> Callable[[], None]:
+    """One evaluation batch of ``TEST.IMS_PER_BATCH`` samples through the step's evaluation model (eval mode,
+    no grad, the step's autocast), as a call to time or profile."""
     batch = reid_batch(cfg, device, num_classes, num_cameras, cfg.TEST.IMS_PER_BATCH)
     model, amp = step.eval_model, step.amp
     model.eval()
 
     @torch.no_grad()
     def forward() -> None:
-        with amp.autocast():
+        with forward_only_kernels(), amp.autocast():  # as the trainer's evaluation runs it
             model(batch["images"], batch["camids"], batch["masks"])
 
-    repeat(forward, max(2, warmup // 2), device)
-    return seconds_per_call(forward, steps, device)
+    return forward
 
 
 def _cell(value: float, spec: str, scale: float = 1.0, suffix: str = "") -> str:

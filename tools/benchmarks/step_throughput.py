@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,7 +22,8 @@ from yacs.config import CfgNode as CN
 from engine.config import load_config
 from engine.device import resolve_device
 from tools.benchmarks.episode_throughput import episode_rows, text_table
-from tools.benchmarks.reid_throughput import markdown_table, measure_precision
+from tools.benchmarks.kernel_mix import kernel_mix, mix_table
+from tools.benchmarks.reid_throughput import eval_forward, markdown_table, measure_precision
 from tools.benchmarks.timing import device_name, repeat
 from tools.benchmarks.train_step import build_train_step, is_fewshot
 
@@ -44,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="few-shot: images of the test split the timed test runs over (12000, miniImageNet's)")
     parser.add_argument("--test-episodes", type=int, default=None, help="few-shot: episodes of the timed test (2000)")
     parser.add_argument("--profile", default="", metavar="FILE",
-                        help="also profile 5 training steps of the first precision; write the op table to FILE")
+                        help="also profile 5 training steps and (ReID) 5 evaluation batches of the first precision, as "
+                             "--task asks; write device time by kernel kind and the op tables to FILE")
     parser.add_argument("--append", default="", help="ReID: Markdown file to append the table to (BENCHMARKS.md)")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
@@ -67,7 +70,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[st
     parts = set(args.task.split(","))
     args.warmup = args.warmup if args.warmup is not None else 5 if fewshot else 10
     if args.profile:
-        Path(args.profile).write_text(profile_steps(cfg, precisions[0], device, args))
+        Path(args.profile).write_text(profile_steps(cfg, precisions[0], device, args, parts))
     if fewshot:
         return _fewshot(cfg, precisions, parts, device, args)
     return _reid(cfg, precisions, parts, device, args, argv)
@@ -117,19 +120,32 @@ def _write_json(path: str, device: str, rows: list[dict]) -> None:
     Path(path).write_text(json.dumps({"device": device, "rows": rows}, indent=2))
 
 
-def profile_steps(cfg: CN, precision: str, device: torch.device, args: argparse.Namespace, steps: int = 5) -> str:
-    """torch.profiler table (top ops by device time, then by CPU time) over ``steps`` training steps."""
-    from torch.profiler import ProfilerActivity, profile
-
+def profile_steps(cfg: CN, precision: str, device: torch.device, args: argparse.Namespace, parts: set[str],
+                  steps: int = 5) -> str:
+    """torch.profiler tables over ``steps`` training steps and (ReID) ``steps`` evaluation batches, as ``parts``
+    asks: device time by kernel kind (:mod:`.kernel_mix`), then the top ops by device time and by CPU time."""
     step = build_train_step(cfg, precision, device, args.compile, num_classes=args.num_classes or 171,
                             num_cameras=args.num_cameras or 4, k_shot=(args.shots or [None])[0])
-    step.run_model.train()
-    repeat(step, 3, device)
+    sections = []
+    if "train" in parts:
+        step.run_model.train()
+        sections.append(_profile(step, steps, device, f"{steps} training steps, {precision}"))
+        step.finish()
+    if "eval" in parts and not is_fewshot(cfg):
+        forward = eval_forward(cfg, step, device, args.num_classes or 171, args.num_cameras or 4)
+        sections.append(_profile(forward, steps, device,
+                                 f"{steps} evaluation batches of {cfg.TEST.IMS_PER_BATCH}, {precision}"))
+    return "\n\n".join(sections)
+
+
+def _profile(fn: Callable[[], object], calls: int, device: torch.device, title: str) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    repeat(fn, 3, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        repeat(step, steps, device)
-    step.finish()
+        repeat(fn, calls, device)
+    events = prof.key_averages()
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=40)
-    table_cpu = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
-    return f"{steps} steps, {precision}\n{table}\n\nby CPU time\n{table_cpu}\n"
+    return (f"{mix_table(kernel_mix(events), calls, title)}\n{events.table(sort_by=sort, row_limit=40)}\n\n"
+            f"by CPU time\n{events.table(sort_by='cpu_time_total', row_limit=25)}\n")

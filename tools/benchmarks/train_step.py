@@ -28,7 +28,7 @@ from engine.device import AmpPolicy, build_amp_policy
 from engine.fewshot import build_stage, install_anchors
 from engine.reid import ReIDObjective, build_reid_model, build_reid_optimizer
 from engine.seed import seed_everything
-from engine.trainer import Stage, Trainer
+from engine.trainer import Stage, Trainer, compile_model
 from losses import ReIDCriterion
 from modeling import build_model
 from utils.modalities import MODALITIES
@@ -111,7 +111,8 @@ def build_train_step(cfg: CN, precision: str, device: torch.device, compiled: bo
     if is_fewshot(cfg):
         keys.update({"FEWSHOT.K_SHOT": k_shot or cfg.FEWSHOT.K_SHOT, "DATALOADER.NUM_WORKERS": 0})
     cfg = with_keys(cfg, keys)
-    seed_everything(0, deterministic=cfg.DETERMINISTIC, attention=cfg.DETERMINISTIC_ATTENTION)
+    seed_everything(0, deterministic=cfg.DETERMINISTIC, attention=cfg.DETERMINISTIC_ATTENTION,
+                    fill_uninitialized=cfg.DETERMINISTIC_FILL_UNINITIALIZED)
     amp = build_amp_policy(precision, device)
     if is_fewshot(cfg):
         model, built, batch = _fewshot_stage(cfg, amp, device, stage)
@@ -119,13 +120,9 @@ def build_train_step(cfg: CN, precision: str, device: torch.device, compiled: bo
         model, built, batch = _reid_stage(cfg, device, num_classes, num_cameras)
     trainer = Trainer(cfg, model, device, amp, ckpt=None, metrics=None, stages=(built.name,))
     run_model = trainer.compile_stage(built, model) if compiled else model
-    eval_model = _compile(model, cfg.MODEL.COMPILE) if trainer.compiled_step is not None else run_model
+    eval_model = compile_model(model, cfg.MODEL.COMPILE) if trainer.compiled_step is not None else run_model
     params = [p for g in built.optimizer.param_groups for p in g["params"]]  # clipped together, as in training
     return TrainStep(trainer, built, model, run_model, eval_model, batch, amp, params)
-
-
-def _compile(model: torch.nn.Module, mode: str) -> torch.nn.Module:
-    return torch.compile(model, mode=None if mode in ("", "default") else mode)
 
 
 def reid_batch(cfg: CN, device: torch.device, num_classes: int, num_cameras: int, batch: int) -> dict[str, Any]:
