@@ -227,10 +227,17 @@ class BoundedScale(nn.Module):
         with torch.no_grad():
             self._n_seen += unconstrained.numel()
             self._n_at_bound += self._at_bound_mask(unconstrained.detach()).sum()
-        self._calls += 1
-        if self.warn_threshold is not None and (self._calls - 1) % self.warn_every == 0:
-            self._maybe_warn(scale.detach())
+        if self.warn_threshold is not None:
+            self._count_and_maybe_warn(scale.detach())
         return scale
+
+    @torch.compiler.disable
+    def _count_and_maybe_warn(self, scale: torch.Tensor) -> None:
+        """Count this call and check the threshold every ``warn_every`` calls. Host-side state: kept out of a
+        compiled graph, where a Python counter that changes every call would recompile it every call."""
+        self._calls += 1
+        if (self._calls - 1) % self.warn_every == 0:
+            self._maybe_warn(scale)
 
     def value(self) -> torch.Tensor:
         """Effective scale without touching statistics or warnings (detached)."""

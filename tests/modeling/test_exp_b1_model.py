@@ -167,3 +167,22 @@ def test_an_unknown_metric_is_refused() -> None:
 
     with pytest.raises(ConfigError, match="MODEL.METRIC' must be one of cosine, euclidean"):
         load_config(None, [*TINY, "MODEL.METRIC", "manhattan"])
+
+
+@pytest.mark.parametrize("sap", ["True", "False"])
+def test_a_compiled_episode_forward_is_not_recompiled_episode_after_episode(sap: str) -> None:
+    """The bounded scales count their calls on the host, outside the graph: a counter the graph read would
+    change every episode and recompile it every episode (until torch's limit, then run eagerly)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = tiny_model("MODEL.SAP.ENABLED", sap).train()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    support, query = torch.randn(5, 3, 16, 16), torch.randn(10, 3, 16, 16)
+    for _ in range(4):
+        compiled(support, torch.arange(5), query, torch.tensor([3, 1, 4, 0, 2]))
+    frames = counter.frame_count
+    for _ in range(4):
+        compiled(support, torch.arange(5), query, torch.tensor([3, 1, 4, 0, 2]))
+    assert counter.frame_count == frames  # nothing compiled after the first episodes

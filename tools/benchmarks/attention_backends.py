@@ -1,8 +1,8 @@
 """Task ``attention``: scaled-dot-product attention at the CLIP tower's shape, per kernel.
 
 For each of SDPA's kernels (``math``, ``flash``, ``efficient``, ``cudnn``, through
-``torch.nn.attention.sdpa_kernel``) and ``explicit`` (softmax(q k^T / sqrt(d)) v written out: two matmuls and a
-float32 softmax), one row: forward ms (no grad), forward + backward ms, peak MiB of the latter, whether
+``torch.nn.attention.sdpa_kernel``), ``explicit`` (softmax(q k^T / sqrt(d)) v written out: two matmuls and a
+float32 softmax) and, when asked, compiled flex attention (``flex``, ``flex:B``), one row: forward ms (no grad), forward + backward ms, peak MiB of the latter, whether
 ``--repeats`` identical backward passes give bit-identical gradients (what ``DETERMINISTIC`` needs), and the
 largest error of the output and of q's gradient against a float64 reference, relative to the reference's largest
 value. A kernel this device or torch cannot run at this shape is reported as unavailable, with torch's reason.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from collections.abc import Callable
 
 import torch
@@ -52,10 +53,30 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     return scores.float().softmax(-1).to(q.dtype) @ v
 
 
+def flex_fn(kernel: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Compiled ``flex_attention`` (Triton kernels inductor generates, forward and backward) with no mask:
+    ``flex`` with torch's tile sizes, ``flex:B`` with B x B tiles in the forward and both backward loops."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+    options = {}
+    if ":" in kernel:
+        block = int(kernel.split(":", 1)[1])
+        options = {key: block for key in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")}
+
+    def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return compiled(q, k, v, kernel_options=options or None)
+
+    return flex
+
+
 def attention_fn(kernel: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The attention of ``kernel``: SDPA restricted to that kernel, or :func:`explicit_attention`."""
+    """The attention of ``kernel``: SDPA restricted to that kernel, :func:`explicit_attention`, or compiled
+    flex attention (:func:`flex_fn`)."""
     if kernel == "explicit":
         return explicit_attention
+    if kernel == "flex" or kernel.startswith("flex:"):
+        return flex_fn(kernel)
 
     def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         with sdpa_kernel([KERNELS[kernel]]):
@@ -72,8 +93,8 @@ def measure(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad
     try:
         with torch.no_grad():
             out = fn(q, k, v)
-    except RuntimeError as err:  # no kernel for this device, dtype, shape or mode
-        return {"kernel": kernel, "available": False, "reason": str(err).splitlines()[0][:200]}
+    except Exception as err:  # no kernel for this device, dtype, shape or mode (flex: a compile error)
+        return {"kernel": kernel, "available": False, "reason": (str(err).splitlines() or [""])[0][:200]}
 
     def forward() -> None:
         with torch.no_grad():
@@ -106,9 +127,11 @@ def measure(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> int:
     device, dtype = torch.device(args.device), _DTYPES[args.precision]
-    unknown = [k for k in args.kernels.split(",") if k not in (*KERNELS, "explicit")]
+    unknown = [k for k in args.kernels.split(",") if k not in (*KERNELS, "explicit", "flex")
+               and not re.fullmatch(r"flex:(16|32|64|128)", k)]
     if unknown:
-        parser.error(f"--kernels: unknown {unknown}; choose from {', '.join((*KERNELS, 'explicit'))}")
+        parser.error(f"--kernels: unknown {unknown}; choose from {', '.join((*KERNELS, 'explicit', 'flex'))} "
+                     f"or flex:B (B x B tiles, B 16, 32, 64 or 128)")
     if args.repeats < 2:
         parser.error("--repeats must be at least 2 (the backward passes compared)")
     if args.deterministic:

@@ -163,3 +163,17 @@ def test_set_value_rejects_non_positive_for_log() -> None:
     raw = BoundedScale(2.0, parameterization="raw")
     raw.set_value(-1.0)
     assert raw().item() == -1.0
+
+
+def test_a_compiled_scale_still_warns_every_n_calls_and_compiles_once(caplog: pytest.LogCaptureFixture) -> None:
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    s = BoundedScale(5.0, warn_threshold=4.0, warn_every=10, name="gate_scale")
+    counter = CompileCounter()
+    compiled = torch.compile(lambda: s() * 2.0, backend=counter)
+    with caplog.at_level(logging.WARNING, logger="modeling.layers.bounded_scale"):
+        for _ in range(35):
+            compiled()
+    assert s.warnings_issued == 4 and len(caplog.records) == 4  # calls 1, 11, 21, 31, as eagerly
+    assert counter.frame_count <= 2  # the graph around the host-side check, compiled once (not once per call)
