@@ -174,45 +174,6 @@ def test_resume_inside_a_stage_and_after_a_finished_one(tmp_path: Path) -> None:
         assert torch.equal(a, b)
 
 
-def test_deterministic_math_attention_forbids_the_fused_attention_kernels() -> None:
-    """Their backward passes are not deterministic on CUDA (and use_deterministic_algorithms does not say so)."""
-    from engine.seed import seed_everything
-
-    try:
-        seed_everything(0, deterministic=True, attention="math")
-        assert not torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.mem_efficient_sdp_enabled()
-        assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
-        # strict: an operation without a deterministic implementation raises instead of warning
-        assert torch.are_deterministic_algorithms_enabled()
-        assert not torch.is_deterministic_algorithms_warn_only_enabled()
-    finally:
-        seed_everything(0, deterministic=False)
-        torch.use_deterministic_algorithms(False)
-    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
-
-
-def test_deterministic_mode_with_fused_attention_leaves_the_kernel_choice_to_strict_torch() -> None:
-    """``DETERMINISTIC_ATTENTION fused``: flash and memory-efficient stay allowed (strict deterministic algorithms
-    make torch run their deterministic backward variants and drop cuDNN's attention itself); anything else is
-    refused."""
-    from engine.config import ConfigError, load_config
-    from engine.seed import seed_everything
-
-    try:
-        seed_everything(0, deterministic=True, attention="fused")
-        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
-        assert torch.are_deterministic_algorithms_enabled()
-        assert not torch.is_deterministic_algorithms_warn_only_enabled()
-    finally:
-        seed_everything(0, deterministic=False)
-        torch.use_deterministic_algorithms(False)
-    with pytest.raises(ValueError, match="attention must be one of"):
-        seed_everything(0, deterministic=True, attention="flash")
-    with pytest.raises(ConfigError, match="DETERMINISTIC_ATTENTION"):
-        load_config(Path(__file__).resolve().parents[2] / "configs" / "synthetic" / "ExpB1_SAP_tiny.yml",
-                    ["DETERMINISTIC_ATTENTION", "flash"])
-
-
 class _Interrupting(Regression):
     """Sends this process SIGINT during its ``at``-th loss, as Ctrl-C would."""
 
