@@ -9,7 +9,7 @@
     python tools/benchmark.py --task rerank [--num-query 20000 --num-gallery 20000 --deterministic]
     python tools/benchmark.py --task ops --config_file configs/RGBNT201/DeMo_SDTPS_DGAF_ablation.yml
     python tools/benchmark.py --task memory --config_file configs/RGBNT201/DeMo_SDTPS_DGAF_ablation.yml
-    python tools/benchmark.py --task attention [--precision bf16 --deterministic --kernels math,flash,explicit]
+    python tools/benchmark.py --task attention [--precision bf16 --deterministic --kernels math,flash,cudnn,explicit,flex,flex:64]
 
 ``python tools/benchmark.py --task TASK --help`` lists a task's own options.
 """

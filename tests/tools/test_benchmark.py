@@ -230,8 +230,27 @@ def test_attention_kernels_against_float64_and_repeated(tmp_path: Path, capsys: 
     assert not rows["cudnn"]["available"] and rows["cudnn"]["reason"]  # no cuDNN attention on a CPU
     assert "unavailable" in capsys.readouterr().out
     with pytest.raises(SystemExit) as refused:
-        benchmark.main(["--task", "attention", "--kernels", "math,flashy", "--device", "cpu"])
-    assert refused.value.code == 2 and "unknown ['flashy']" in capsys.readouterr().err
+        benchmark.main(["--task", "attention", "--kernels", "math,flashy,flex:48", "--device", "cpu"])
+    assert refused.value.code == 2 and "unknown ['flashy', 'flex:48']" in capsys.readouterr().err
+
+
+def test_flex_attention_rows_compute_attention(tmp_path: Path) -> None:
+    """Compiled flex attention, torch's tiles and 16 x 16 ones, against float64 (its backward runs on CUDA only:
+    on the CPU the row says so)."""
+    out = tmp_path / "attention.json"
+    assert benchmark.main(["--task", "attention", "--batch", "2", "--heads", "2", "--tokens", "9", "--head-dim", "16",
+                           "--precision", "fp32", "--steps", "1", "--warmup", "0", "--kernels", "flex,flex:16",
+                           "--device", "cpu", "--json", str(out)]) == 0
+    for r in json.loads(out.read_text())["rows"]:
+        assert r["available"] and r["forward_ms"] > 0, r
+        assert r.get("backward") or "CPU" in r["reason"]
+    q, k, v = (torch.randn(2, 2, 9, 16, dtype=torch.float64) for _ in range(3))
+    from tools.benchmarks.attention_backends import flex_fn
+
+    expected = torch.softmax(q @ k.transpose(-2, -1) / 4.0, -1) @ v
+    for kernel in ("flex", "flex:16"):
+        got = flex_fn(kernel)(q.float(), k.float(), v.float()).double()
+        assert (got - expected).abs().max() < 1e-5
 
 
 # ---- --profile: device time by kernel kind --------------------------------------------------------------------

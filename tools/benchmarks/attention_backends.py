@@ -109,7 +109,7 @@ def measure(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad
     repeat(forward, warmup, device)
     fwd = seconds_per_call(forward, steps, device)
     try:
-        repeat(forward_backward, warmup, device)
+        repeat(forward_backward, max(1, warmup), device)  # at least once: a refused backward is reported here
     except RuntimeError as err:  # e.g. strict deterministic algorithms refusing a backward
         return {"kernel": kernel, "available": True, "forward_ms": 1e3 * fwd, "backward": False,
                 "reason": str(err).splitlines()[0][:200]}
