@@ -2,11 +2,11 @@
 
 For each of SDPA's kernels (``math``, ``flash``, ``efficient``, ``cudnn``, through
 ``torch.nn.attention.sdpa_kernel``), ``explicit`` (softmax(q k^T / sqrt(d)) v written out: two matmuls and a
-float32 softmax) and, when asked, compiled flex attention (``flex``, ``flex:B``), one row: forward ms (no grad), forward + backward ms, peak MiB of the latter, whether
-``--repeats`` identical backward passes give bit-identical gradients (what ``DETERMINISTIC`` needs), and the
-largest error of the output and of q's gradient against a float64 reference, relative to the reference's largest
-value. A kernel this device or torch cannot run at this shape is reported as unavailable, with torch's reason.
-``--deterministic`` turns on torch's strict deterministic algorithms first, as ``DETERMINISTIC True`` does: flash
+float32 softmax) and, when asked, compiled flex attention (``flex``, ``flex:B``), one row: forward ms (no grad),
+forward + backward ms, peak MiB of the latter, whether ``--repeats`` identical backward passes give
+bit-identical gradients (what ``DETERMINISTIC`` needs), and the largest error of the output and of q's gradient
+against a float64 reference, relative to the reference's largest value. A kernel this device or torch cannot run at this shape is reported as unavailable, with torch's reason.
+``--deterministic`` first sets what ``DETERMINISTIC True`` sets (torch's strict deterministic algorithms): flash
 and memory-efficient then run their deterministic backward variants and cuDNN's attention is excluded.
 
 The default shape is ViT-B/16 at 256x128 in the ReID family: 129 tokens (128 patches and the class token),
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.device import _DTYPES
+from engine.seed import seed_everything
 from tools.benchmarks.timing import peak_memory, repeat, reset_peak_memory, seconds_per_call
 
 KERNELS = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
@@ -135,7 +136,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[st
     if args.repeats < 2:
         parser.error("--repeats must be at least 2 (the backward passes compared)")
     if args.deterministic:
-        torch.use_deterministic_algorithms(True)
+        seed_everything(0, deterministic=True)  # exactly what a DETERMINISTIC True run sets (no fills)
     g = torch.Generator().manual_seed(0)
     shape = (args.batch, args.heads, args.tokens, args.head_dim)
     q, k, v, grad = (torch.randn(shape, generator=g).to(device, dtype) for _ in range(4))
