@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from yacs.config import CfgNode as CN
 
+from engine.checkpoint import Checkpointer, read_checkpoint, write_weights
 from engine.config import ConfigError, get_key, load_config
 from engine.recipes import RUN_DIR, ensure_made, recipe_record, record_beside, train_recipe
 from utils.io import atomic_write_json
@@ -75,7 +75,6 @@ def make_pretrained(recipe: str, out: str | Path, overrides: Sequence[str] = (),
     finished) and write what its pre-training trained (:data:`TRAINED_PREFIXES`) to ``out``, with
     :data:`RECORD` beside it (the recipe and its test accuracy); returns that accuracy. Sets this process up as
     a training script does: call it from a process of its own (:func:`ensure_pretrained`)."""
-    from engine.checkpoint import Checkpointer, read_checkpoint, write_weights
     from engine.defaults import FINISHED_MARKER
     from engine.fewshot.run import run
 
@@ -120,7 +119,7 @@ def ensure_pretrained(cfg: CN) -> Path | None:
 def load_pretrained(model: nn.Module, path: Path) -> None:
     """Load the tensors of ``path`` into ``model``'s pre-trained modules (:data:`TRAINED_PREFIXES`), every one of
     them with its shape; the other modules (SAP, anchors, the episode head) keep their initialisation."""
-    state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    state = read_checkpoint(path)["model"]  # a clear error for a damaged file
     own = {k: v for k, v in model.state_dict().items() if k.startswith(TRAINED_PREFIXES)}
     missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
