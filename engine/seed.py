@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 #: ``DETERMINISTIC_ATTENTION``: the attention kernels a deterministic run lets SDPA pick
-DETERMINISTIC_ATTENTION = ("math", "fused")
+DETERMINISTIC_ATTENTION = ("math", "fused", "triton")
 
 
 def seed_everything(seed: int, deterministic: bool = False, attention: str = "fused",
@@ -24,7 +24,8 @@ def seed_everything(seed: int, deterministic: bool = False, attention: str = "fu
     use: ``math`` alone, or also the ``fused`` flash and memory-efficient kernels, whose backward passes torch
     runs in their deterministic variants under strict deterministic algorithms (flash's deterministic
     ``mha_bwd``, memory-efficient with one key split) while it excludes cuDNN's attention itself (evaluation
-    may still use it: :func:`forward_only_kernels`). ``fill_uninitialized`` keeps torch's default of filling
+    may still use it: :func:`forward_only_kernels`). ``triton`` sets what ``fused`` sets; the models read it too
+    (the CLIP tower then trains with :mod:`modeling.layers.fixed_order_attention`). ``fill_uninitialized`` keeps torch's default of filling
     every new uninitialised tensor (NaN for floats) under deterministic algorithms, so that a kernel reading
     memory it never wrote gives the same (NaN) result every run; off, those fills (thousands of kernels a
     step, BENCHMARKS.md) are skipped, and two runs compared byte for byte still show such a read.
@@ -41,7 +42,7 @@ def seed_everything(seed: int, deterministic: bool = False, attention: str = "fu
         torch.use_deterministic_algorithms(True)
         # Under warn_only the fused attention kernels' backward passes are not deterministic (two runs differed,
         # BENCHMARKS.md); strict, torch picks their deterministic variants. "math" keeps to the math kernel.
-        set_fused_attention(attention == "fused")
+        set_fused_attention(attention != "math")
         torch.utils.deterministic.fill_uninitialized_memory = fill_uninitialized
     else:
         torch.use_deterministic_algorithms(False)

@@ -346,6 +346,7 @@ def _build(cfg: Any, use_sdtps: bool, num_classes: int | None, num_cameras: int 
         sie_tokens=mc.SIE_TOKENS,
         activation=mc.CLIP_ACTIVATION,
         pretrain_path=mc.PRETRAIN_PATH,
+        attention="fixed_order" if cfg.DETERMINISTIC and cfg.DETERMINISTIC_ATTENTION == "triton" else "sdpa",
     )
     sdtps = None
     if use_sdtps:

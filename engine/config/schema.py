@@ -33,7 +33,9 @@ def base_config() -> CN:
     _C.DETERMINISTIC = False
     # The attention kernels SDPA may pick under DETERMINISTIC: fused (flash and memory-efficient, whose backward
     # passes run deterministic variants under strict deterministic algorithms; evaluation also cuDNN's, whose
-    # forward is deterministic; engine/seed.py) | math (SDPA's math kernel alone: slower on ViT-B/16)
+    # forward is deterministic; engine/seed.py) | math (SDPA's math kernel alone: slower on ViT-B/16) | triton
+    # (fused, and the CLIP tower trains with the repository's fixed-order Triton kernels on CUDA:
+    # modeling/layers/fixed_order_attention.py)
     _C.DETERMINISTIC_ATTENTION = "fused"
     # Under DETERMINISTIC, fill every new uninitialised tensor (torch's default there): a read of memory never
     # written then gives NaN every run. Off, thousands of fill kernels a step are skipped (BENCHMARKS.md).

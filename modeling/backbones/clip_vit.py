@@ -52,6 +52,7 @@ from modeling.clip_checkpoint import (
     read_clip_state_dict,
     resolve_quick_gelu,
 )
+from modeling.layers.fixed_order_attention import fixed_order_attention_available, fixed_order_or_sdpa
 from modeling.registry import BACKBONE_REGISTRY
 
 __all__ = ["CLIPVisionBackbone", "load_clip_visual_weights", "read_clip_state_dict", "resize_pos_embed"]
@@ -82,6 +83,8 @@ CLIP_VIT_CONFIGS: dict[str, dict[str, Any]] = {
 _UNUSED_TEXT_CFG: dict[str, Any] = {"context_length": 2, "vocab_size": 2, "width": 8, "heads": 1, "layers": 1}
 
 SIE_TOKENS = ("cls", "all")
+#: ``attention``: torch's scaled-dot-product attention, or the fixed-order kernels in training (see the class)
+TOWER_ATTENTION = ("sdpa", "fixed_order")
 
 
 def create_open_clip_visual(
@@ -240,6 +243,11 @@ class CLIPVisionBackbone(nn.Module):
         activation: ``auto`` (from the weights file; QuickGELU at random init) | ``quick_gelu`` |
             ``gelu`` (``MODEL.CLIP_ACTIVATION``, see :mod:`modeling.clip_checkpoint`).
         pretrain_path: local checkpoint; ``''`` keeps random init (with a logged warning).
+        attention: ``sdpa`` (open_clip's blocks, torch's SDPA) or ``fixed_order``: where gradients are recorded on
+            a device the kernels run on, the blocks' attention runs
+            :func:`~modeling.layers.fixed_order_attention.fixed_order_or_sdpa`: the fixed-order kernels in
+            fp16/bf16, whose backward pass is deterministic without torch's slower deterministic variants
+            (``DETERMINISTIC_ATTENTION triton``); elsewhere (evaluation, the CPU) the tower runs as with ``sdpa``.
 
     Attributes: ``width`` (transformer width), ``embed_dim`` (output dim), ``patch_grid``
     ``(H', W')``, ``num_patches`` ``H' * W'``, ``visual`` (the open_clip module; its parameters
@@ -255,8 +263,11 @@ class CLIPVisionBackbone(nn.Module):
         sie_tokens: str = "cls",
         activation: str = "auto",
         pretrain_path: str = "",
+        attention: str = "sdpa",
     ) -> None:
         super().__init__()
+        if attention not in TOWER_ATTENTION:
+            raise ValueError(f"attention must be one of {TOWER_ATTENTION}, got '{attention}'")
         if isinstance(arch, str):
             if arch not in CLIP_VIT_CONFIGS:
                 raise ValueError(f"unknown CLIP ViT arch '{arch}' (known: {sorted(CLIP_VIT_CONFIGS)})")
@@ -278,6 +289,7 @@ class CLIPVisionBackbone(nn.Module):
         log_choice(logger, "image tower", arch_name, info, quick_gelu, activation)
         self.quick_gelu = quick_gelu
         self.visual = create_open_clip_visual(model_cfg, image_size, quick_gelu=quick_gelu)
+        self.attention = attention
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.width = int(self.visual.conv1.out_channels)
         self.embed_dim = int(self.visual.proj.shape[1])
@@ -323,9 +335,26 @@ class CLIPVisionBackbone(nn.Module):
             x = x + sie
         x = v.patch_dropout(x)
         x = v.ln_pre(x)
-        x = v.transformer(x)
+        if self.attention == "fixed_order" and torch.is_grad_enabled() and fixed_order_attention_available(x.device):
+            x = self.blocks(x, fixed_order_or_sdpa)
+        else:
+            x = v.transformer(x)
         x = v.ln_post(x)
         return x @ v.proj.to(x.dtype)
+
+    def blocks(self, x: torch.Tensor, attend: Any = F.scaled_dot_product_attention) -> torch.Tensor:
+        """The tower's residual blocks with ``attend(q, k, v)`` ((B, H, N, D) each) as their attention: what
+        open_clip's blocks compute (no mask, no dropout in attention), with the kernel chosen here. ``x``
+        (B, N, width) -> (B, N, width)."""
+        for block in self.visual.transformer.resblocks:
+            attn = block.attn
+            b, n, c = x.shape
+            qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).view(b, n, 3, attn.num_heads, -1)
+            q, k, v = qkv.unbind(2)
+            y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2).reshape(b, n, c)
+            x = x + block.ls_1(block.ln_attn(attn.out_drop(attn.out_proj(attn.ln_inner(y)))))
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        return x
 
     def pretrained_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """Named parameters that come from the CLIP checkpoint (everything under ``visual``)."""

@@ -213,3 +213,11 @@ def test_atm_gate_and_norm_stats_match_their_formulas() -> None:
     assert 0.0 < entropy <= math.log(7) + 1e-9
     assert float(stats["norm/moe"]) == pytest.approx(float(captured["moe"].norm(dim=1).mean()), rel=1e-5)
     assert float(stats["norm/direct"]) > 0
+
+
+def test_the_tower_trains_with_the_fixed_order_kernels_only_when_a_deterministic_run_asks() -> None:
+    """``DETERMINISTIC_ATTENTION triton`` gives the CLIP tower the fixed-order kernels under ``DETERMINISTIC``; a
+    free run keeps SDPA (cuDNN's attention is faster, and nothing needs the fixed order there)."""
+    assert _model("DETERMINISTIC", True, "DETERMINISTIC_ATTENTION", "triton").backbone.attention == "fixed_order"
+    assert _model("DETERMINISTIC", False, "DETERMINISTIC_ATTENTION", "triton").backbone.attention == "sdpa"
+    assert _model("DETERMINISTIC", True).backbone.attention == "sdpa"

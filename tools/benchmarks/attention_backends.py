@@ -2,7 +2,8 @@
 
 For each of SDPA's kernels (``math``, ``flash``, ``efficient``, ``cudnn``, through
 ``torch.nn.attention.sdpa_kernel``), ``explicit`` (softmax(q k^T / sqrt(d)) v written out: two matmuls and a
-float32 softmax) and, when asked, compiled flex attention (``flex``, ``flex:B``), one row: forward ms (no grad),
+float32 softmax) and, when asked, compiled flex attention (``flex``, ``flex:B``) and the repository's fixed-order
+Triton kernels (``triton``, ``triton:B``: :mod:`modeling.layers.fixed_order_attention`), one row: forward ms (no grad),
 forward + backward ms, peak MiB of the latter, whether ``--repeats`` identical backward passes give
 bit-identical gradients (what ``DETERMINISTIC`` needs), and the largest error of the output and of q's gradient
 against a float64 reference, relative to the reference's largest value. A kernel this device or torch cannot run at this shape is reported as unavailable, with torch's reason.
@@ -27,6 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.device import _DTYPES
 from engine.seed import seed_everything
+from modeling.layers.fixed_order_attention import DEFAULT_BLOCK, fixed_order_attention
 from tools.benchmarks.timing import peak_memory, repeat, reset_peak_memory, seconds_per_call
 
 KERNELS = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
@@ -78,6 +80,9 @@ def attention_fn(kernel: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Ten
         return explicit_attention
     if kernel == "flex" or kernel.startswith("flex:"):
         return flex_fn(kernel)
+    if kernel == "triton" or kernel.startswith("triton:"):
+        block = int(kernel.split(":")[1]) if ":" in kernel else DEFAULT_BLOCK
+        return lambda q, k, v: fixed_order_attention(q, k, v, block=block)
 
     def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         with sdpa_kernel([KERNELS[kernel]]):
@@ -128,11 +133,11 @@ def measure(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> int:
     device, dtype = torch.device(args.device), _DTYPES[args.precision]
-    unknown = [k for k in args.kernels.split(",") if k not in (*KERNELS, "explicit", "flex")
-               and not re.fullmatch(r"flex:(16|32|64|128)", k)]
+    unknown = [k for k in args.kernels.split(",") if k not in (*KERNELS, "explicit", "flex", "triton")
+               and not re.fullmatch(r"(flex|triton):(16|32|64|128)", k)]
     if unknown:
-        parser.error(f"--kernels: unknown {unknown}; choose from {', '.join((*KERNELS, 'explicit', 'flex'))} "
-                     f"or flex:B (B x B tiles, B 16, 32, 64 or 128)")
+        parser.error(f"--kernels: unknown {unknown}; choose from {', '.join((*KERNELS, 'explicit', 'flex', 'triton'))}"
+                     f" or flex:B, triton:B (B x B tiles, B 16, 32, 64 or 128)")
     if args.repeats < 2:
         parser.error("--repeats must be at least 2 (the backward passes compared)")
     if args.deterministic:

@@ -1,0 +1,67 @@
+"""Attention whose backward pass is deterministic by construction: a fixed summation order, no atomic adds.
+
+torch's fused attention kernels either sum gradients with atomic adds (their order, and so the rounding, changes
+from run to run) or, under ``torch.use_deterministic_algorithms``, switch to slower deterministic variants; cuDNN's
+is refused outright. :func:`fixed_order_attention` runs the repository's own Triton kernels
+(:mod:`modeling.layers.fixed_order_kernels`), flash-attention tiles whose backward sums ``dK``/``dV`` per key tile
+and ``dQ`` per query tile, each over the other side's tiles in one order. ``DETERMINISTIC_ATTENTION triton`` makes
+the CLIP tower use it for training under ``DETERMINISTIC True``.
+
+Inputs: q, k, v of shape (B, H, N, D), fp16 or bf16, on a CUDA device (or the CPU under ``TRITON_INTERPRET=1``,
+Triton's interpreter, which the tests use); D one of 16, 32, 64, 128. Unmasked, no dropout, scale 1/sqrt(D), as
+the CLIP tower's attention.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+import torch.nn.functional as F
+
+HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = (torch.float16, torch.bfloat16)
+#: read once at import: the checks below run inside compiled graphs, where they must be plain comparisons
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+#: queries and keys a tile; one fixed tile for every run (a tile timed per run could change the sums' order)
+BLOCKS = (16, 32, 64, 128)
+DEFAULT_BLOCK = 64
+
+
+def fixed_order_attention_available(device: torch.device | str) -> bool:
+    """Whether the kernels can run on ``device``: Triton is importable and the device is CUDA (or the CPU under
+    Triton's interpreter)."""
+    device_type = torch.device(device).type
+    return TRITON_INSTALLED and (device_type == "cuda" or (device_type == "cpu" and TRITON_INTERPRETED))
+
+
+def fixed_order_or_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """:func:`fixed_order_attention` where it runs (its device, dtypes and head dims), torch's
+    ``scaled_dot_product_attention`` elsewhere (e.g. an fp32 tower, which SDPA's deterministic kernels cover)."""
+    if q.dtype in DTYPES and q.shape[-1] in HEAD_DIMS and fixed_order_attention_available(q.device):
+        return fixed_order_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def fixed_order_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = DEFAULT_BLOCK
+                          ) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v for (B, H, N, D) inputs, with a deterministic backward pass; returns (B, H, N, D)
+    laid out as (B, N, H, D), so merging the heads back is a view. ``block``: queries and keys a tile."""
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must share one (B, H, N, D) shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"fixed-order attention runs in fp16 or bf16 (autocast), got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"fixed-order attention supports head dims {HEAD_DIMS}, got {q.shape[-1]}")
+    if block not in BLOCKS:
+        raise ValueError(f"block must be one of {BLOCKS}, got {block}")
+    if not fixed_order_attention_available(q.device):
+        raise RuntimeError(f"fixed-order attention needs Triton and a CUDA device, got {q.device} "
+                           "(set DETERMINISTIC_ATTENTION fused to use torch's kernels)")
+    from modeling.layers import fixed_order_kernels  # noqa: F401  (registers the operators; imports Triton)
+
+    out, _ = torch.ops.fixed_order_attention.forward(q, k, v, block)
+    return out

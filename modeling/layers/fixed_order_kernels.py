@@ -1,0 +1,200 @@
+"""Triton kernels of :mod:`modeling.layers.fixed_order_attention`: attention whose backward pass sums in one
+fixed order.
+
+Flash-attention style (tiles of queries and keys, an online softmax, the probabilities recomputed in the
+backward pass from the saved log-sum-exp), with one difference from torch's fused kernels: no gradient is summed
+with atomic adds. The backward runs two kernels: one program per key tile sums its ``dK``/``dV`` over the query
+tiles in order, one program per query tile sums its ``dQ`` over the key tiles in order. Every sum therefore has
+the same order on every run, whatever the scheduling, at the cost of computing ``Q K^T`` once more.
+
+Importing this module needs Triton; it registers two torch operators (``fixed_order_attention::forward`` and
+``::backward``) through ``torch.library.triton_op``, so ``torch.compile`` and CUDA graphs see the kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+#: the default tile (queries and keys per tile) and launch settings: fixed, never timed on the device, so the
+#: sums' order is the same on every run
+BLOCK = 64
+NUM_STAGES = 2
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _forward_kernel(Q, K, V, OUT, LSE, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+                    H, N, qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One query tile of one (batch, head): O = softmax(Q K^T * scale) V, and the row's log2-sum-exp."""
+    m_tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < N
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + offs_n
+        col_ok = cols < N
+        k = tl.load(K + b * sk_b + h * sk_h + cols[:, None] * sk_n + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + b * sv_b + h * sv_h + cols[:, None] * sv_n + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 domain
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(OUT + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :], acc.to(OUT.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(LSE + bh * N + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, OUT, DO, LSE, DELTA, DQ, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+               so_b, so_h, so_n, sdo_b, sdo_h, sdo_n, sdq_b, sdq_h, sdq_n, H, N, qk_scale, scale,
+               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One query tile: dQ summed over the key tiles in order; also writes the tile's rowsum(dO * O)."""
+    m_tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < N
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :], mask=row_ok[:, None],
+                 other=0.0)
+    o = tl.load(OUT + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + bh * N + offs_m, delta, mask=row_ok)
+    lse = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + offs_n
+        col_ok = cols < N
+        k = tl.load(K + b * sk_b + h * sk_h + cols[:, None] * sk_n + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + b * sv_b + h * sv_h + cols[:, None] * sv_n + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+        p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_n + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                 sdo_b, sdo_h, sdo_n, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n, H, N, qk_scale, scale,
+                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key tile: dK and dV summed over the query tiles in order."""
+    n_tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    col_ok = offs_n < N
+    k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    for start in range(0, N, BLOCK_M):
+        rows = start + offs_m
+        row_ok = rows < N
+        q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + b * sdo_b + h * sdo_h + rows[:, None] * sdo_n + offs_d[None, :], mask=row_ok[:, None],
+                     other=0.0)
+        lse = tl.load(LSE + bh * N + rows, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh * N + rows, mask=row_ok, other=0.0)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+        p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    tl.store(DK + b * sdk_b + h * sdk_h + offs_n[:, None] * sdk_n + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=col_ok[:, None])
+    tl.store(DV + b * sdv_b + h * sdv_h + offs_n[:, None] * sdv_n + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=col_ok[:, None])
+
+
+def _like_heads_last(t: torch.Tensor) -> torch.Tensor:
+    """An empty (B, H, N, D) tensor laid out as (B, N, H, D): the layout the tower's heads merge from for free."""
+    b, h, n, d = t.shape
+    return t.new_empty(b, n, h, d).transpose(1, 2)
+
+
+def _warps(block: int) -> int:
+    return 8 if block >= 128 else 4
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    if t.stride(-1) != 1:
+        raise ValueError(f"attention inputs need a contiguous last dimension, got strides {t.stride()}")
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+@torch.library.triton_op("fixed_order_attention::forward", mutates_args=())
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = BLOCK
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, N, D) q, k, v -> output (B, H, N, D) and the rows' log2-sum-exp (B, H, N) float32; ``block``
+    queries and keys a tile (16, 32, 64 or 128)."""
+    b, h, n, d = q.shape
+    out = _like_heads_last(q)
+    lse = q.new_empty(b, h, n, dtype=torch.float32)
+    scale = 1.0 / math.sqrt(d)
+    torch.library.wrap_triton(_forward_kernel)[(triton.cdiv(n, block), b * h)](
+        q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), h, n, scale * LOG2E,
+        D=d, BLOCK_M=block, BLOCK_N=block, num_warps=_warps(block), num_stages=NUM_STAGES)
+    return out, lse
+
+
+@torch.library.triton_op("fixed_order_attention::backward", mutates_args=())
+def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor,
+                       lse: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients (dq, dk, dv) of :func:`attention_forward`, each summed in one fixed order."""
+    b, h, n, d = q.shape
+    dq, dk, dv = _like_heads_last(q), _like_heads_last(k), _like_heads_last(v)
+    delta = torch.empty_like(lse)
+    scale = 1.0 / math.sqrt(d)
+    torch.library.wrap_triton(_dq_kernel)[(triton.cdiv(n, block), b * h)](
+        q, k, v, out, grad_out, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        *_strides(grad_out), *_strides(dq), h, n, scale * LOG2E, scale,
+        D=d, BLOCK_M=block, BLOCK_N=block, num_warps=_warps(block), num_stages=NUM_STAGES)
+    torch.library.wrap_triton(_dkdv_kernel)[(triton.cdiv(n, block), b * h)](
+        q, k, v, grad_out, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
+        *_strides(dk), *_strides(dv), h, n, scale * LOG2E, scale,
+        D=d, BLOCK_M=block, BLOCK_N=block, num_warps=_warps(block), num_stages=NUM_STAGES)
+    return dq, dk, dv
+
+
+def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 (torch.library's signature)
+    q, k, v, block = inputs
+    out, lse = output
+    ctx.block = block
+    ctx.save_for_backward(q, k, v, out, lse)
+
+
+def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):  # noqa: ANN001, ANN202
+    q, k, v, out, lse = ctx.saved_tensors
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    return (*attention_backward(q, k, v, out, grad_out, lse, ctx.block), None)
+
+
+torch.library.register_autograd("fixed_order_attention::forward", _backward, setup_context=_setup_context)

@@ -1,0 +1,191 @@
+"""The fixed-order attention kernels against a float64 formula, and their determinism.
+
+On the CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, read when Triton compiles a kernel, so
+in a fresh process), in fp16: the interpreter's bf16 matmuls are wrong in Triton 3.8, so bf16 is checked on the GPU
+(the CUDA-only tests below). The interpreter runs the kernels' exact loops and masks, tile by tile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modeling.backbones.clip_vit import CLIPVisionBackbone
+from modeling.layers.fixed_order_attention import fixed_order_attention, fixed_order_attention_available
+
+pytest.importorskip("triton")
+
+REPO = Path(__file__).resolve().parents[3]
+
+# Runs in a fresh interpreted process; prints one JSON object.
+_INTERPRETED = r"""
+import json, torch
+from modeling.backbones.clip_vit import CLIPVisionBackbone
+from modeling.layers.fixed_order_attention import fixed_order_attention
+
+def reference(q, k, v):  # float64, written out
+    return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ v
+
+def run(q, k, v, grad, block):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = fixed_order_attention(*leaves, block=block)
+    out.backward(grad)
+    return out.detach(), [t.grad for t in leaves]
+
+torch.manual_seed(0)
+cases = []
+for (b, h, n, d, block) in [(2, 2, 1, 16, 64), (1, 2, 10, 16, 16), (2, 1, 65, 32, 32), (1, 3, 129, 16, 64),
+                            (1, 1, 40, 64, 16)]:
+    qkv = torch.randn(b, n, 3, h, d, dtype=torch.float16)  # q, k, v as the tower makes them: strided views
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    grad = torch.randn(b, h, n, d, dtype=torch.float16)
+    out, grads = run(q, k, v, grad, block)
+    out2, grads2 = run(q, k, v, grad, block)
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_out = reference(*ref)
+    ref_out.backward(grad.double())
+    err = lambda a, r: ((a.double() - r).abs().max() / r.abs().max().clamp_min(1.0)).item()
+    cases.append(dict(shape=[b, h, n, d], block=block, out=err(out, ref_out.detach()),
+                      grads=[err(g, r.grad) for g, r in zip(grads, ref)],
+                      repeatable=torch.equal(out, out2) and all(torch.equal(x, y) for x, y in zip(grads, grads2)),
+                      heads_last=list(out.stride()) == [n * h * d, d, h * d, 1]))
+
+# the tower: fixed-order kernels in training against open_clip's blocks with SDPA, same weights
+torch.manual_seed(0)
+fixed = CLIPVisionBackbone("ViT-tiny", image_size=(64, 32), num_cameras=2, attention="fixed_order").half()
+sdpa = CLIPVisionBackbone("ViT-tiny", image_size=(64, 32), num_cameras=2).half()
+sdpa.load_state_dict(fixed.state_dict())
+images, cams = torch.randn(3, 3, 64, 32, dtype=torch.float16), torch.tensor([0, 1, 1])
+runs = []
+for model in (fixed, sdpa, fixed):
+    model.zero_grad()
+    out = model(images, cams)
+    (out.float() ** 2).sum().backward()
+    runs.append((out.detach().float(), [p.grad.float().clone() for p in model.parameters()]))
+tower = dict(out=((runs[0][0] - runs[1][0]).abs().max() / runs[1][0].abs().max()).item(),
+             grads=max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(runs[0][1], runs[1][1])),
+             repeatable=torch.equal(runs[0][0], runs[2][0]) and all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[2][1])))
+print(json.dumps(dict(cases=cases, tower=tower)))
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", _INTERPRETED], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_output_and_gradients_match_the_float64_formula(interpreted: dict) -> None:
+    """Single rows, ragged last tiles (10, 65, 129 tokens in tiles of 16-64), head dims 16-64, strided inputs: fp16
+    round-off (a few 1e-4 of the largest value), like torch's fused kernels."""
+    for case in interpreted["cases"]:
+        assert case["out"] < 2e-3, case
+        assert max(case["grads"]) < 2e-3, case
+
+
+def test_two_backward_passes_are_bit_identical(interpreted: dict) -> None:
+    assert all(case["repeatable"] for case in interpreted["cases"]), interpreted["cases"]
+
+
+def test_the_output_is_laid_out_for_a_free_merge_of_the_heads(interpreted: dict) -> None:
+    """(B, H, N, D) with (B, N, H, D) strides: the tower's transpose and reshape back to (B, N, H*D) copy nothing."""
+    assert all(case["heads_last"] for case in interpreted["cases"]), interpreted["cases"]
+
+
+def test_a_tower_trained_with_the_kernels_matches_open_clips_blocks_and_repeats_itself(interpreted: dict) -> None:
+    """Same weights, fp16: tokens and every parameter's gradient agree to fp16 round-off, and a second pass gives
+    the same bits."""
+    tower = interpreted["tower"]
+    assert tower["out"] < 5e-3 and tower["grads"] < 5e-3, tower
+    assert tower["repeatable"], tower
+
+
+def test_the_towers_own_blocks_compute_what_open_clips_compute() -> None:
+    """``blocks`` with SDPA equals open_clip's transformer (fp32, CPU), so the kernels are the only change."""
+    torch.manual_seed(0)
+    model = CLIPVisionBackbone("ViT-tiny", image_size=(64, 32))
+    x = torch.randn(2, 9, model.width)
+    torch.testing.assert_close(model.blocks(x, F.scaled_dot_product_attention), model.visual.transformer(x),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_without_the_kernels_device_the_tower_runs_open_clips_blocks() -> None:
+    """``fixed_order`` on the CPU (no interpreter), or without grad: the tower is the SDPA tower, bit for bit."""
+    assert not fixed_order_attention_available("cpu") or os.environ.get("TRITON_INTERPRET") == "1"
+    torch.manual_seed(0)
+    fixed = CLIPVisionBackbone("ViT-tiny", image_size=(64, 32), attention="fixed_order")
+    sdpa = CLIPVisionBackbone("ViT-tiny", image_size=(64, 32))
+    sdpa.load_state_dict(fixed.state_dict())
+    images = torch.randn(2, 3, 64, 32)
+    assert torch.equal(fixed(images), sdpa(images))
+
+
+def test_bad_inputs_are_refused_with_the_reason() -> None:
+    q = torch.randn(1, 2, 8, 16, dtype=torch.float16)
+    with pytest.raises(ValueError, match="fp16 or bf16"):
+        fixed_order_attention(q.float(), q.float(), q.float())
+    with pytest.raises(ValueError, match="head dims"):
+        x = torch.randn(1, 2, 8, 24, dtype=torch.float16)
+        fixed_order_attention(x, x, x)
+    with pytest.raises(ValueError, match="block"):
+        fixed_order_attention(q, q, q, block=48)
+    with pytest.raises(ValueError, match="one"):
+        fixed_order_attention(q, q[:, :, :4], q)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        CLIPVisionBackbone("ViT-tiny", image_size=(64, 32), attention="flash")
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_on_the_gpu_the_kernels_match_float64_and_repeat_bit_for_bit(dtype: torch.dtype) -> None:
+    """ViT-B/16's shape in the ReID family: 129 tokens, 12 heads of 64, against float64 and twice."""
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(24, 129, 3, 12, 64, generator=g).to("cuda", dtype)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    grad = torch.randn(24, 12, 129, 64, generator=g).to("cuda", dtype)
+    results = []
+    for _ in range(2):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = fixed_order_attention(*leaves)
+        out.backward(grad)
+        results.append([out.detach(), *(t.grad for t in leaves)])
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_out = torch.softmax(ref[0] @ ref[1].transpose(-1, -2) / 8.0, -1) @ ref[2]
+    ref_out.backward(grad.double())
+    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    for got, want in zip(results[0], [ref_out.detach(), *(t.grad for t in ref)]):
+        assert ((got.double() - want).abs().max() / want.abs().max()).item() < tol
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@needs_cuda
+def test_on_the_gpu_a_compiled_forward_and_backward_equals_the_eager_one() -> None:
+    """The kernels are torch operators (``torch.library.triton_op``): compiled, they run inside the graph."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v, grad = (torch.randn(8, 4, 129, 64, generator=g).to("cuda", torch.bfloat16) for _ in range(4))
+
+    def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = fixed_order_attention(*leaves)
+        out.backward(grad)
+        return [out.detach(), *(t.grad for t in leaves)]
+
+    compiled = torch.compile(lambda q, k, v: fixed_order_attention(q, k, v), fullgraph=True)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = compiled(*leaves)
+    out.backward(grad)
+    for got, want in zip([out.detach(), *(t.grad for t in leaves)], step(q, k, v)):
+        assert torch.equal(got, want)
