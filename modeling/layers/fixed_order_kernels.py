@@ -8,7 +8,8 @@ tiles in order, one program per query tile sums its ``dQ`` over the key tiles in
 the same order on every run, whatever the scheduling, at the cost of computing ``Q K^T`` once more.
 
 Importing this module needs Triton; it registers two torch operators (``fixed_order_attention::forward`` and
-``::backward``) through ``torch.library.triton_op``, so ``torch.compile`` and CUDA graphs see the kernels.
+``::backward``, ``torch.library.custom_op`` with shape functions), which ``torch.compile`` keeps whole in its
+graphs and CUDA graphs capture.
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-@torch.library.triton_op("fixed_order_attention::forward", mutates_args=())
+@torch.library.custom_op("fixed_order_attention::forward", mutates_args=())
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = BLOCK
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, N, D) q, k, v -> output (B, H, N, D) and the rows' log2-sum-exp (B, H, N) float32; ``block``
@@ -158,13 +159,13 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: 
     out = _like_heads_last(q)
     lse = q.new_empty(b, h, n, dtype=torch.float32)
     scale = 1.0 / math.sqrt(d)
-    torch.library.wrap_triton(_forward_kernel)[(triton.cdiv(n, block), b * h)](
+    _forward_kernel[(triton.cdiv(n, block), b * h)](
         q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), h, n, scale * LOG2E,
         D=d, BLOCK_M=block, BLOCK_N=block, num_warps=_warps(block), num_stages=NUM_STAGES)
     return out, lse
 
 
-@torch.library.triton_op("fixed_order_attention::backward", mutates_args=())
+@torch.library.custom_op("fixed_order_attention::backward", mutates_args=())
 def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor,
                        lse: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients (dq, dk, dv) of :func:`attention_forward`, each summed in one fixed order."""
@@ -172,15 +173,28 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     dq, dk, dv = _like_heads_last(q), _like_heads_last(k), _like_heads_last(v)
     delta = torch.empty_like(lse)
     scale = 1.0 / math.sqrt(d)
-    torch.library.wrap_triton(_dq_kernel)[(triton.cdiv(n, block), b * h)](
+    _dq_kernel[(triton.cdiv(n, block), b * h)](
         q, k, v, out, grad_out, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         *_strides(grad_out), *_strides(dq), h, n, scale * LOG2E, scale,
         D=d, BLOCK_M=block, BLOCK_N=block, num_warps=_warps(block), num_stages=NUM_STAGES)
-    torch.library.wrap_triton(_dkdv_kernel)[(triton.cdiv(n, block), b * h)](
+    _dkdv_kernel[(triton.cdiv(n, block), b * h)](
         q, k, v, grad_out, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
         *_strides(dk), *_strides(dv), h, n, scale * LOG2E, scale,
         D=d, BLOCK_M=block, BLOCK_N=block, num_warps=_warps(block), num_stages=NUM_STAGES)
     return dq, dk, dv
+
+
+@attention_forward.register_fake
+def _forward_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = BLOCK
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, n, _ = q.shape
+    return _like_heads_last(q), q.new_empty(b, h, n, dtype=torch.float32)
+
+
+@attention_backward.register_fake
+def _backward_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor,
+                     lse: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _like_heads_last(q), _like_heads_last(k), _like_heads_last(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 (torch.library's signature)
