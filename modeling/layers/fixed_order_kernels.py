@@ -28,38 +28,50 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _load_rows(PTR, b, h, s_b, s_h, s_n, rows, offs_d, N):
+    """Rows ``rows`` (zeros past N) of one (batch, head)'s (N, D) matrix."""
+    return tl.load(PTR + b * s_b + h * s_h + rows[:, None] * s_n + offs_d[None, :], mask=(rows < N)[:, None],
+                   other=0.0)
+
+
+@triton.jit
+def _store_rows(PTR, value, b, h, s_b, s_h, s_n, rows, offs_d, N):
+    tl.store(PTR + b * s_b + h * s_h + rows[:, None] * s_n + offs_d[None, :], value.to(PTR.dtype.element_ty),
+             mask=(rows < N)[:, None])
+
+
+@triton.jit
+def _probabilities(q, k, lse, qk_scale, rows, cols, N):
+    """The attention probabilities of a (query tile, key tile) pair, recomputed from the saved log2-sum-exp."""
+    p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+    return tl.where((rows < N)[:, None] & (cols < N)[None, :], p, 0.0)
+
+
+@triton.jit
 def _forward_kernel(Q, K, V, OUT, LSE, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
                     H, N, qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One query tile of one (batch, head): O = softmax(Q K^T * scale) V, and the row's log2-sum-exp."""
-    m_tile = tl.program_id(0)
+    """One query tile of one (batch, head): O = softmax(Q K^T * scale) V, and the rows' log2-sum-exp."""
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    b, h = bh // H, bh % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    row_ok = offs_m < N
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = _load_rows(Q, b, h, sq_b, sq_h, sq_n, rows, offs_d, N)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
-        cols = start + offs_n
-        col_ok = cols < N
-        k = tl.load(K + b * sk_b + h * sk_h + cols[:, None] * sk_n + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + b * sv_b + h * sv_h + cols[:, None] * sv_n + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 domain
-        s = tl.where(col_ok[None, :], s, float("-inf"))
+        cols = start + tl.arange(0, BLOCK_N)
+        k = _load_rows(K, b, h, sk_b, sk_h, sk_n, cols, offs_d, N)
+        v = _load_rows(V, b, h, sv_b, sv_h, sv_n, cols, offs_d, N)
+        s = tl.where((cols < N)[None, :], tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))  # log2 domain
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    acc = acc / l_i[:, None]
-    tl.store(OUT + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :], acc.to(OUT.dtype.element_ty),
-             mask=row_ok[:, None])
-    tl.store(LSE + bh * N + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+    _store_rows(OUT, acc / l_i[:, None], b, h, so_b, so_h, so_n, rows, offs_d, N)
+    tl.store(LSE + bh * N + rows, m_i + tl.math.log2(l_i), mask=rows < N)
 
 
 @triton.jit
@@ -67,34 +79,25 @@ def _dq_kernel(Q, K, V, OUT, DO, LSE, DELTA, DQ, sq_b, sq_h, sq_n, sk_b, sk_h, s
                so_b, so_h, so_n, sdo_b, sdo_h, sdo_n, sdq_b, sdq_h, sdq_n, H, N, qk_scale, scale,
                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One query tile: dQ summed over the key tiles in order; also writes the tile's rowsum(dO * O)."""
-    m_tile = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    b, h = bh // H, bh % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    row_ok = offs_m < N
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :], mask=row_ok[:, None],
-                 other=0.0)
-    o = tl.load(OUT + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = _load_rows(Q, b, h, sq_b, sq_h, sq_n, rows, offs_d, N)
+    do = _load_rows(DO, b, h, sdo_b, sdo_h, sdo_n, rows, offs_d, N)
+    o = _load_rows(OUT, b, h, so_b, so_h, so_n, rows, offs_d, N)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    tl.store(DELTA + bh * N + offs_m, delta, mask=row_ok)
-    lse = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=0.0)
+    tl.store(DELTA + bh * N + rows, delta, mask=rows < N)
+    lse = tl.load(LSE + bh * N + rows, mask=rows < N, other=0.0)
     dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
-        cols = start + offs_n
-        col_ok = cols < N
-        k = tl.load(K + b * sk_b + h * sk_h + cols[:, None] * sk_n + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + b * sv_b + h * sv_h + cols[:, None] * sv_n + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
-        p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
+        cols = start + tl.arange(0, BLOCK_N)
+        k = _load_rows(K, b, h, sk_b, sk_h, sk_n, cols, offs_d, N)
+        v = _load_rows(V, b, h, sv_b, sv_h, sv_n, cols, offs_d, N)
+        p = _probabilities(q, k, lse, qk_scale, rows, cols, N)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
-    tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_n + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=row_ok[:, None])
+    _store_rows(DQ, dq * scale, b, h, sdq_b, sdq_h, sdq_n, rows, offs_d, N)
 
 
 @triton.jit
@@ -102,36 +105,26 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sq_b, sq_h, sq_n, sk_b, sk_h, 
                  sdo_b, sdo_h, sdo_n, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n, H, N, qk_scale, scale,
                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key tile: dK and dV summed over the query tiles in order."""
-    n_tile = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
+    b, h = bh // H, bh % H
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
-    col_ok = offs_n < N
-    k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    k = _load_rows(K, b, h, sk_b, sk_h, sk_n, cols, offs_d, N)
+    v = _load_rows(V, b, h, sv_b, sv_h, sv_n, cols, offs_d, N)
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     for start in range(0, N, BLOCK_M):
-        rows = start + offs_m
-        row_ok = rows < N
-        q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + b * sdo_b + h * sdo_h + rows[:, None] * sdo_n + offs_d[None, :], mask=row_ok[:, None],
-                     other=0.0)
-        lse = tl.load(LSE + bh * N + rows, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + bh * N + rows, mask=row_ok, other=0.0)
-        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
-        p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+        rows = start + tl.arange(0, BLOCK_M)
+        q = _load_rows(Q, b, h, sq_b, sq_h, sq_n, rows, offs_d, N)
+        do = _load_rows(DO, b, h, sdo_b, sdo_h, sdo_n, rows, offs_d, N)
+        lse = tl.load(LSE + bh * N + rows, mask=rows < N, other=0.0)
+        delta = tl.load(DELTA + bh * N + rows, mask=rows < N, other=0.0)
+        p = _probabilities(q, k, lse, qk_scale, rows, cols, N)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    tl.store(DK + b * sdk_b + h * sdk_h + offs_n[:, None] * sdk_n + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
-             mask=col_ok[:, None])
-    tl.store(DV + b * sdv_b + h * sdv_h + offs_n[:, None] * sdv_n + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=col_ok[:, None])
+    _store_rows(DK, dk * scale, b, h, sdk_b, sdk_h, sdk_n, cols, offs_d, N)
+    _store_rows(DV, dv, b, h, sdv_b, sdv_h, sdv_n, cols, offs_d, N)
 
 
 def _like_heads_last(t: torch.Tensor) -> torch.Tensor:
