@@ -220,7 +220,7 @@ def test_memory_task_refuses_batches_that_are_not_multiples_of_k(capsys: pytest.
 def test_attention_kernels_against_float64_and_repeated(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "attention.json"
     assert benchmark.main(["--task", "attention", "--batch", "3", "--heads", "2", "--tokens", "9", "--head-dim", "8",
-                           "--precision", "fp32", "--steps", "1", "--warmup", "0", "--kernels", "math,explicit,cudnn",
+                           "--precision", "fp32", "--steps", "1", "--warmup", "0", "--kernels", "math,explicit,cudnn,triton",
                            "--deterministic", "--device", "cpu", "--json", str(out)]) == 0
     seed_everything(0, deterministic=False)
     rows = {r["kernel"]: r for r in json.loads(out.read_text())["rows"]}
@@ -229,10 +229,11 @@ def test_attention_kernels_against_float64_and_repeated(tmp_path: Path, capsys: 
         assert r["available"] and r["bitwise_repeatable"] and r["forward_backward_ms"] > 0
         assert r["out_rel_error"] < 1e-6 and r["dq_rel_error"] < 1e-5
     assert not rows["cudnn"]["available"] and rows["cudnn"]["reason"]  # no cuDNN attention on a CPU
+    assert not rows["triton"]["available"] and "fp16 or bf16" in rows["triton"]["reason"]  # the kernels' own refusal
     assert "unavailable" in capsys.readouterr().out
     with pytest.raises(SystemExit) as refused:
-        benchmark.main(["--task", "attention", "--kernels", "math,flashy,flex:48", "--device", "cpu"])
-    assert refused.value.code == 2 and "unknown ['flashy', 'flex:48']" in capsys.readouterr().err
+        benchmark.main(["--task", "attention", "--kernels", "math,flashy,flex:48,triton:48,triton:32", "--device", "cpu"])
+    assert refused.value.code == 2 and "unknown ['flashy', 'flex:48', 'triton:48']" in capsys.readouterr().err
 
 
 def test_flex_attention_rows_compute_attention(tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=129)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--precision", default="bf16", choices=sorted(_DTYPES))
-    parser.add_argument("--kernels", default="math,flash,efficient,cudnn,explicit")
+    parser.add_argument("--kernels", default="math,flash,efficient,cudnn,explicit,triton")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3, help="identical backward passes compared bit for bit")
