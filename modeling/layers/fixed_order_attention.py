@@ -56,6 +56,10 @@ def fixed_order_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blo
         raise ValueError(f"fixed-order attention runs in fp16 or bf16 (autocast), got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"fixed-order attention supports head dims {HEAD_DIMS}, got {q.shape[-1]}")
+    # the kernels index from each tensor's first element in int32
+    if max(sum([(n - 1) * st for n, st in zip(t.shape, t.stride())]) for t in (q, k, v)) >= 2**31:
+        raise ValueError(f"fixed-order attention indexes in 32 bits; inputs of shape {tuple(q.shape)} span more "
+                         "than 2**31 elements: split the batch")
     if block not in BLOCKS:
         raise ValueError(f"block must be one of {BLOCKS}, got {block}")
     if not fixed_order_attention_available(q.device):

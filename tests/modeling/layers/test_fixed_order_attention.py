@@ -154,6 +154,9 @@ def test_bad_inputs_are_refused_with_the_reason() -> None:
         fixed_order_attention(q, q, q, block=48)
     with pytest.raises(ValueError, match="one"):
         fixed_order_attention(q, q[:, :, :4], q)
+    wide = torch.empty(2, 1, 8, 16, dtype=torch.float16, device="meta").as_strided((2, 1, 8, 16), (2**31, 128, 16, 1))
+    with pytest.raises(ValueError, match="32 bits"):
+        fixed_order_attention(wide, wide, wide)
     with pytest.raises(ValueError, match="attention must be one of"):
         CLIPVisionBackbone("ViT-tiny", image_size=(64, 32), attention="flash")
 
