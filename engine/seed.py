@@ -24,11 +24,12 @@ def seed_everything(seed: int, deterministic: bool = False, attention: str = "fu
     use: ``math`` alone, or also the ``fused`` flash and memory-efficient kernels, whose backward passes torch
     runs in their deterministic variants under strict deterministic algorithms (flash's deterministic
     ``mha_bwd``, memory-efficient with one key split) while it excludes cuDNN's attention itself (evaluation
-    may still use it: :func:`forward_only_kernels`). ``triton`` sets what ``fused`` sets; the models read it too
-    (the CLIP tower then trains with :mod:`modeling.layers.fixed_order_attention`). ``fill_uninitialized`` keeps torch's default of filling
-    every new uninitialised tensor (NaN for floats) under deterministic algorithms, so that a kernel reading
-    memory it never wrote gives the same (NaN) result every run; off, those fills (thousands of kernels a
-    step, BENCHMARKS.md) are skipped, and two runs compared byte for byte still show such a read.
+    may still use it: :func:`forward_only_kernels`). ``triton`` sets what ``fused`` sets; the models read it
+    too (the CLIP tower then trains with :mod:`modeling.layers.fixed_order_attention`). ``fill_uninitialized``
+    keeps torch's default of filling every new uninitialised tensor (NaN for floats) under deterministic
+    algorithms, so that a kernel reading memory it never wrote gives the same (NaN) result every run; off,
+    those fills (thousands of kernels a step, BENCHMARKS.md) are skipped, and two runs compared byte for byte
+    still show such a read.
     """
     if attention not in DETERMINISTIC_ATTENTION:
         raise ValueError(f"attention must be one of {DETERMINISTIC_ATTENTION}, got {attention!r}")

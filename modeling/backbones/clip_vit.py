@@ -38,7 +38,7 @@ import copy
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -342,7 +342,9 @@ class CLIPVisionBackbone(nn.Module):
         x = v.ln_post(x)
         return x @ v.proj.to(x.dtype)
 
-    def blocks(self, x: torch.Tensor, attend: Any = F.scaled_dot_product_attention) -> torch.Tensor:
+    def blocks(self, x: torch.Tensor,
+               attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = F.scaled_dot_product_attention,
+               ) -> torch.Tensor:
         """The tower's residual blocks with ``attend(q, k, v)`` ((B, H, N, D) each) as their attention: what
         open_clip's blocks compute (no mask, no dropout in attention), with the kernel chosen here. ``x``
         (B, N, width) -> (B, N, width)."""

@@ -2,11 +2,12 @@
 
 For each of SDPA's kernels (``math``, ``flash``, ``efficient``, ``cudnn``, through
 ``torch.nn.attention.sdpa_kernel``), ``explicit`` (softmax(q k^T / sqrt(d)) v written out: two matmuls and a
-float32 softmax) and, when asked, compiled flex attention (``flex``, ``flex:B``) and the repository's fixed-order
-Triton kernels (``triton``, ``triton:B``: :mod:`modeling.layers.fixed_order_attention`), one row: forward ms (no grad),
-forward + backward ms, peak MiB of the latter, whether ``--repeats`` identical backward passes give
+float32 softmax), compiled flex attention when asked (``flex``, ``flex:B``) and the repository's fixed-order
+Triton kernels (``triton``, ``triton:B``: :mod:`modeling.layers.fixed_order_attention`), one row: forward ms
+(no grad), forward + backward ms, peak MiB of the latter, whether ``--repeats`` identical backward passes give
 bit-identical gradients (what ``DETERMINISTIC`` needs), and the largest error of the output and of q's gradient
-against a float64 reference, relative to the reference's largest value. A kernel this device or torch cannot run at this shape is reported as unavailable, with torch's reason.
+against a float64 reference, relative to the reference's largest value. A kernel this device or torch cannot
+run at this shape is reported as unavailable, with torch's reason.
 ``--deterministic`` first sets what ``DETERMINISTIC True`` sets (torch's strict deterministic algorithms): flash
 and memory-efficient then run their deterministic backward variants and cuDNN's attention is excluded.
 
@@ -56,16 +57,20 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     return scores.float().softmax(-1).to(q.dtype) @ v
 
 
+def _tile(kernel: str) -> int | None:
+    """B of a ``flex:B`` or ``triton:B`` kernel name; None for a name without one."""
+    return int(kernel.split(":", 1)[1]) if ":" in kernel else None
+
+
 def flex_fn(kernel: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """Compiled ``flex_attention`` (Triton kernels inductor generates, forward and backward) with no mask:
     ``flex`` with torch's tile sizes, ``flex:B`` with B x B tiles in the forward and both backward loops."""
     from torch.nn.attention.flex_attention import flex_attention
 
     compiled = torch.compile(flex_attention, dynamic=False)
-    options = {}
-    if ":" in kernel:
-        block = int(kernel.split(":", 1)[1])
-        options = {key: block for key in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")}
+    block = _tile(kernel)
+    options = {key: block for key in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
+               } if block else {}
 
     def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return compiled(q, k, v, kernel_options=options or None)
@@ -74,14 +79,14 @@ def flex_fn(kernel: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
 
 
 def attention_fn(kernel: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The attention of ``kernel``: SDPA restricted to that kernel, :func:`explicit_attention`, or compiled
-    flex attention (:func:`flex_fn`)."""
+    """The attention of ``kernel``: SDPA restricted to that kernel, :func:`explicit_attention`, compiled
+    flex attention (:func:`flex_fn`) or the fixed-order kernels."""
     if kernel == "explicit":
         return explicit_attention
     if kernel == "flex" or kernel.startswith("flex:"):
         return flex_fn(kernel)
     if kernel == "triton" or kernel.startswith("triton:"):
-        block = int(kernel.split(":")[1]) if ":" in kernel else DEFAULT_BLOCK
+        block = _tile(kernel) or DEFAULT_BLOCK
         return lambda q, k, v: fixed_order_attention(q, k, v, block=block)
 
     def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
