@@ -243,11 +243,12 @@ class CLIPVisionBackbone(nn.Module):
         activation: ``auto`` (from the weights file; QuickGELU at random init) | ``quick_gelu`` |
             ``gelu`` (``MODEL.CLIP_ACTIVATION``, see :mod:`modeling.clip_checkpoint`).
         pretrain_path: local checkpoint; ``''`` keeps random init (with a logged warning).
-        attention: ``sdpa`` (open_clip's blocks, torch's SDPA) or ``fixed_order``: where gradients are recorded on
-            a device the kernels run on, the blocks' attention runs
-            :func:`~modeling.layers.fixed_order_attention.fixed_order_or_sdpa`: the fixed-order kernels in
-            fp16/bf16, whose backward pass is deterministic without torch's slower deterministic variants
-            (``DETERMINISTIC_ATTENTION triton``); elsewhere (evaluation, the CPU) the tower runs as with ``sdpa``.
+        attention: ``sdpa`` (open_clip's blocks, torch's SDPA) or ``fixed_order``: in fp16/bf16 (or autocast) on a
+            device the kernels run on, the blocks' attention runs
+            :func:`~modeling.layers.fixed_order_attention.fixed_order_or_sdpa`: the fixed-order kernels, whose
+            backward pass is deterministic without torch's slower deterministic variants and whose forward pass
+            is faster than cuDNN's at 129 tokens (``DETERMINISTIC_ATTENTION triton``); elsewhere (fp32, the CPU)
+            the tower runs as with ``sdpa``.
 
     Attributes: ``width`` (transformer width), ``embed_dim`` (output dim), ``patch_grid``
     ``(H', W')``, ``num_patches`` ``H' * W'``, ``visual`` (the open_clip module; its parameters
@@ -335,7 +336,7 @@ class CLIPVisionBackbone(nn.Module):
             x = x + sie
         x = v.patch_dropout(x)
         x = v.ln_pre(x)
-        if self.attention == "fixed_order" and torch.is_grad_enabled() and fixed_order_attention_available(x.device):
+        if self.attention == "fixed_order" and _half(x) and fixed_order_attention_available(x.device):
             x = self.blocks(x, fixed_order_or_sdpa)
         else:
             x = v.transformer(x)
@@ -361,6 +362,14 @@ class CLIPVisionBackbone(nn.Module):
     def pretrained_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """Named parameters that come from the CLIP checkpoint (everything under ``visual``)."""
         return [(f"visual.{n}", p) for n, p in self.visual.named_parameters()]
+
+
+def _half(x: torch.Tensor) -> bool:
+    """Whether the blocks' matmuls run in fp16/bf16: half inputs, or autocast to half on ``x``'s device."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return True
+    kind = x.device.type
+    return torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) in (torch.float16, torch.bfloat16)
 
 
 def _build(arch: str, **kwargs: Any) -> CLIPVisionBackbone:
