@@ -31,12 +31,12 @@ def base_config() -> CN:
     # implementation raises; cuDNN deterministic; inductor's deterministic mode when compiled): a run repeats
     # bit for bit on the same machine, side by side with others and across a resume (BENCHMARKS.md).
     _C.DETERMINISTIC = False
-    # The attention kernels SDPA may pick under DETERMINISTIC: fused (flash and memory-efficient, whose backward
-    # passes run deterministic variants under strict deterministic algorithms; evaluation also cuDNN's, whose
-    # forward is deterministic; engine/seed.py) | math (SDPA's math kernel alone: slower on ViT-B/16) | triton
-    # (fused, and the CLIP tower trains with the repository's fixed-order Triton kernels on CUDA:
-    # modeling/layers/fixed_order_attention.py)
-    _C.DETERMINISTIC_ATTENTION = "fused"
+    # The attention kernels under DETERMINISTIC: triton (the CLIP tower runs the repository's fixed-order Triton
+    # kernels on CUDA in half precision, modeling/layers/fixed_order_attention.py; every other attention as with
+    # fused; BENCHMARKS.md: 90% of the free compiled step on an H100) | fused (flash and memory-efficient, whose
+    # backward passes run deterministic variants under strict deterministic algorithms; evaluation also cuDNN's,
+    # whose forward is deterministic; engine/seed.py) | math (SDPA's math kernel alone: slower on ViT-B/16)
+    _C.DETERMINISTIC_ATTENTION = "triton"
     # Under DETERMINISTIC, fill every new uninitialised tensor (torch's default there): a read of memory never
     # written then gives NaN every run. Off, thousands of fill kernels a step are skipped (BENCHMARKS.md).
     _C.DETERMINISTIC_FILL_UNINITIALIZED = False

@@ -36,7 +36,7 @@ def test_deterministic_math_attention_forbids_the_fused_attention_kernels() -> N
 
 
 def test_deterministic_fused_attention_leaves_the_kernel_choice_to_strict_torch() -> None:
-    """``DETERMINISTIC_ATTENTION fused`` (the default): flash and memory-efficient stay allowed (strict
+    """``DETERMINISTIC_ATTENTION fused``: flash and memory-efficient stay allowed (strict
     deterministic algorithms make torch run their deterministic backward variants and drop cuDNN's attention
     itself); anything else is refused."""
     seed_everything(0, deterministic=True)
@@ -50,7 +50,7 @@ def test_deterministic_fused_attention_leaves_the_kernel_choice_to_strict_torch(
 
 
 def test_deterministic_triton_attention_keeps_the_fused_kernels_for_the_rest() -> None:
-    """``DETERMINISTIC_ATTENTION triton``: torch's side is that of ``fused`` (the other attentions, e.g. HDM's
+    """``DETERMINISTIC_ATTENTION triton`` (the default): torch's side is that of ``fused`` (the other attentions, e.g. HDM's
     masked ones, still run flash or memory-efficient); the CLIP tower reads the key (tests/modeling/test_demo.py)."""
     seed_everything(0, deterministic=True, attention="triton")
     assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
@@ -70,7 +70,7 @@ def test_new_tensors_are_filled_only_when_asked() -> None:
 
 def test_config_defaults_and_the_testbeds_that_keep_the_math_kernel() -> None:
     cfg = load_config(REPO / "configs" / "synthetic" / "DeMo_SDTPS_tiny.yml", [])
-    assert cfg.DETERMINISTIC_ATTENTION == "fused" and cfg.DETERMINISTIC_FILL_UNINITIALIZED is False
+    assert cfg.DETERMINISTIC_ATTENTION == "triton" and cfg.DETERMINISTIC_FILL_UNINITIALIZED is False
     for name in ("DeMo_SDTPS_pretrained.yml", "Pretrain_tower_small.yml", "Pretrain_tower_tiny.yml",
                  "ExpB1_testbed_pretrain.yml", "ExpB1_testbed.yml", "Text_tower_testbed.yml"):
         cfg = load_config(REPO / "configs" / "synthetic" / name, [])

@@ -216,8 +216,10 @@ def test_atm_gate_and_norm_stats_match_their_formulas() -> None:
 
 
 def test_the_tower_trains_with_the_fixed_order_kernels_only_when_a_deterministic_run_asks() -> None:
-    """``DETERMINISTIC_ATTENTION triton`` gives the CLIP tower the fixed-order kernels under ``DETERMINISTIC``; a
-    free run keeps SDPA (cuDNN's attention is faster, and nothing needs the fixed order there)."""
-    assert _model("DETERMINISTIC", True, "DETERMINISTIC_ATTENTION", "triton").backbone.attention == "fixed_order"
-    assert _model("DETERMINISTIC", False, "DETERMINISTIC_ATTENTION", "triton").backbone.attention == "sdpa"
-    assert _model("DETERMINISTIC", True).backbone.attention == "sdpa"
+    """``DETERMINISTIC_ATTENTION triton`` (the default) gives the CLIP tower the fixed-order kernels under
+    ``DETERMINISTIC``; a free run keeps SDPA (cuDNN's forward and backward together are faster, and nothing needs
+    the fixed order there), and so do ``fused`` and ``math``."""
+    assert _model("DETERMINISTIC", True).backbone.attention == "fixed_order"
+    assert _model("DETERMINISTIC", False).backbone.attention == "sdpa"
+    for kernels in ("fused", "math"):
+        assert _model("DETERMINISTIC", True, "DETERMINISTIC_ATTENTION", kernels).backbone.attention == "sdpa"
