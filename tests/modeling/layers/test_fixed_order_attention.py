@@ -87,8 +87,8 @@ print(json.dumps(dict(cases=cases, tower=tower, compiled=compiled)))
 
 def _interpreter_reads_loop_bounds() -> bool:
     """Triton's interpreter before 3.8 reads a runtime loop bound with ``int()`` of a one-element array, which numpy
-    2.4 refuses ("only 0-dimensional arrays ..."): on such a pair (torch 2.11's Triton 3.6) the interpreted tests
-    skip; the kernels themselves are checked on the GPU below."""
+    2.4 and 2.5 refuse ("only 0-dimensional arrays ..."): on such a pair (torch 2.11's Triton 3.6) the interpreted
+    tests skip; the kernels themselves are checked on the GPU below."""
     import numpy
     import triton
 
