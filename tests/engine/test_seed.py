@@ -50,8 +50,9 @@ def test_deterministic_fused_attention_leaves_the_kernel_choice_to_strict_torch(
 
 
 def test_deterministic_triton_attention_keeps_the_fused_kernels_for_the_rest() -> None:
-    """``DETERMINISTIC_ATTENTION triton`` (the default): torch's side is that of ``fused`` (the other attentions, e.g. HDM's
-    masked ones, still run flash or memory-efficient); the CLIP tower reads the key (tests/modeling/test_demo.py)."""
+    """``DETERMINISTIC_ATTENTION triton`` (the default): torch's side is that of ``fused`` (the other attentions,
+    e.g. HDM's masked ones, still run flash or memory-efficient); the CLIP tower reads the key
+    (tests/modeling/test_demo.py)."""
     seed_everything(0, deterministic=True, attention="triton")
     assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
     assert torch.are_deterministic_algorithms_enabled()
