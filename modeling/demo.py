@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from modeling.backbones.clip_vit import CLIPVisionBackbone
+from modeling.layers.fixed_order_attention import fixed_order_attention_fits_this_gpu
 from modeling.module.atm import AttentionTriggeredMoE, QuickGELU
 from modeling.module.dgaf import DualGatedFusion
 from modeling.module.hdm import HDM_SUBSETS, HierarchicalDecoupling, subset_name
@@ -54,6 +55,19 @@ from modeling.registry import BACKBONE_REGISTRY, MODEL_REGISTRY
 from utils.modalities import MODALITIES
 
 logger = logging.getLogger(__name__)
+
+
+def _tower_attention(cfg: Any) -> str:
+    """``fixed_order`` for a ``DETERMINISTIC`` run with ``DETERMINISTIC_ATTENTION triton`` on a GPU the kernels
+    are built for; ``sdpa`` (torch's deterministic fused kernels under ``DETERMINISTIC``) otherwise."""
+    if not (cfg.DETERMINISTIC and cfg.DETERMINISTIC_ATTENTION == "triton"):
+        return "sdpa"
+    if not fixed_order_attention_fits_this_gpu():
+        logger.warning("DETERMINISTIC_ATTENTION triton: this GPU (capability %s) predates Ampere, which the "
+                       "fixed-order kernels need; the CLIP tower runs torch's deterministic attention instead "
+                       "(as with DETERMINISTIC_ATTENTION fused)", torch.cuda.get_device_capability())
+        return "sdpa"
+    return "fixed_order"
 
 #: Parameter names (last component) kept out of weight decay besides biases and 1-D tensors.
 NO_DECAY_NAMES = frozenset({"positional_embedding", "class_embedding", "camera_embed", "null_tokens",
@@ -346,7 +360,7 @@ def _build(cfg: Any, use_sdtps: bool, num_classes: int | None, num_cameras: int 
         sie_tokens=mc.SIE_TOKENS,
         activation=mc.CLIP_ACTIVATION,
         pretrain_path=mc.PRETRAIN_PATH,
-        attention="fixed_order" if cfg.DETERMINISTIC and cfg.DETERMINISTIC_ATTENTION == "triton" else "sdpa",
+        attention=_tower_attention(cfg),
     )
     sdtps = None
     if use_sdtps:

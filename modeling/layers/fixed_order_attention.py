@@ -25,6 +25,9 @@ DTYPES = (torch.float16, torch.bfloat16)
 #: read once at import: the checks below run inside compiled graphs, where they must be plain comparisons
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+#: the oldest GPUs the kernels are built for: Triton supports compute capability 8.0 (Ampere) and newer since 3.3,
+#: and its bf16 matmuls need it
+MIN_CAPABILITY = (8, 0)
 #: queries and keys a tile; one fixed tile for every run (a tile timed per run could change the sums' order)
 BLOCKS = (16, 32, 64, 128)
 DEFAULT_BLOCK = 64
@@ -35,6 +38,12 @@ def fixed_order_attention_available(device: torch.device | str) -> bool:
     Triton's interpreter)."""
     device_type = torch.device(device).type
     return TRITON_INSTALLED and (device_type == "cuda" or (device_type == "cpu" and TRITON_INTERPRETED))
+
+
+def fixed_order_attention_fits_this_gpu() -> bool:
+    """False on a machine whose current CUDA GPU predates Ampere (capability < 8.0); True elsewhere. Read where a
+    model is built, outside compiled code."""
+    return not torch.cuda.is_available() or torch.cuda.get_device_capability() >= MIN_CAPABILITY
 
 
 def fixed_order_or_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -223,3 +224,14 @@ def test_the_tower_trains_with_the_fixed_order_kernels_only_when_a_deterministic
     assert _model("DETERMINISTIC", False).backbone.attention == "sdpa"
     for kernels in ("fused", "math"):
         assert _model("DETERMINISTIC", True, "DETERMINISTIC_ATTENTION", kernels).backbone.attention == "sdpa"
+
+
+def test_a_gpu_older_than_ampere_keeps_torchs_deterministic_attention(monkeypatch, caplog) -> None:
+    """Triton's bf16 matmuls need compute capability 8.0: a Turing GPU gets SDPA, with a warning naming why."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with caplog.at_level(logging.WARNING):
+        assert _model("DETERMINISTIC", True).backbone.attention == "sdpa"
+    assert "predates Ampere" in caplog.text
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert _model("DETERMINISTIC", True).backbone.attention == "fixed_order"
