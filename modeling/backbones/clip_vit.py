@@ -52,6 +52,7 @@ from modeling.clip_checkpoint import (
     read_clip_state_dict,
     resolve_quick_gelu,
 )
+from modeling.layers.fixed_order_attention import DTYPES as HALF_DTYPES
 from modeling.layers.fixed_order_attention import fixed_order_attention_available, fixed_order_or_sdpa
 from modeling.registry import BACKBONE_REGISTRY
 
@@ -366,10 +367,10 @@ class CLIPVisionBackbone(nn.Module):
 
 def _half(x: torch.Tensor) -> bool:
     """Whether the blocks' matmuls run in fp16/bf16: half inputs, or autocast to half on ``x``'s device."""
-    if x.dtype in (torch.float16, torch.bfloat16):
+    if x.dtype in HALF_DTYPES:
         return True
     kind = x.device.type
-    return torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) in (torch.float16, torch.bfloat16)
+    return torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) in HALF_DTYPES
 
 
 def _build(arch: str, **kwargs: Any) -> CLIPVisionBackbone:

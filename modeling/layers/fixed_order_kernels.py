@@ -20,9 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-#: the default tile (queries and keys per tile) and launch settings: fixed, never timed on the device, so the
-#: sums' order is the same on every run
-BLOCK = 64
+from modeling.layers.fixed_order_attention import DEFAULT_BLOCK as BLOCK
+
+#: launch settings: fixed, never timed on the device, so the sums' order is the same on every run (the tile:
+#: ``DEFAULT_BLOCK``)
 NUM_STAGES = 2
 LOG2E = 1.4426950408889634
 
@@ -133,6 +134,18 @@ def _like_heads_last(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty(b, n, h, d).transpose(1, 2)
 
 
+def _forward_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty output (heads last) and float32 log2-sum-exp (B, H, N): what the forward op returns, real or fake."""
+    b, h, n, _ = q.shape
+    return _like_heads_last(q), q.new_empty(b, h, n, dtype=torch.float32)
+
+
+def _backward_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty dq, dk, dv (heads last): what the backward op returns, real or fake."""
+    return _like_heads_last(q), _like_heads_last(k), _like_heads_last(v)
+
+
 def _warps(block: int) -> int:
     return 8 if block >= 128 else 4
 
@@ -149,8 +162,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: 
     """(B, H, N, D) q, k, v -> output (B, H, N, D) and the rows' log2-sum-exp (B, H, N) float32; ``block``
     queries and keys a tile (16, 32, 64 or 128)."""
     b, h, n, d = q.shape
-    out = _like_heads_last(q)
-    lse = q.new_empty(b, h, n, dtype=torch.float32)
+    out, lse = _forward_outputs(q)
     scale = 1.0 / math.sqrt(d)
     _forward_kernel[(triton.cdiv(n, block), b * h)](
         q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), h, n, scale * LOG2E,
@@ -163,7 +175,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
                        lse: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients (dq, dk, dv) of :func:`attention_forward`, each summed in one fixed order."""
     b, h, n, d = q.shape
-    dq, dk, dv = _like_heads_last(q), _like_heads_last(k), _like_heads_last(v)
+    dq, dk, dv = _backward_outputs(q, k, v)
     delta = torch.empty_like(lse)
     scale = 1.0 / math.sqrt(d)
     _dq_kernel[(triton.cdiv(n, block), b * h)](
@@ -180,14 +192,13 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
 @attention_forward.register_fake
 def _forward_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = BLOCK
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    b, h, n, _ = q.shape
-    return _like_heads_last(q), q.new_empty(b, h, n, dtype=torch.float32)
+    return _forward_outputs(q)
 
 
 @attention_backward.register_fake
 def _backward_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor,
                      lse: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _like_heads_last(q), _like_heads_last(k), _like_heads_last(v)
+    return _backward_outputs(q, k, v)
 
 
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 (torch.library's signature)
