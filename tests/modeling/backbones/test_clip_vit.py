@@ -16,6 +16,7 @@ from modeling.backbones.clip_vit import (
     CLIP_VIT_CONFIGS,
     CLIPVisionBackbone,
     load_clip_visual_weights,
+    patch_embed,
     resize_pos_embed,
 )
 from modeling.clip_checkpoint import ClipWeightsError
@@ -113,6 +114,24 @@ def test_wrong_image_size_is_a_clear_error() -> None:
         bb(torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match="multiple of the patch size"):
         CLIPVisionBackbone("ViT-tiny", (60, 32))
+
+
+@pytest.mark.parametrize("size", [(32, 48), (37, 50)])  # the second leaves rows and columns over, as conv drops
+def test_patch_embed_is_each_patch_dotted_with_the_kernel(size: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, kernel_size=(16, 8), stride=(16, 8), bias=True).double()
+    images = torch.randn(2, 3, *size, dtype=torch.float64)
+    grid = (size[0] // 16, size[1] // 8)
+    out = patch_embed(conv, images, grid, size)
+    assert out.shape == (2, grid[0] * grid[1], 5)
+    for i in range(grid[0]):
+        for j in range(grid[1]):
+            patch = images[:, :, 16 * i: 16 * i + 16, 8 * j: 8 * j + 8]
+            expected = torch.einsum("bchw,ochw->bo", patch, conv.weight) + conv.bias
+            torch.testing.assert_close(out[:, i * grid[1] + j], expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out, conv(images).flatten(2).transpose(1, 2), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="built for"):
+        patch_embed(conv, images[:, :, :16], grid, size)
 
 
 def test_resize_pos_embed_against_bilinear_formula() -> None:
