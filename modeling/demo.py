@@ -69,6 +69,18 @@ def _tower_attention(cfg: Any) -> str:
         return "sdpa"
     return "fixed_order"
 
+
+def _eval_kernels(cfg: Any) -> tuple[bool, bool]:
+    """(``TEST.TRITON_ATTENTION``, ``TEST.FUSED_MLP``), each on only where asked and on a GPU the Triton kernels
+    are built for (the CPU keeps torch's kernels whatever they say)."""
+    asked = (bool(cfg.TEST.TRITON_ATTENTION), bool(cfg.TEST.FUSED_MLP))
+    if any(asked) and not fixed_order_attention_fits_this_gpu():
+        logger.warning("TEST.TRITON_ATTENTION / TEST.FUSED_MLP: this GPU (capability %s) predates Ampere, which the "
+                       "Triton kernels need; evaluation runs torch's kernels", torch.cuda.get_device_capability())
+        return False, False
+    return asked
+
+
 #: Parameter names (last component) kept out of weight decay besides biases and 1-D tensors.
 NO_DECAY_NAMES = frozenset({"positional_embedding", "class_embedding", "camera_embed", "null_tokens",
                             "null_features", "query"})
@@ -352,6 +364,7 @@ def _build(cfg: Any, use_sdtps: bool, num_classes: int | None, num_cameras: int 
     if tuple(cfg.INPUT.SIZE_TEST) != size:
         raise ValueError(f"INPUT.SIZE_TEST {tuple(cfg.INPUT.SIZE_TEST)} differs from INPUT.SIZE_TRAIN {size}; "
                          "the ViT's positional embedding is built for one patch grid")
+    eval_attention, eval_fused_mlp = _eval_kernels(cfg)
     backbone = BACKBONE_REGISTRY.build(
         mc.BACKBONE or "clip_vit_b16",
         image_size=size,
@@ -361,6 +374,8 @@ def _build(cfg: Any, use_sdtps: bool, num_classes: int | None, num_cameras: int 
         activation=mc.CLIP_ACTIVATION,
         pretrain_path=mc.PRETRAIN_PATH,
         attention=_tower_attention(cfg),
+        eval_attention=eval_attention,
+        eval_fused_mlp=eval_fused_mlp,
     )
     sdtps = None
     if use_sdtps:

@@ -146,3 +146,10 @@ def add_reid_config(cfg: CN) -> None:
     # What a missing test modality becomes: "mask" (null token, excluded from fusion) or "zero" (DeMo's zero image).
     t.MISS_MODE = "mask"
     t.VIS_QUERIES = 4  # queries drawn in the top-10 retrieval figure
+    # Evaluation in fp16/bf16 on a GPU (Ampere or newer): the CLIP tower's attention on the fixed-order Triton
+    # kernels' forward pass, faster than cuDNN's at 129 tokens (modeling/layers/fixed_order_attention.py,
+    # BENCHMARKS.md); False = torch's SDPA.
+    t.TRITON_ATTENTION = True
+    # Evaluation likewise: the tower's MLP's first layer and QuickGELU as one Triton kernel
+    # (modeling/layers/quick_gelu_linear.py). Off until it has been timed on a GPU (BENCHMARKS.md).
+    t.FUSED_MLP = False

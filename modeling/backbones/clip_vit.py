@@ -54,6 +54,7 @@ from modeling.clip_checkpoint import (
 )
 from modeling.layers.fixed_order_attention import DTYPES as HALF_DTYPES
 from modeling.layers.fixed_order_attention import fixed_order_attention_available, fixed_order_or_sdpa
+from modeling.layers.quick_gelu_linear import quick_gelu_linear_or_torch
 from modeling.registry import BACKBONE_REGISTRY
 
 __all__ = ["CLIPVisionBackbone", "load_clip_visual_weights", "read_clip_state_dict", "resize_pos_embed"]
@@ -250,6 +251,11 @@ class CLIPVisionBackbone(nn.Module):
             backward pass is deterministic without torch's slower deterministic variants and whose forward pass
             is faster than cuDNN's at 129 tokens (``DETERMINISTIC_ATTENTION triton``); elsewhere (fp32, the CPU)
             the tower runs as with ``sdpa``.
+        eval_attention: with no gradient recorded (evaluation), in fp16/bf16 on a device the kernels run on, the
+            blocks' attention runs the fixed-order kernels' forward pass whatever ``attention`` says (faster than
+            cuDNN's at 129 tokens; ``TEST.TRITON_ATTENTION``).
+        eval_fused_mlp: likewise in evaluation, a QuickGELU MLP's first layer and activation run as one kernel
+            (:mod:`modeling.layers.quick_gelu_linear`; ``TEST.FUSED_MLP``).
 
     Attributes: ``width`` (transformer width), ``embed_dim`` (output dim), ``patch_grid``
     ``(H', W')``, ``num_patches`` ``H' * W'``, ``visual`` (the open_clip module; its parameters
@@ -266,6 +272,8 @@ class CLIPVisionBackbone(nn.Module):
         activation: str = "auto",
         pretrain_path: str = "",
         attention: str = "sdpa",
+        eval_attention: bool = False,
+        eval_fused_mlp: bool = False,
     ) -> None:
         super().__init__()
         if attention not in TOWER_ATTENTION:
@@ -292,6 +300,11 @@ class CLIPVisionBackbone(nn.Module):
         self.quick_gelu = quick_gelu
         self.visual = create_open_clip_visual(model_cfg, image_size, quick_gelu=quick_gelu)
         self.attention = attention
+        self.eval_attention = bool(eval_attention)
+        self.eval_fused_mlp = bool(eval_fused_mlp) and quick_gelu
+        if eval_fused_mlp and not quick_gelu:
+            logger.warning("the fused MLP kernel computes QuickGELU; this tower uses GELU, so its MLP evaluates with "
+                           "torch's kernels")
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.width = int(self.visual.conv1.out_channels)
         self.embed_dim = int(self.visual.proj.shape[1])
@@ -331,8 +344,11 @@ class CLIPVisionBackbone(nn.Module):
             x = x + sie
         x = v.patch_dropout(x)
         x = v.ln_pre(x)
-        if self.attention == "fixed_order" and _half(x) and fixed_order_attention_available(x.device):
-            x = self.blocks(x, fixed_order_or_sdpa)
+        no_grad = not torch.is_grad_enabled()
+        fixed_order = self.attention == "fixed_order" or (self.eval_attention and no_grad)
+        fused_mlp = self.eval_fused_mlp and no_grad
+        if (fixed_order or fused_mlp) and _half(x) and fixed_order_attention_available(x.device):
+            x = self.blocks(x, fixed_order_or_sdpa if fixed_order else F.scaled_dot_product_attention, fused_mlp)
         else:
             x = v.transformer(x)
         x = v.ln_post(x)
@@ -340,10 +356,12 @@ class CLIPVisionBackbone(nn.Module):
 
     def blocks(self, x: torch.Tensor,
                attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = F.scaled_dot_product_attention,
-               ) -> torch.Tensor:
+               fused_mlp: bool = False) -> torch.Tensor:
         """The tower's residual blocks with ``attend(q, k, v)`` ((B, H, N, D) each) as their attention: what
-        open_clip's blocks compute (no mask, no dropout in attention), with the kernel chosen here. ``x``
-        (B, N, width) -> (B, N, width)."""
+        open_clip's blocks compute (no mask, no dropout in attention), with the kernel chosen here. ``fused_mlp``:
+        a QuickGELU MLP's first layer runs :func:`~modeling.layers.quick_gelu_linear.quick_gelu_linear_or_torch`
+        (one kernel, forward only). ``x`` (B, N, width) -> (B, N, width)."""
+        fused_mlp = fused_mlp and self.quick_gelu
         for block in self.visual.transformer.resblocks:
             attn = block.attn
             b, n, c = x.shape
@@ -351,7 +369,12 @@ class CLIPVisionBackbone(nn.Module):
             q, k, v = qkv.unbind(2)
             y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2).reshape(b, n, c)
             x = x + block.ls_1(block.ln_attn(attn.out_drop(attn.out_proj(attn.ln_inner(y)))))
-            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+            mlp = block.mlp
+            if fused_mlp:
+                h = mlp.c_proj(mlp.ln(quick_gelu_linear_or_torch(block.ln_2(x), mlp.c_fc.weight, mlp.c_fc.bias)))
+            else:
+                h = mlp(block.ln_2(x))
+            x = x + block.ls_2(h)
         return x
 
     def pretrained_parameters(self) -> list[tuple[str, nn.Parameter]]:

@@ -5,7 +5,8 @@ from run to run) or, under ``torch.use_deterministic_algorithms``, switch to slo
 is refused outright. :func:`fixed_order_attention` runs the repository's own Triton kernels
 (:mod:`modeling.layers.fixed_order_kernels`), flash-attention tiles whose backward sums ``dK``/``dV`` per key tile
 and ``dQ`` per query tile, each over the other side's tiles in one order. ``DETERMINISTIC_ATTENTION triton`` (the
-default) makes the CLIP tower use it, in training and evaluation, under ``DETERMINISTIC True``.
+default) makes the CLIP tower use it, in training and evaluation, under ``DETERMINISTIC True``; ``TEST.TRITON_ATTENTION``
+(on by default) in every evaluation, where its forward pass is faster than cuDNN's at the tower's 129 tokens.
 
 Inputs: q, k, v of shape (B, H, N, D), fp16 or bf16, on a CUDA device (or the CPU under ``TRITON_INTERPRET=1``,
 Triton's interpreter, which the tests use); D one of 16, 32, 64, 128. Unmasked, no dropout, scale 1/sqrt(D), as

@@ -7,11 +7,7 @@ in a fresh process), in fp16: the interpreter's bf16 matmuls are wrong in Triton
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,10 +15,9 @@ import torch.nn.functional as F
 
 from modeling.backbones.clip_vit import CLIPVisionBackbone
 from modeling.layers.fixed_order_attention import fixed_order_attention, fixed_order_attention_available
+from tests.helpers.triton_interpreter import run_interpreted
 
 pytest.importorskip("triton")
-
-REPO = Path(__file__).resolve().parents[3]
 
 # Runs in a fresh interpreted process; prints one JSON object.
 _INTERPRETED = r"""
@@ -85,29 +80,9 @@ print(json.dumps(dict(cases=cases, tower=tower, compiled=compiled)))
 """
 
 
-def _interpreter_reads_loop_bounds() -> bool:
-    """Triton's interpreter before 3.8 reads a runtime loop bound with ``int()`` of a one-element array, which numpy
-    2.4 and 2.5 refuse ("only 0-dimensional arrays ..."): on such a pair (torch 2.11's Triton 3.6) the interpreted
-    tests skip; the kernels themselves are checked on the GPU below."""
-    import numpy
-    import triton
-
-    try:
-        int(numpy.array([1]))
-    except TypeError:
-        return tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 8)
-    return True
-
-
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
-    if not _interpreter_reads_loop_bounds():
-        pytest.skip("this Triton's interpreter cannot run loops under this numpy (fixed in Triton 3.8)")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", _INTERPRETED], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_interpreted(_INTERPRETED)
 
 
 def test_output_and_gradients_match_the_float64_formula(interpreted: dict) -> None:
@@ -157,6 +132,33 @@ def test_the_tower_runs_the_kernels_in_half_precision_with_or_without_gradients(
             tower(images)
         tower.bfloat16()(images.bfloat16())
     assert calls == [torch.bfloat16] * 2 * len(tower.visual.transformer.resblocks)
+
+
+def test_evaluation_runs_the_kernels_forward_only_where_asked(monkeypatch) -> None:
+    """``eval_attention``: with no gradient, in bf16, a free (``sdpa``) tower attends with the kernels; with a
+    gradient, in fp32, or without ``eval_attention``, it runs open_clip's blocks."""
+    import modeling.backbones.clip_vit as clip_vit
+
+    calls = []
+
+    def counted(q, k, v):
+        calls.append(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v)
+
+    monkeypatch.setattr(clip_vit, "fixed_order_attention_available", lambda device: True)
+    monkeypatch.setattr(clip_vit, "fixed_order_or_sdpa", counted)
+    tower = CLIPVisionBackbone("ViT-tiny", image_size=(64, 32), eval_attention=True)
+    off = CLIPVisionBackbone("ViT-tiny", image_size=(64, 32))
+    images = torch.randn(2, 3, 64, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tower(images)
+    with torch.no_grad():
+        tower(images)
+        assert calls == []
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tower(images)
+            off(images)
+    assert calls == [torch.bfloat16] * len(tower.visual.transformer.resblocks)
 
 
 def test_a_compiled_forward_and_backward_give_the_eager_bits(interpreted: dict) -> None:

@@ -1,0 +1,178 @@
+"""The fused matmul + QuickGELU kernel against a float64 formula, and where the CLIP tower runs it.
+
+On the CPU the kernel runs in Triton's interpreter, in fp16 (the interpreter's bf16 matmuls are wrong in Triton
+3.8); bf16 and the compiled graph are checked on the GPU (the CUDA-only tests below).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modeling.backbones.clip_vit import CLIPVisionBackbone
+from modeling.layers.quick_gelu_linear import quick_gelu_linear, quick_gelu_linear_or_torch
+from tests.helpers.triton_interpreter import run_interpreted
+
+pytest.importorskip("triton")
+
+# Runs in a fresh interpreted process; prints one JSON object.
+_INTERPRETED = r"""
+import json, torch
+from modeling.backbones.clip_vit import CLIPVisionBackbone
+from modeling.layers.quick_gelu_linear import quick_gelu_linear
+
+def reference(x, w, b):  # float64, written out
+    y = x.double() @ w.double().T + b.double()
+    return y / (1 + torch.exp(-1.702 * y))
+
+torch.manual_seed(0)
+cases = []
+# rows and columns that end inside a tile (one row; 130 rows; 300 columns), K of one and of three slices,
+# a strided view of rows
+for m, n, k in [(1, 8, 64), (130, 300, 192), (257, 256, 64)]:
+    x = torch.randn(m, k, dtype=torch.float16)
+    w = (torch.randn(n, k) / k ** 0.5).half()
+    b = torch.randn(n).half()
+    out = quick_gelu_linear(x, w, b)
+    ref = reference(x, w, b)
+    cases.append(dict(shape=[m, n, k], err=((out.double() - ref).abs().max() / ref.abs().max()).item(),
+                      repeatable=torch.equal(out, quick_gelu_linear(x, w, b))))
+x = torch.randn(4, 5, 2 * 64, dtype=torch.float16)[:, :, :64]
+w, b = (torch.randn(16, 64) / 8).half(), torch.randn(16).half()
+ref = reference(x, w, b)
+strided = ((quick_gelu_linear(x, w, b).double() - ref).abs().max() / ref.abs().max()).item()
+
+# towers evaluating with the fused MLP (and with the fixed-order attention too) against open_clip's blocks, same
+# fp16 weights and images
+torch.manual_seed(0)
+plain = CLIPVisionBackbone("ViT-tiny", image_size=(64, 32), num_cameras=2).half()
+images, cams = torch.randn(3, 3, 64, 32, dtype=torch.float16), torch.tensor([0, 1, 1])
+tower = []
+for attention in (False, True):
+    fused = CLIPVisionBackbone("ViT-tiny", image_size=(64, 32), num_cameras=2, eval_attention=attention,
+                               eval_fused_mlp=True).half()
+    fused.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        a, b = fused(images, cams).float(), plain(images, cams).float()
+    tower.append(((a - b).abs().max() / b.abs().max()).item())
+print(json.dumps(dict(cases=cases, strided=strided, tower=tower)))
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    return run_interpreted(_INTERPRETED)
+
+
+def test_the_kernel_matches_the_float64_formula(interpreted: dict) -> None:
+    """Ragged row and column tiles, one to three slices of K, strided rows: fp16 round-off of the output."""
+    for case in interpreted["cases"]:
+        assert case["err"] < 2e-3, case
+    assert interpreted["strided"] < 2e-3, interpreted["strided"]
+
+
+def test_the_kernel_repeats_bit_for_bit(interpreted: dict) -> None:
+    assert all(case["repeatable"] for case in interpreted["cases"]), interpreted["cases"]
+
+
+def test_a_tower_evaluating_with_the_kernels_matches_open_clips_blocks(interpreted: dict) -> None:
+    """Same fp16 weights, no gradient: the fused MLP, alone and with the fixed-order attention, changes only the
+    round-off."""
+    assert max(interpreted["tower"]) < 5e-3, interpreted["tower"]
+
+
+def test_the_tower_runs_the_kernels_only_to_evaluate_in_half_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no gradient, in bf16 (autocast or bf16 weights): every block's MLP goes through the fused layer; with a
+    gradient, in fp32, or with ``eval_fused_mlp`` off, open_clip's blocks run."""
+    import modeling.backbones.clip_vit as clip_vit
+    import modeling.layers.quick_gelu_linear as fused_module
+
+    calls: list[torch.dtype] = []
+
+    def counted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        calls.append(x.dtype)
+        return F.linear(x, weight, bias) * torch.sigmoid(1.702 * F.linear(x, weight, bias))
+
+    monkeypatch.setattr(clip_vit, "fixed_order_attention_available", lambda device: True)
+    monkeypatch.setattr(fused_module, "fixed_order_attention_available", lambda device: True)
+    monkeypatch.setattr(fused_module, "quick_gelu_linear", counted)
+    monkeypatch.setattr(clip_vit, "fixed_order_or_sdpa", F.scaled_dot_product_attention)
+    torch.manual_seed(0)
+    tower = CLIPVisionBackbone("ViT-tiny", image_size=(64, 32), eval_fused_mlp=True)
+    off = CLIPVisionBackbone("ViT-tiny", image_size=(64, 32))
+    images = torch.randn(2, 3, 64, 32)
+    layers = len(tower.visual.transformer.resblocks)
+    tower(images).sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tower(images)
+        off(images)
+    assert calls == []
+    with torch.no_grad():
+        tower(images)
+        assert calls == []
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tower(images)
+            off(images)
+        tower.bfloat16()(images.bfloat16())
+    assert calls == [torch.bfloat16] * 2 * layers
+
+
+def test_a_gelu_tower_keeps_torchs_mlp_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        tower = CLIPVisionBackbone("ViT-tiny", image_size=(64, 32), activation="gelu", eval_fused_mlp=True)
+    assert not tower.eval_fused_mlp
+    assert "uses GELU" in caplog.text
+
+
+def test_where_the_kernel_does_not_run_the_layer_is_torchs() -> None:
+    """On the CPU without the interpreter, or with a gradient to record: F.linear then QuickGELU, bit for bit."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, 7, 64), torch.randn(32, 64, requires_grad=True), torch.randn(32)
+    want = F.linear(x, w, b) * torch.sigmoid(1.702 * F.linear(x, w, b))
+    got = quick_gelu_linear_or_torch(x, w, b)
+    assert torch.equal(got, want)
+    got.sum().backward()
+    assert w.grad is not None
+
+
+def test_bad_inputs_are_refused_with_the_reason() -> None:
+    x, w, b = torch.randn(4, 64, dtype=torch.float16), torch.randn(8, 64, dtype=torch.float16), torch.randn(8)
+    with pytest.raises(ValueError, match="fp16 or bf16"):
+        quick_gelu_linear(x, w, b)
+    with pytest.raises(ValueError, match="chain"):
+        quick_gelu_linear(x, w[:, :32], b.half())
+    with pytest.raises(ValueError, match="multiple of 64"):
+        quick_gelu_linear(x[:, :48], w[:, :48], b.half())
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_on_the_gpu_the_kernel_matches_float64_and_repeats_bit_for_bit(dtype: torch.dtype) -> None:
+    """ViT-B/16's MLP in evaluation: 3 x 129 tokens a sample, width 768 -> 3072, against float64 and twice."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16 * 3 * 129, 768, generator=g).to("cuda", dtype)
+    w = (torch.randn(3072, 768, generator=g) / 768 ** 0.5).to("cuda", dtype)
+    b = torch.randn(3072, generator=g).to("cuda", dtype)
+    out = quick_gelu_linear(x, w, b)
+    y = x.double() @ w.double().T + b.double()
+    ref = y * torch.sigmoid(1.702 * y)
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    assert ((out.double() - ref).abs().max() / ref.abs().max()).item() < tol
+    assert torch.equal(out, quick_gelu_linear(x, w, b))
+
+
+@needs_cuda
+def test_on_the_gpu_a_compiled_call_equals_the_eager_one() -> None:
+    """The kernel is a torch operator (``torch.library.custom_op``): compiled, the graph calls it whole."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 768, generator=g).to("cuda", torch.bfloat16)
+    w = torch.randn(3072, 768, generator=g).to("cuda", torch.bfloat16) / 28
+    b = torch.randn(3072, generator=g).to("cuda", torch.bfloat16)
+    compiled = torch.compile(quick_gelu_linear, fullgraph=True)
+    assert torch.equal(compiled(x, w, b), quick_gelu_linear(x, w, b))
