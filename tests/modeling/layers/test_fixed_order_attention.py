@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from modeling.backbones.clip_vit import CLIPVisionBackbone
 from modeling.layers.fixed_order_attention import fixed_order_attention, fixed_order_attention_available
+from tests.helpers.tower_modes import forward_each_way
 from tests.helpers.triton_interpreter import run_interpreted
 
 pytest.importorskip("triton")
@@ -110,55 +111,43 @@ def test_a_tower_trained_with_the_kernels_matches_open_clips_blocks_and_repeats_
     assert tower["repeatable"], tower
 
 
-@pytest.mark.parametrize("grad", [True, False])
-def test_the_tower_runs_the_kernels_in_half_precision_with_or_without_gradients(monkeypatch, grad: bool) -> None:
-    """Evaluation uses them too (their forward pass beats cuDNN's at 129 tokens); fp32 keeps open_clip's blocks."""
+@pytest.fixture
+def attention_calls(monkeypatch: pytest.MonkeyPatch) -> list[torch.dtype]:
+    """The dtypes the tower's blocks call the fixed-order attention with (SDPA computes it; the device check passes)."""
     import modeling.backbones.clip_vit as clip_vit
 
-    calls = []
+    calls: list[torch.dtype] = []
 
-    def counted(q, k, v):
+    def counted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         calls.append(q.dtype)
         return F.scaled_dot_product_attention(q, k, v)
 
     monkeypatch.setattr(clip_vit, "fixed_order_attention_available", lambda device: True)
     monkeypatch.setattr(clip_vit, "fixed_order_or_sdpa", counted)
+    return calls
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_the_tower_runs_the_kernels_in_half_precision_with_or_without_gradients(attention_calls: list,
+                                                                               grad: bool) -> None:
+    """``fixed_order``: training and evaluation alike, in half precision; fp32 keeps open_clip's blocks."""
     tower = CLIPVisionBackbone("ViT-tiny", image_size=(64, 32), attention="fixed_order")
     images = torch.randn(2, 3, 64, 32)
     with torch.set_grad_enabled(grad):
         tower(images)
-        assert calls == []
+        assert attention_calls == []
         with torch.autocast("cpu", dtype=torch.bfloat16):
             tower(images)
         tower.bfloat16()(images.bfloat16())
-    assert calls == [torch.bfloat16] * 2 * len(tower.visual.transformer.resblocks)
+    assert attention_calls == [torch.bfloat16] * 2 * len(tower.visual.transformer.resblocks)
 
 
-def test_evaluation_runs_the_kernels_forward_only_where_asked(monkeypatch) -> None:
+def test_evaluation_runs_the_kernels_forward_only_where_asked(attention_calls: list) -> None:
     """``eval_attention``: with no gradient, in bf16, a free (``sdpa``) tower attends with the kernels; with a
     gradient, in fp32, or without ``eval_attention``, it runs open_clip's blocks."""
-    import modeling.backbones.clip_vit as clip_vit
-
-    calls = []
-
-    def counted(q, k, v):
-        calls.append(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v)
-
-    monkeypatch.setattr(clip_vit, "fixed_order_attention_available", lambda device: True)
-    monkeypatch.setattr(clip_vit, "fixed_order_or_sdpa", counted)
     tower = CLIPVisionBackbone("ViT-tiny", image_size=(64, 32), eval_attention=True)
-    off = CLIPVisionBackbone("ViT-tiny", image_size=(64, 32))
-    images = torch.randn(2, 3, 64, 32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        tower(images)
-    with torch.no_grad():
-        tower(images)
-        assert calls == []
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            tower(images)
-            off(images)
-    assert calls == [torch.bfloat16] * len(tower.visual.transformer.resblocks)
+    forward_each_way(tower, CLIPVisionBackbone("ViT-tiny", image_size=(64, 32)), torch.randn(2, 3, 64, 32))
+    assert attention_calls == [torch.bfloat16] * 2 * len(tower.visual.transformer.resblocks)
 
 
 def test_a_compiled_forward_and_backward_give_the_eager_bits(interpreted: dict) -> None:

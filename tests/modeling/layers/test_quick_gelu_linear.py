@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from modeling.backbones.clip_vit import CLIPVisionBackbone
 from modeling.layers.quick_gelu_linear import quick_gelu_linear, quick_gelu_linear_or_torch
+from tests.helpers.tower_modes import forward_each_way
 from tests.helpers.triton_interpreter import run_interpreted
 
 pytest.importorskip("triton")
@@ -102,22 +103,8 @@ def test_the_tower_runs_the_kernels_only_to_evaluate_in_half_precision(monkeypat
     monkeypatch.setattr(clip_vit, "fixed_order_or_sdpa", F.scaled_dot_product_attention)
     torch.manual_seed(0)
     tower = CLIPVisionBackbone("ViT-tiny", image_size=(64, 32), eval_fused_mlp=True)
-    off = CLIPVisionBackbone("ViT-tiny", image_size=(64, 32))
-    images = torch.randn(2, 3, 64, 32)
-    layers = len(tower.visual.transformer.resblocks)
-    tower(images).sum().backward()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        tower(images)
-        off(images)
-    assert calls == []
-    with torch.no_grad():
-        tower(images)
-        assert calls == []
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            tower(images)
-            off(images)
-        tower.bfloat16()(images.bfloat16())
-    assert calls == [torch.bfloat16] * 2 * layers
+    forward_each_way(tower, CLIPVisionBackbone("ViT-tiny", image_size=(64, 32)), torch.randn(2, 3, 64, 32))
+    assert calls == [torch.bfloat16] * 2 * len(tower.visual.transformer.resblocks)
 
 
 def test_a_gelu_tower_keeps_torchs_mlp_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
