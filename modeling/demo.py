@@ -57,26 +57,32 @@ from utils.modalities import MODALITIES
 logger = logging.getLogger(__name__)
 
 
+def _triton_kernels_fit(asked_by: str, instead: str) -> bool:
+    """Whether this machine's GPU (if any) runs the repository's Triton kernels; if it predates Ampere, a warning
+    names the key that asked for them (``asked_by``) and what runs ``instead``."""
+    if fixed_order_attention_fits_this_gpu():
+        return True
+    logger.warning("%s: this GPU (capability %s) predates Ampere, which the Triton kernels need; %s", asked_by,
+                   torch.cuda.get_device_capability(), instead)
+    return False
+
+
 def _tower_attention(cfg: Any) -> str:
     """``fixed_order`` for a ``DETERMINISTIC`` run with ``DETERMINISTIC_ATTENTION triton`` on a GPU the kernels
     are built for; ``sdpa`` (torch's deterministic fused kernels under ``DETERMINISTIC``) otherwise."""
     if not (cfg.DETERMINISTIC and cfg.DETERMINISTIC_ATTENTION == "triton"):
         return "sdpa"
-    if not fixed_order_attention_fits_this_gpu():
-        logger.warning("DETERMINISTIC_ATTENTION triton: this GPU (capability %s) predates Ampere, which the "
-                       "fixed-order kernels need; the CLIP tower runs torch's deterministic attention instead "
-                       "(as with DETERMINISTIC_ATTENTION fused)", torch.cuda.get_device_capability())
-        return "sdpa"
-    return "fixed_order"
+    fits = _triton_kernels_fit("DETERMINISTIC_ATTENTION triton", "the CLIP tower runs torch's deterministic "
+                               "attention instead (as with DETERMINISTIC_ATTENTION fused)")
+    return "fixed_order" if fits else "sdpa"
 
 
 def _eval_kernels(cfg: Any) -> tuple[bool, bool]:
     """(``TEST.TRITON_ATTENTION``, ``TEST.FUSED_MLP``), each on only where asked and on a GPU the Triton kernels
     are built for (the CPU keeps torch's kernels whatever they say)."""
     asked = (bool(cfg.TEST.TRITON_ATTENTION), bool(cfg.TEST.FUSED_MLP))
-    if any(asked) and not fixed_order_attention_fits_this_gpu():
-        logger.warning("TEST.TRITON_ATTENTION / TEST.FUSED_MLP: this GPU (capability %s) predates Ampere, which the "
-                       "Triton kernels need; evaluation runs torch's kernels", torch.cuda.get_device_capability())
+    if any(asked) and not _triton_kernels_fit("TEST.TRITON_ATTENTION / TEST.FUSED_MLP",
+                                              "evaluation runs torch's kernels"):
         return False, False
     return asked
 
