@@ -58,7 +58,9 @@ def fixed_order_or_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
 def fixed_order_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = DEFAULT_BLOCK
                           ) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v for (B, H, N, D) inputs, with a deterministic backward pass; returns (B, H, N, D)
-    laid out as (B, N, H, D), so merging the heads back is a view. ``block``: queries and keys a tile."""
+    laid out as (B, N, H, D), so merging the heads back is a view. ``block``: queries and keys a tile. With no
+    gradient to record, a forward-only kernel runs, whose last tile is cut to the rows left (129 tokens: tiles of
+    64, 64 and 16, not three of 64)."""
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must share one (B, H, N, D) shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
@@ -77,5 +79,7 @@ def fixed_order_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blo
                            "(set DETERMINISTIC_ATTENTION fused to use torch's kernels)")
     from modeling.layers import fixed_order_kernels  # noqa: F401  (registers the operators; imports Triton)
 
-    out, _ = torch.ops.fixed_order_attention.forward(q, k, v, block)
-    return out
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        out, _ = torch.ops.fixed_order_attention.forward(q, k, v, block)
+        return out
+    return torch.ops.fixed_order_attention.inference(q, k, v, block)

@@ -76,6 +76,59 @@ def _forward_kernel(Q, K, V, OUT, LSE, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b,
 
 
 @triton.jit
+def _attend_rows(Q, K, V, OUT, b, h, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+                 rows, N, qk_scale, D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr):
+    """O = softmax(Q K^T * scale) V for ``ROWS`` query rows of one (batch, head): the keys in whole tiles of
+    ``BLOCK_N``, then the ``N % BLOCK_N`` keys left in one tile of ``TAIL_N`` (none if 0)."""
+    offs_d = tl.arange(0, D)
+    q = _load_rows(Q, b, h, sq_b, sq_h, sq_n, rows, offs_d, N)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, D], dtype=tl.float32)
+    whole = (N // BLOCK_N) * BLOCK_N
+    for start in range(0, whole, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        k = tl.load(K + b * sk_b + h * sk_h + cols[:, None] * sk_n + offs_d[None, :])
+        v = tl.load(V + b * sv_b + h * sv_h + cols[:, None] * sv_n + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 domain
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    if TAIL_N > 0:
+        cols = whole + tl.arange(0, TAIL_N)
+        k = _load_rows(K, b, h, sk_b, sk_h, sk_n, cols, offs_d, N)
+        v = _load_rows(V, b, h, sv_b, sv_h, sv_n, cols, offs_d, N)
+        s = tl.where((cols < N)[None, :], tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    _store_rows(OUT, acc / l_i[:, None], b, h, so_b, so_h, so_n, rows, offs_d, N)
+
+
+@triton.jit
+def _inference_kernel(Q, K, V, OUT, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+                      H, N, qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      TAIL_M: tl.constexpr, TAIL_N: tl.constexpr):
+    """One query tile of one (batch, head), forward only: the programs before the last take whole tiles of
+    ``BLOCK_M`` rows, the last the ``N % BLOCK_M`` rows left in a tile of ``TAIL_M``; keys likewise (whole tiles,
+    then one of ``TAIL_N``). So 129 tokens cost tiles of 64 + 64 + 16 a side, not 3 x 64."""
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    first = tl.program_id(0) * BLOCK_M
+    if first + BLOCK_M <= N:
+        _attend_rows(Q, K, V, OUT, b, h, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+                     first + tl.arange(0, BLOCK_M), N, qk_scale, D, BLOCK_M, BLOCK_N, TAIL_N)
+    else:
+        _attend_rows(Q, K, V, OUT, b, h, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+                     first + tl.arange(0, TAIL_M), N, qk_scale, D, TAIL_M, BLOCK_N, TAIL_N)
+
+
+@triton.jit
 def _dq_kernel(Q, K, V, OUT, DO, LSE, DELTA, DQ, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                so_b, so_h, so_n, sdo_b, sdo_h, sdo_n, sdq_b, sdq_h, sdq_n, H, N, qk_scale, scale,
                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -168,6 +221,36 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: 
         q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), h, n, scale * LOG2E,
         D=d, BLOCK_M=block, BLOCK_N=block, num_warps=_warps(block), num_stages=NUM_STAGES)
     return out, lse
+
+
+def tail_tile(n: int, block: int) -> int:
+    """The tile that covers the ``n % block`` rows (or keys) left after the whole tiles: the smallest power of
+    two of at least 16 (the least a ``tl.dot`` takes), 0 where none are left."""
+    left = n % block
+    return 0 if left == 0 else max(16, triton.next_power_of_2(left))
+
+
+def _inference_output(q: torch.Tensor) -> torch.Tensor:
+    return _like_heads_last(q)
+
+
+@torch.library.custom_op("fixed_order_attention::inference", mutates_args=())
+def attention_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """(B, H, N, D) q, k, v -> output (B, H, N, D), forward only (no log-sum-exp kept): tiles of ``block``
+    queries and keys, the remainder of N in a tile cut to fit (:func:`tail_tile`)."""
+    b, h, n, d = q.shape
+    out = _inference_output(q)
+    tail = tail_tile(n, block)
+    _inference_kernel[(triton.cdiv(n, block), b * h)](
+        q, k, v, out, *_strides(q), *_strides(k), *_strides(v), *_strides(out), h, n,
+        1.0 / math.sqrt(d) * LOG2E, D=d, BLOCK_M=block, BLOCK_N=block, TAIL_M=tail or block, TAIL_N=tail,
+        num_warps=_warps(block), num_stages=NUM_STAGES)
+    return out
+
+
+@attention_inference.register_fake
+def _inference_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    return _inference_output(q)
 
 
 @torch.library.custom_op("fixed_order_attention::backward", mutates_args=())

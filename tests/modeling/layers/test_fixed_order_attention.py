@@ -53,6 +53,19 @@ for (b, h, n, d, block) in [(2, 2, 1, 16, 64), (1, 2, 10, 16, 16), (2, 1, 65, 32
                       repeatable=torch.equal(out, out2) and all(torch.equal(x, y) for x, y in zip(grads, grads2)),
                       heads_last=list(out.stride()) == [n * h * d, d, h * d, 1]))
 
+# forward only (no gradient recorded): the last tile cut to the rows left
+inference = []
+for (b, h, n, d, block) in [(1, 2, 129, 16, 64), (2, 1, 1, 32, 64), (1, 2, 197, 16, 64), (1, 1, 64, 16, 64),
+                            (2, 2, 40, 16, 16), (1, 1, 100, 64, 32), (1, 2, 129, 16, 128)]:
+    qkv = torch.randn(b, n, 3, h, d, dtype=torch.float16)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    with torch.no_grad():
+        out, out2 = fixed_order_attention(q, k, v, block=block), fixed_order_attention(q, k, v, block=block)
+    ref = reference(q.double(), k.double(), v.double())
+    inference.append(dict(shape=[b, h, n, d], block=block,
+                          err=((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item(),
+                          repeatable=torch.equal(out, out2), heads_last=list(out.stride()) == [n * h * d, d, h * d, 1]))
+
 # the tower: fixed-order kernels in training against open_clip's blocks with SDPA, same weights
 torch.manual_seed(0)
 fixed = CLIPVisionBackbone("ViT-tiny", image_size=(64, 32), num_cameras=2, attention="fixed_order").half()
@@ -77,7 +90,7 @@ def step(fn):
     return [out.detach(), *(t.grad for t in leaves)]
 compiled = all(torch.equal(a, b) for a, b in zip(step(fixed_order_attention),
                                                    step(torch.compile(fixed_order_attention, fullgraph=True))))
-print(json.dumps(dict(cases=cases, tower=tower, compiled=compiled)))
+print(json.dumps(dict(cases=cases, inference=inference, tower=tower, compiled=compiled)))
 """
 
 
@@ -92,6 +105,15 @@ def test_output_and_gradients_match_the_float64_formula(interpreted: dict) -> No
     for case in interpreted["cases"]:
         assert case["out"] < 2e-3, case
         assert max(case["grads"]) < 2e-3, case
+
+
+def test_the_forward_only_kernel_matches_the_float64_formula(interpreted: dict) -> None:
+    """No gradient: tiles of ``block`` then one cut to the rows and keys left (129 = 64 + 64 + 1 in a tile of 16;
+    a single token; nothing left; more left than 16), fp16 round-off, bit-repeatable, heads last."""
+    assert len(interpreted["inference"]) == 7
+    for case in interpreted["inference"]:
+        assert case["err"] < 2e-3, case
+        assert case["repeatable"] and case["heads_last"], case
 
 
 def test_two_backward_passes_are_bit_identical(interpreted: dict) -> None:
@@ -236,3 +258,21 @@ def test_on_the_gpu_a_compiled_forward_and_backward_equals_the_eager_one() -> No
     out.backward(grad)
     for got, want in zip([out.detach(), *(t.grad for t in leaves)], step(q, k, v)):
         assert torch.equal(got, want)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_on_the_gpu_the_forward_only_kernel_matches_float64_and_repeats(dtype: torch.dtype) -> None:
+    """The evaluation's shape (129 tokens: tiles of 64, 64 and 16), no gradient: against float64, twice, and
+    compiled against eager."""
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(24, 129, 3, 12, 64, generator=g).to("cuda", dtype)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    with torch.no_grad():
+        out = fixed_order_attention(q, k, v)
+        again = fixed_order_attention(q, k, v)
+        compiled = torch.compile(lambda q, k, v: fixed_order_attention(q, k, v), fullgraph=True)(q, k, v)
+    ref = torch.softmax(q.double() @ k.double().transpose(-1, -2) / 8.0, -1) @ v.double()
+    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    assert ((out.double() - ref).abs().max() / ref.abs().max()).item() < tol
+    assert torch.equal(out, again) and torch.equal(out, compiled)
