@@ -1,8 +1,14 @@
-"""Triton kernel of :mod:`modeling.layers.quick_gelu_linear`: ``quick_gelu(x @ w^T + b)`` in one pass.
+"""Triton kernels of :mod:`modeling.layers.quick_gelu_linear`: ``quick_gelu(x @ w^T + b)`` in one pass.
 
 A tiled matmul (fp32 accumulator) whose epilogue adds the bias and applies QuickGELU, ``y * sigmoid(1.702 y)``,
 before the one store: the activation never makes the round trip through GPU memory that a matmul followed by a
 separate elementwise kernel costs (the CLIP tower's widest tensor, 4x its width). Forward only: evaluation.
+
+Two kernels compute the same sums in the same order (one ``tl.dot`` per ``BLOCK_K`` slice, in order of K):
+
+- ``_descriptor_kernel`` reads its tiles through tensor descriptors, which GPUs of compute capability 9.0 or
+  more (Hopper) serve with their Tensor Memory Accelerator, from a persistent grid of one program per SM;
+- ``_pointer_kernel`` reads them with plain loads: older GPUs, and inputs whose rows are not 16-byte aligned.
 
 Importing this module needs Triton; it registers the torch operator ``quick_gelu_linear::forward``
 (``torch.library.custom_op`` with a shape function), which ``torch.compile`` keeps whole in its graphs and CUDA
@@ -11,48 +17,141 @@ graphs capture.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-#: launch settings, fixed (never timed per run, so a run's numbers do not depend on a timing): tiles of
-#: BLOCK_M x BLOCK_N outputs summed over BLOCK_K-wide slices of the input, GROUP_M row tiles side by side so that
-#: the weight tiles they share stay in L2; Hopper's usual bf16 matmul tile, not yet compared on a GPU
-BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M = 128, 256, 64, 8
-NUM_WARPS, NUM_STAGES = 8, 3
 QUICK_GELU_ALPHA = 1.702
 
 
+class Launch(NamedTuple):
+    """How a kernel is launched: tiles of ``block_m`` x ``block_n`` outputs summed over ``block_k``-wide slices
+    of the input, ``group_m`` row tiles side by side (the weight tiles they share stay in L2), ``warps`` and
+    software-pipeline ``stages``. ``descriptors``: read through tensor descriptors where the GPU has them;
+    ``subtile``: the descriptor kernel stores each tile as two halves (less shared memory for the epilogue)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    warps: int
+    stages: int
+    descriptors: bool
+    subtile: bool
+
+
+#: the launch, fixed (never timed per run, so that a run's numbers do not depend on a timing)
+LAUNCH = Launch(128, 256, 64, 8, 8, 3, True, False)
+
+
 @triton.jit
-def _quick_gelu_linear_kernel(X, W, BIAS, Y, M, N, K, sx_m, sw_n, sy_m, ALPHA: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                              GROUP_M: tl.constexpr):
-    """One (BLOCK_M, BLOCK_N) tile of Y = quick_gelu(X W^T + BIAS); K a multiple of BLOCK_K."""
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
+def _tile_of(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of the ``tile``-th output tile, ``GROUP_M`` row tiles to a group."""
     per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
+    first_m = (tile // per_group) * GROUP_M
     group_m = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
+    return first_m + (tile % per_group) % group_m, (tile % per_group) // group_m
+
+
+@triton.jit
+def _epilogue(acc, BIAS, cols, N, ALPHA: tl.constexpr):
+    """QuickGELU of the accumulator plus the bias, in fp32."""
+    acc += tl.load(BIAS + cols, mask=cols < N).to(tl.float32)[None, :]
+    return acc * tl.sigmoid(ALPHA * acc)
+
+
+@triton.jit
+def _pointer_kernel(X, W, BIAS, Y, M, N, K, sx_m, sw_n, sy_m, ALPHA: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """One (BLOCK_M, BLOCK_N) tile of Y = quick_gelu(X W^T + BIAS); K a multiple of BLOCK_K."""
+    pid_m, pid_n = _tile_of(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # rows and columns past the end wrap around: every load stays in bounds unmasked; the store masks them
-    rows_in = rows % M
-    cols_in = cols % N
     offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = X + rows_in[:, None] * sx_m + offs_k[None, :]
-    w_ptrs = W + cols_in[None, :] * sw_n + offs_k[:, None]
+    x_ptrs = X + (rows % M)[:, None] * sx_m + offs_k[None, :]
+    w_ptrs = W + (cols % N)[None, :] * sw_n + offs_k[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for _ in range(0, K, BLOCK_K):
         acc = tl.dot(tl.load(x_ptrs), tl.load(w_ptrs), acc)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    acc += tl.load(BIAS + cols_in).to(tl.float32)[None, :]
-    y = acc * tl.sigmoid(ALPHA * acc)
+    y = _epilogue(acc, BIAS, cols, N, ALPHA)
     tl.store(Y + rows[:, None] * sy_m + cols[None, :], y.to(Y.dtype.element_ty),
              mask=(rows < M)[:, None] & (cols < N)[None, :])
+
+
+@triton.jit
+def _descriptor_kernel(X, W, BIAS, Y, M, N, K, ALPHA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr,
+                       SUBTILE: tl.constexpr):
+    """Output tiles ``program_id, program_id + PROGRAMS, ...`` of Y = quick_gelu(X W^T + BIAS), X, W and Y
+    tensor descriptors (reads past the end are zeros, writes past it are dropped); K a multiple of BLOCK_K."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, PROGRAMS, flatten=True):
+        pid_m, pid_n = _tile_of(tile, tiles_m, tiles_n, GROUP_M)
+        row, col = pid_m * BLOCK_M, pid_n * BLOCK_N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            acc = tl.dot(X.load([row, k]), W.load([col, k]).T, acc)
+        y = _epilogue(acc, BIAS, col + tl.arange(0, BLOCK_N), N, ALPHA).to(Y.dtype)
+        if SUBTILE:
+            left, right = tl.split(tl.permute(tl.reshape(y, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            Y.store([row, col], left)
+            Y.store([row, col + BLOCK_N // 2], right)
+        else:
+            Y.store([row, col], y)
+
+
+def descriptors_fit(*tensors: torch.Tensor) -> bool:
+    """Whether tensor descriptors can read these 2-d tensors on their device: a GPU of compute capability 9.0 or
+    more (or Triton's interpreter), 16-byte aligned starts and row strides, contiguous rows."""
+    from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401  (Triton 3.4 and later)
+
+    device = tensors[0].device
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+               for t in tensors)
+
+
+def _descriptor_kernel_fits(*tensors: torch.Tensor) -> bool:
+    try:
+        return descriptors_fit(*tensors)
+    except ImportError:
+        return False
+
+
+def _programs(device: torch.device, tiles: int) -> int:
+    """One program per SM (a persistent grid), at most one per tile; every tile its own program on the CPU."""
+    if device.type != "cuda":
+        return tiles
+    return min(tiles, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, y: torch.Tensor, how: Launch) -> None:
+    """Write ``quick_gelu(x @ weight^T + bias)`` into ``y`` ((M, N), rows contiguous) with launch ``how``."""
+    m, k = x.shape
+    n = weight.shape[0]
+    tiles = triton.cdiv(m, how.block_m) * triton.cdiv(n, how.block_n)
+    if how.descriptors and _descriptor_kernel_fits(x, weight, y):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        store_n = how.block_n // 2 if how.subtile else how.block_n
+        programs = _programs(x.device, tiles)
+        _descriptor_kernel[(programs,)](
+            TensorDescriptor.from_tensor(x, [how.block_m, how.block_k]),
+            TensorDescriptor.from_tensor(weight, [how.block_n, how.block_k]), bias,
+            TensorDescriptor.from_tensor(y, [how.block_m, store_n]), m, n, k, ALPHA=QUICK_GELU_ALPHA,
+            BLOCK_M=how.block_m, BLOCK_N=how.block_n, BLOCK_K=how.block_k, GROUP_M=how.group_m, PROGRAMS=programs,
+            SUBTILE=how.subtile, num_warps=how.warps, num_stages=how.stages)
+        return
+    _pointer_kernel[(tiles,)](x, weight, bias, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
+                              ALPHA=QUICK_GELU_ALPHA, BLOCK_M=how.block_m, BLOCK_N=how.block_n,
+                              BLOCK_K=how.block_k, GROUP_M=how.group_m, num_warps=how.warps, num_stages=how.stages)
 
 
 def _output(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -61,15 +160,10 @@ def _output(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("quick_gelu_linear::forward", mutates_args=())
 def quick_gelu_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """(M, K) x, (N, K) weight, (N,) bias, one half dtype, rows contiguous, K a multiple of ``BLOCK_K`` ->
-    (M, N) ``quick_gelu(x @ weight^T + bias)``."""
-    m, k = x.shape
-    n = weight.shape[0]
+    """(M, K) x, (N, K) weight, (N,) bias, one half dtype, rows contiguous, K a multiple of ``LAUNCH.block_k``
+    -> (M, N) ``quick_gelu(x @ weight^T + bias)``."""
     y = _output(x, weight)
-    grid = (triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N),)
-    _quick_gelu_linear_kernel[grid](x, weight, bias, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-                                    ALPHA=QUICK_GELU_ALPHA, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                                    GROUP_M=GROUP_M, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    launch(x, weight, bias, y, LAUNCH)
     return y
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from modeling.backbones.clip_vit import CLIPVisionBackbone
-from modeling.layers.quick_gelu_linear import quick_gelu_linear, quick_gelu_linear_or_torch
+from modeling.layers.quick_gelu_linear import K_MULTIPLE, quick_gelu_linear, quick_gelu_linear_or_torch
 from tests.helpers.tower_modes import forward_each_way
 from tests.helpers.triton_interpreter import run_interpreted
 
@@ -29,6 +29,16 @@ def reference(x, w, b):  # float64, written out
     y = x.double() @ w.double().T + b.double()
     return y / (1 + torch.exp(-1.702 * y))
 
+from modeling.layers import quick_gelu_linear_kernel as kernel
+
+def each_kernel(x, w, b):  # the descriptor kernel and the pointer kernel, same tiles
+    out = []
+    for descriptors in (True, False):
+        y = x.new_empty(x.shape[0], w.shape[0])
+        kernel.launch(x, w, b, y, kernel.LAUNCH._replace(descriptors=descriptors))
+        out.append(y)
+    return out
+
 torch.manual_seed(0)
 cases = []
 # rows and columns that end inside a tile (one row; 130 rows; 300 columns), K of one and of three slices,
@@ -39,12 +49,20 @@ for m, n, k in [(1, 8, 64), (130, 300, 192), (257, 256, 64)]:
     b = torch.randn(n).half()
     out = quick_gelu_linear(x, w, b)
     ref = reference(x, w, b)
+    desc, ptr = each_kernel(x, w, b)
     cases.append(dict(shape=[m, n, k], err=((out.double() - ref).abs().max() / ref.abs().max()).item(),
-                      repeatable=torch.equal(out, quick_gelu_linear(x, w, b))))
+                      repeatable=torch.equal(out, quick_gelu_linear(x, w, b)), kernels_agree=torch.equal(desc, ptr),
+                      default_is_descriptors=torch.equal(out, desc)))
 x = torch.randn(4, 5, 2 * 64, dtype=torch.float16)[:, :, :64]
 w, b = (torch.randn(16, 64) / 8).half(), torch.randn(16).half()
 ref = reference(x, w, b)
 strided = ((quick_gelu_linear(x, w, b).double() - ref).abs().max() / ref.abs().max()).item()
+# rows that start off a 16-byte boundary: no descriptor can read them, the pointer kernel runs
+flat = torch.randn(1 + 9 * 64, dtype=torch.float16)
+x = flat[1:].view(9, 64)
+ref = reference(x, w, b)
+unaligned = dict(fits=kernel.descriptors_fit(x, w), err=((quick_gelu_linear(x, w, b).double() - ref).abs().max()
+                                                          / ref.abs().max()).item())
 
 # towers evaluating with the fused MLP (and with the fixed-order attention too) against open_clip's blocks, same
 # fp16 weights and images
@@ -59,7 +77,7 @@ for attention in (False, True):
     with torch.no_grad():
         a, b = fused(images, cams).float(), plain(images, cams).float()
     tower.append(((a - b).abs().max() / b.abs().max()).item())
-print(json.dumps(dict(cases=cases, strided=strided, tower=tower)))
+print(json.dumps(dict(cases=cases, strided=strided, unaligned=unaligned, tower=tower)))
 """
 
 
@@ -73,6 +91,18 @@ def test_the_kernel_matches_the_float64_formula(interpreted: dict) -> None:
     for case in interpreted["cases"]:
         assert case["err"] < 2e-3, case
     assert interpreted["strided"] < 2e-3, interpreted["strided"]
+
+
+def test_the_descriptor_and_pointer_kernels_agree_bit_for_bit(interpreted: dict) -> None:
+    """Same tiles, same slices of K in the same order: the two ways of reading tiles give the same outputs, and
+    the layer's default launch reads through descriptors where they fit."""
+    for case in interpreted["cases"]:
+        assert case["kernels_agree"] and case["default_is_descriptors"], case
+
+
+def test_rows_off_a_16_byte_boundary_take_the_pointer_kernel(interpreted: dict) -> None:
+    assert not interpreted["unaligned"]["fits"]
+    assert interpreted["unaligned"]["err"] < 2e-3, interpreted["unaligned"]
 
 
 def test_the_kernel_repeats_bit_for_bit(interpreted: dict) -> None:
@@ -125,6 +155,12 @@ def test_where_the_kernel_does_not_run_the_layer_is_torchs() -> None:
     assert w.grad is not None
 
 
+def test_the_layer_asks_for_k_in_whole_slices_of_the_kernels() -> None:
+    from modeling.layers import quick_gelu_linear_kernel as kernel
+
+    assert K_MULTIPLE == kernel.LAUNCH.block_k
+
+
 def test_bad_inputs_are_refused_with_the_reason() -> None:
     x, w, b = torch.randn(4, 64, dtype=torch.float16), torch.randn(8, 64, dtype=torch.float16), torch.randn(8)
     with pytest.raises(ValueError, match="fp16 or bf16"):
@@ -163,3 +199,22 @@ def test_on_the_gpu_a_compiled_call_equals_the_eager_one() -> None:
     b = torch.randn(3072, generator=g).to("cuda", torch.bfloat16)
     compiled = torch.compile(quick_gelu_linear, fullgraph=True)
     assert torch.equal(compiled(x, w, b), quick_gelu_linear(x, w, b))
+
+
+@needs_cuda
+def test_on_the_gpu_both_kernels_give_the_same_outputs() -> None:
+    """Tiles read through tensor descriptors (Hopper and later) or with plain loads: the same slices of K in the
+    same order, so the same bits; the layer's launch reads through descriptors where the GPU has them."""
+    from modeling.layers import quick_gelu_linear_kernel as kernel
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3 * 129 * 4 + 5, 768, generator=g).to("cuda", torch.bfloat16)
+    w = (torch.randn(3072, 768, generator=g) / 28).to("cuda", torch.bfloat16)
+    b = torch.randn(3072, generator=g).to("cuda", torch.bfloat16)
+    out = []
+    for descriptors in (True, False):
+        y = x.new_empty(x.shape[0], w.shape[0])
+        kernel.launch(x, w, b, y, kernel.LAUNCH._replace(descriptors=descriptors))
+        out.append(y)
+    assert torch.equal(out[0], out[1])
+    assert torch.equal(quick_gelu_linear(x, w, b), out[0])
