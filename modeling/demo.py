@@ -46,6 +46,7 @@ from torch import nn
 
 from modeling.backbones.clip_vit import CLIPVisionBackbone
 from modeling.layers.fixed_order_attention import fixed_order_attention_fits_this_gpu
+from modeling.layers.quick_gelu_linear import fused_mlp_fits_this_gpu
 from modeling.module.atm import AttentionTriggeredMoE, QuickGELU
 from modeling.module.dgaf import DualGatedFusion
 from modeling.module.hdm import HDM_SUBSETS, HierarchicalDecoupling, subset_name
@@ -79,12 +80,18 @@ def _tower_attention(cfg: Any) -> str:
 
 def _eval_kernels(cfg: Any) -> tuple[bool, bool]:
     """(``TEST.TRITON_ATTENTION``, ``TEST.FUSED_MLP``), each on only where asked and on a GPU the Triton kernels
-    are built for (the CPU keeps torch's kernels whatever they say)."""
-    asked = (bool(cfg.TEST.TRITON_ATTENTION), bool(cfg.TEST.FUSED_MLP))
-    if any(asked) and not _triton_kernels_fit("TEST.TRITON_ATTENTION / TEST.FUSED_MLP",
-                                              "evaluation runs torch's kernels"):
+    are built for (the CPU keeps torch's kernels whatever they say); the fused MLP only from Hopper on, where it
+    was measured faster than torch's."""
+    attention, fused_mlp = bool(cfg.TEST.TRITON_ATTENTION), bool(cfg.TEST.FUSED_MLP)
+    if (attention or fused_mlp) and not _triton_kernels_fit("TEST.TRITON_ATTENTION / TEST.FUSED_MLP",
+                                                            "evaluation runs torch's kernels"):
         return False, False
-    return asked
+    if fused_mlp and not fused_mlp_fits_this_gpu():
+        logger.info("TEST.FUSED_MLP: this GPU (capability %s) predates Hopper, where the fused MLP kernel was "
+                    "slower than torch's matmul and QuickGELU apart; evaluation runs torch's MLP",
+                    torch.cuda.get_device_capability())
+        fused_mlp = False
+    return attention, fused_mlp
 
 
 #: Parameter names (last component) kept out of weight decay besides biases and 1-D tensors.

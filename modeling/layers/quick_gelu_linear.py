@@ -8,7 +8,8 @@ the tower, at its memory bound: 2.4 of an evaluation batch's 21.5 ms on an H100 
 
 Forward only, fp16 or bf16, on a CUDA device (or the CPU under ``TRITON_INTERPRET=1``, which the tests use);
 :func:`quick_gelu_linear_or_torch` falls back to torch's ``F.linear`` and QuickGELU elsewhere. The CLIP tower
-evaluates with it under ``TEST.FUSED_MLP True`` (off by default: not yet timed on a GPU).
+evaluates with it under ``TEST.FUSED_MLP True`` (the default) on GPUs of compute capability 9.0 or more
+(:func:`fused_mlp_fits_this_gpu`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,18 @@ import torch.nn.functional as F
 
 from modeling.layers.fixed_order_attention import DTYPES, fixed_order_attention_available
 
-#: the kernel's input slices are this many columns wide (``BLOCK_K``); K must be a multiple of it
+#: the kernel's input slices are this many columns wide (``LAUNCH.block_k``); K must be a multiple of it
 K_MULTIPLE = 64
+#: the oldest GPUs the fused layer pays on: compute capability 9.0 (Hopper), whose Tensor Memory Accelerator reads
+#: the tiles; on an H200, the same kernel reading its tiles with plain loads took 0.593 ms against 0.334 for
+#: cuBLAS's matmul alone (BENCHMARKS.md), slower than the matmul and QuickGELU apart
+MIN_CAPABILITY = (9, 0)
+
+
+def fused_mlp_fits_this_gpu() -> bool:
+    """False on a machine whose current CUDA GPU predates Hopper (capability < 9.0); True elsewhere. Read where a
+    model is built, outside compiled code."""
+    return not torch.cuda.is_available() or torch.cuda.get_device_capability() >= MIN_CAPABILITY
 
 
 def quick_gelu(y: torch.Tensor) -> torch.Tensor:

@@ -238,15 +238,24 @@ def test_a_gpu_older_than_ampere_keeps_torchs_deterministic_attention(monkeypatc
 
 
 def test_evaluation_kernels_follow_their_keys_unless_the_gpu_is_too_old(monkeypatch, caplog) -> None:
-    """``TEST.TRITON_ATTENTION`` (on by default) and ``TEST.FUSED_MLP`` (off by default) reach the tower; on a
-    pre-Ampere GPU both stay off, with a warning."""
+    """``TEST.TRITON_ATTENTION`` and ``TEST.FUSED_MLP`` (both on by default) reach the tower; on a pre-Ampere GPU
+    both stay off, with a warning; on an Ampere GPU the attention kernels run and the fused MLP (measured faster
+    only where the Tensor Memory Accelerator reads its tiles) stays off, with a log line."""
     tower = _model().backbone
-    assert tower.eval_attention and not tower.eval_fused_mlp
-    tower = _model("TEST.TRITON_ATTENTION", False, "TEST.FUSED_MLP", True).backbone
-    assert not tower.eval_attention and tower.eval_fused_mlp
+    assert tower.eval_attention and tower.eval_fused_mlp
+    tower = _model("TEST.TRITON_ATTENTION", False, "TEST.FUSED_MLP", False).backbone
+    assert not tower.eval_attention and not tower.eval_fused_mlp
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     with caplog.at_level(logging.WARNING):
-        tower = _model("TEST.FUSED_MLP", True).backbone
+        tower = _model().backbone
     assert not tower.eval_attention and not tower.eval_fused_mlp
     assert "TEST.TRITON_ATTENTION" in caplog.text and "predates Ampere" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    with caplog.at_level(logging.INFO):
+        tower = _model().backbone
+    assert tower.eval_attention and not tower.eval_fused_mlp
+    assert "TEST.FUSED_MLP" in caplog.text and "predates Hopper" in caplog.text
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert _model().backbone.eval_fused_mlp
