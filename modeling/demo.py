@@ -45,8 +45,8 @@ import torch
 from torch import nn
 
 from modeling.backbones.clip_vit import CLIPVisionBackbone
-from modeling.layers.fixed_order_attention import fixed_order_attention_fits_this_gpu
 from modeling.layers.quick_gelu_linear import fused_mlp_fits_this_gpu
+from modeling.layers.triton_device import triton_fits_this_gpu
 from modeling.module.atm import AttentionTriggeredMoE, QuickGELU
 from modeling.module.dgaf import DualGatedFusion
 from modeling.module.hdm import HDM_SUBSETS, HierarchicalDecoupling, subset_name
@@ -61,7 +61,7 @@ logger = logging.getLogger(__name__)
 def _triton_kernels_fit(asked_by: str, instead: str) -> bool:
     """Whether this machine's GPU (if any) runs the repository's Triton kernels; if it predates Ampere, a warning
     names the key that asked for them (``asked_by``) and what runs ``instead``."""
-    if fixed_order_attention_fits_this_gpu():
+    if triton_fits_this_gpu():
         return True
     logger.warning("%s: this GPU (capability %s) predates Ampere, which the Triton kernels need; %s", asked_by,
                    torch.cuda.get_device_capability(), instead)

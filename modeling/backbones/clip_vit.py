@@ -52,9 +52,9 @@ from modeling.clip_checkpoint import (
     read_clip_state_dict,
     resolve_quick_gelu,
 )
-from modeling.layers.fixed_order_attention import DTYPES as HALF_DTYPES
-from modeling.layers.fixed_order_attention import fixed_order_attention_available, fixed_order_or_sdpa
+from modeling.layers.fixed_order_attention import fixed_order_or_sdpa
 from modeling.layers.quick_gelu_linear import quick_gelu_linear_or_torch
+from modeling.layers.triton_device import HALF_DTYPES, triton_runs_on
 from modeling.registry import BACKBONE_REGISTRY
 
 __all__ = ["CLIPVisionBackbone", "load_clip_visual_weights", "read_clip_state_dict", "resize_pos_embed"]
@@ -347,7 +347,7 @@ class CLIPVisionBackbone(nn.Module):
         no_grad = not torch.is_grad_enabled()
         fixed_order = self.attention == "fixed_order" or (self.eval_attention and no_grad)
         fused_mlp = self.eval_fused_mlp and no_grad
-        if (fixed_order or fused_mlp) and _half(x) and fixed_order_attention_available(x.device):
+        if (fixed_order or fused_mlp) and _half(x) and triton_runs_on(x.device):
             x = self.blocks(x, fixed_order_or_sdpa if fixed_order else F.scaled_dot_product_attention, fused_mlp)
         else:
             x = v.transformer(x)

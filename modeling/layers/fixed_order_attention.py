@@ -15,42 +15,21 @@ the CLIP tower's attention.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 import torch.nn.functional as F
 
+from modeling.layers.triton_device import HALF_DTYPES, triton_runs_on
+
 HEAD_DIMS = (16, 32, 64, 128)
-DTYPES = (torch.float16, torch.bfloat16)
-#: read once at import: the checks below run inside compiled graphs, where they must be plain comparisons
-TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-#: the oldest GPUs the kernels are built for: Triton supports compute capability 8.0 (Ampere) and newer since 3.3,
-#: and its bf16 matmuls need it
-MIN_CAPABILITY = (8, 0)
 #: queries and keys a tile; one fixed tile for every run (a tile timed per run could change the sums' order)
 BLOCKS = (16, 32, 64, 128)
 DEFAULT_BLOCK = 64
 
 
-def fixed_order_attention_available(device: torch.device | str) -> bool:
-    """Whether the kernels can run on ``device``: Triton is importable and the device is CUDA (or the CPU under
-    Triton's interpreter)."""
-    device_type = torch.device(device).type
-    return TRITON_INSTALLED and (device_type == "cuda" or (device_type == "cpu" and TRITON_INTERPRETED))
-
-
-def fixed_order_attention_fits_this_gpu() -> bool:
-    """False on a machine whose current CUDA GPU predates Ampere (capability < 8.0); True elsewhere. Read where a
-    model is built, outside compiled code."""
-    return not torch.cuda.is_available() or torch.cuda.get_device_capability() >= MIN_CAPABILITY
-
-
 def fixed_order_or_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """:func:`fixed_order_attention` where it runs (its device, dtypes and head dims), torch's
     ``scaled_dot_product_attention`` elsewhere (e.g. an fp32 tower, which SDPA's deterministic kernels cover)."""
-    if q.dtype in DTYPES and q.shape[-1] in HEAD_DIMS and fixed_order_attention_available(q.device):
+    if q.dtype in HALF_DTYPES and q.shape[-1] in HEAD_DIMS and triton_runs_on(q.device):
         return fixed_order_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 
@@ -64,7 +43,7 @@ def fixed_order_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blo
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must share one (B, H, N, D) shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
-    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+    if q.dtype not in HALF_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"fixed-order attention runs in fp16 or bf16 (autocast), got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"fixed-order attention supports head dims {HEAD_DIMS}, got {q.shape[-1]}")
@@ -74,7 +53,7 @@ def fixed_order_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blo
                          "than 2**31 elements: split the batch")
     if block not in BLOCKS:
         raise ValueError(f"block must be one of {BLOCKS}, got {block}")
-    if not fixed_order_attention_available(q.device):
+    if not triton_runs_on(q.device):
         raise RuntimeError(f"fixed-order attention needs Triton and a CUDA device, got {q.device} "
                            "(set DETERMINISTIC_ATTENTION fused to use torch's kernels)")
     from modeling.layers import fixed_order_kernels  # noqa: F401  (registers the operators; imports Triton)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from modeling.layers.fixed_order_attention import DTYPES, fixed_order_attention_available
+from modeling.layers.triton_device import HALF_DTYPES, triton_runs_on
 
 #: the kernel's input slices are this many columns wide (``LAUNCH.block_k``); K must be a multiple of it
 K_MULTIPLE = 64
@@ -42,14 +42,14 @@ def quick_gelu_linear_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether :func:`quick_gelu_linear` runs for these inputs: no gradient recorded, a half dtype, a device the
     Triton kernels run on, K a multiple of ``K_MULTIPLE``."""
     return (not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and x.dtype in DTYPES and weight.shape[-1] % K_MULTIPLE == 0 and x.numel() > 0
-            and fixed_order_attention_available(x.device))
+            and x.dtype in HALF_DTYPES and weight.shape[-1] % K_MULTIPLE == 0 and x.numel() > 0
+            and triton_runs_on(x.device))
 
 
 def quick_gelu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``quick_gelu(x @ weight^T + bias)`` in one kernel: ``x`` (..., K), ``weight`` (N, K), ``bias`` (N,), all
     fp16 or all bf16 -> (..., N). Records no gradient."""
-    if not (x.dtype in DTYPES and weight.dtype == x.dtype and bias.dtype == x.dtype):
+    if not (x.dtype in HALF_DTYPES and weight.dtype == x.dtype and bias.dtype == x.dtype):
         raise ValueError(f"quick_gelu_linear runs in fp16 or bf16, got {x.dtype}, {weight.dtype}, {bias.dtype}")
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or bias.shape != (weight.shape[0],):
         raise ValueError(f"shapes do not chain: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from modeling.backbones.clip_vit import CLIPVisionBackbone
-from modeling.layers.fixed_order_attention import fixed_order_attention, fixed_order_attention_available
+from modeling.layers.fixed_order_attention import fixed_order_attention
+from modeling.layers.triton_device import triton_runs_on
 from tests.helpers.tower_modes import forward_each_way
 from tests.helpers.triton_interpreter import run_interpreted
 
@@ -144,7 +145,7 @@ def attention_calls(monkeypatch: pytest.MonkeyPatch) -> list[torch.dtype]:
         calls.append(q.dtype)
         return F.scaled_dot_product_attention(q, k, v)
 
-    monkeypatch.setattr(clip_vit, "fixed_order_attention_available", lambda device: True)
+    monkeypatch.setattr(clip_vit, "triton_runs_on", lambda device: True)
     monkeypatch.setattr(clip_vit, "fixed_order_or_sdpa", counted)
     return calls
 
@@ -187,7 +188,7 @@ def test_the_towers_own_blocks_compute_what_open_clips_compute() -> None:
 
 def test_without_the_kernels_device_the_tower_runs_open_clips_blocks() -> None:
     """``fixed_order`` on the CPU (no interpreter), or without grad: the tower is the SDPA tower, bit for bit."""
-    assert not fixed_order_attention_available("cpu") or os.environ.get("TRITON_INTERPRET") == "1"
+    assert not triton_runs_on("cpu") or os.environ.get("TRITON_INTERPRET") == "1"
     torch.manual_seed(0)
     fixed = CLIPVisionBackbone("ViT-tiny", image_size=(64, 32), attention="fixed_order")
     sdpa = CLIPVisionBackbone("ViT-tiny", image_size=(64, 32))

@@ -127,8 +127,8 @@ def test_the_tower_runs_the_kernels_only_to_evaluate_in_half_precision(monkeypat
         calls.append(x.dtype)
         return F.linear(x, weight, bias) * torch.sigmoid(1.702 * F.linear(x, weight, bias))
 
-    monkeypatch.setattr(clip_vit, "fixed_order_attention_available", lambda device: True)
-    monkeypatch.setattr(fused_module, "fixed_order_attention_available", lambda device: True)
+    monkeypatch.setattr(clip_vit, "triton_runs_on", lambda device: True)
+    monkeypatch.setattr(fused_module, "triton_runs_on", lambda device: True)
     monkeypatch.setattr(fused_module, "quick_gelu_linear", counted)
     monkeypatch.setattr(clip_vit, "fixed_order_or_sdpa", F.scaled_dot_product_attention)
     torch.manual_seed(0)
