@@ -49,6 +49,16 @@ def _probabilities(q, k, lse, qk_scale, rows, cols, N):
 
 
 @triton.jit
+def _fold_key_tile(s, v, m_i, l_i, acc):
+    """The online softmax's step: one key tile's scores ``s`` (log2 domain) and values ``v`` folded into the rows'
+    running maximum ``m_i``, sum ``l_i`` and unnormalised output ``acc``."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+
+@triton.jit
 def _forward_kernel(Q, K, V, OUT, LSE, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
                     H, N, qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One query tile of one (batch, head): O = softmax(Q K^T * scale) V, and the rows' log2-sum-exp."""
@@ -65,12 +75,7 @@ def _forward_kernel(Q, K, V, OUT, LSE, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b,
         k = _load_rows(K, b, h, sk_b, sk_h, sk_n, cols, offs_d, N)
         v = _load_rows(V, b, h, sv_b, sv_h, sv_n, cols, offs_d, N)
         s = tl.where((cols < N)[None, :], tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))  # log2 domain
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _fold_key_tile(s, v, m_i, l_i, acc)
     _store_rows(OUT, acc / l_i[:, None], b, h, so_b, so_h, so_n, rows, offs_d, N)
     tl.store(LSE + bh * N + rows, m_i + tl.math.log2(l_i), mask=rows < N)
 
@@ -91,22 +96,13 @@ def _attend_rows(Q, K, V, OUT, b, h, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, s
         k = tl.load(K + b * sk_b + h * sk_h + cols[:, None] * sk_n + offs_d[None, :])
         v = tl.load(V + b * sv_b + h * sv_h + cols[:, None] * sv_n + offs_d[None, :])
         s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 domain
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _fold_key_tile(s, v, m_i, l_i, acc)
     if TAIL_N > 0:
         cols = whole + tl.arange(0, TAIL_N)
         k = _load_rows(K, b, h, sk_b, sk_h, sk_n, cols, offs_d, N)
         v = _load_rows(V, b, h, sv_b, sv_h, sv_n, cols, offs_d, N)
         s = tl.where((cols < N)[None, :], tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i, l_i, acc = _fold_key_tile(s, v, m_i, l_i, acc)
     _store_rows(OUT, acc / l_i[:, None], b, h, so_b, so_h, so_n, rows, offs_d, N)
 
 
