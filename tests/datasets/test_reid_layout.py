@@ -314,7 +314,7 @@ def test_test_resize_interpolation_is_pil_s():
     for name, mode in (("bilinear", Image.BILINEAR), ("bicubic", Image.BICUBIC)):
         tf = build_reid_transform((32, 16), train=False, mean=(0, 0, 0), std=(1, 1, 1), interpolation=name)
         got = tf({"RGB": img, "NI": img, "TI": img})[0]["RGB"]
-        want = torch.from_numpy(np.asarray(img.resize((16, 32), mode))).permute(2, 0, 1).float() / 255
+        want = torch.from_numpy(np.array(img.resize((16, 32), mode))).permute(2, 0, 1).float() / 255
         assert torch.allclose(got, want, atol=1e-6), name
     with pytest.raises(ValueError, match="interpolation"):
         build_reid_transform((32, 16), train=False, interpolation="nearest")
