@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from modeling.layers.triton_device import HALF_DTYPES, triton_runs_on
+from modeling.layers.triton_device import HALF_DTYPES, this_gpu_reaches, triton_runs_on
 
 #: the kernel's input slices are this many columns wide (``LAUNCH.block_k``); K must be a multiple of it
 K_MULTIPLE = 64
@@ -28,9 +28,8 @@ MIN_CAPABILITY = (9, 0)
 
 
 def fused_mlp_fits_this_gpu() -> bool:
-    """False on a machine whose current CUDA GPU predates Hopper (capability < 9.0); True elsewhere. Read where a
-    model is built, outside compiled code."""
-    return not torch.cuda.is_available() or torch.cuda.get_device_capability() >= MIN_CAPABILITY
+    """False on a machine whose current CUDA GPU predates Hopper (capability < 9.0); True elsewhere."""
+    return this_gpu_reaches(MIN_CAPABILITY)
 
 
 def quick_gelu(y: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,12 @@ def triton_runs_on(device: torch.device | str) -> bool:
     return TRITON_INSTALLED and (device_type == "cuda" or (device_type == "cpu" and TRITON_INTERPRETED))
 
 
+def this_gpu_reaches(capability: tuple[int, int]) -> bool:
+    """False on a machine whose current CUDA GPU has a lower compute capability than ``capability``; True
+    elsewhere (no GPU included). Read where a model is built, outside compiled code."""
+    return not torch.cuda.is_available() or torch.cuda.get_device_capability() >= capability
+
+
 def triton_fits_this_gpu() -> bool:
-    """False on a machine whose current CUDA GPU predates Ampere (capability < 8.0); True elsewhere. Read where a
-    model is built, outside compiled code."""
-    return not torch.cuda.is_available() or torch.cuda.get_device_capability() >= MIN_CAPABILITY
+    """False on a machine whose current CUDA GPU predates Ampere (capability < 8.0); True elsewhere."""
+    return this_gpu_reaches(MIN_CAPABILITY)
