@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 QUICK_GELU_ALPHA = 1.702
 
@@ -114,20 +115,11 @@ def _descriptor_kernel(X, W, BIAS, Y, M, N, K, ALPHA: tl.constexpr, BLOCK_M: tl.
 def descriptors_fit(*tensors: torch.Tensor) -> bool:
     """Whether tensor descriptors can read these 2-d tensors on their device: a GPU of compute capability 9.0 or
     more (or Triton's interpreter), 16-byte aligned starts and row strides, contiguous rows."""
-    from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401  (Triton 3.4 and later)
-
     device = tensors[0].device
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
         return False
     return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
                for t in tensors)
-
-
-def _descriptor_kernel_fits(*tensors: torch.Tensor) -> bool:
-    try:
-        return descriptors_fit(*tensors)
-    except ImportError:
-        return False
 
 
 def _programs(device: torch.device, tiles: int) -> int:
@@ -142,9 +134,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, y: torch.T
     m, k = x.shape
     n = weight.shape[0]
     tiles = triton.cdiv(m, how.block_m) * triton.cdiv(n, how.block_n)
-    if how.descriptors and _descriptor_kernel_fits(x, weight, y):
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
+    if how.descriptors and descriptors_fit(x, weight, y):
         store_n = how.block_n // 2 if how.subtile else how.block_n
         programs = _programs(x.device, tiles)
         _descriptor_kernel[(programs,)](
