@@ -226,16 +226,12 @@ def tail_tile(n: int, block: int) -> int:
     return 0 if left == 0 else max(16, triton.next_power_of_2(left))
 
 
-def _inference_output(q: torch.Tensor) -> torch.Tensor:
-    return _like_heads_last(q)
-
-
 @torch.library.custom_op("fixed_order_attention::inference", mutates_args=())
 def attention_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     """(B, H, N, D) q, k, v -> output (B, H, N, D), forward only (no log-sum-exp kept): tiles of ``block``
     queries and keys, the remainder of N in a tile cut to fit (:func:`tail_tile`)."""
     b, h, n, d = q.shape
-    out = _inference_output(q)
+    out = _like_heads_last(q)
     tail = tail_tile(n, block)
     _inference_kernel[(triton.cdiv(n, block), b * h)](
         q, k, v, out, *_strides(q), *_strides(k), *_strides(v), *_strides(out), h, n,
@@ -246,7 +242,7 @@ def attention_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
 
 @attention_inference.register_fake
 def _inference_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
-    return _inference_output(q)
+    return _like_heads_last(q)
 
 
 @torch.library.custom_op("fixed_order_attention::backward", mutates_args=())
