@@ -245,6 +245,8 @@ def test_evaluation_kernels_follow_their_keys_unless_the_gpu_is_too_old(monkeypa
     assert tower.eval_attention and tower.eval_fused_mlp
     tower = _model("TEST.TRITON_ATTENTION", False, "TEST.FUSED_MLP", False).backbone
     assert not tower.eval_attention and not tower.eval_fused_mlp
+    tower = _model("TEST.TRITON_ATTENTION", False).backbone
+    assert not tower.eval_attention and tower.eval_fused_mlp
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     with caplog.at_level(logging.WARNING):
