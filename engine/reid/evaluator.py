@@ -17,6 +17,7 @@ from engine.logger import progress
 from engine.prefetch import DevicePrefetcher
 from engine.reid.missing import canonical, missing_modalities, present_modalities
 from engine.seed import forward_only_kernels
+from modeling.layers.half_weights import matmul_weights_in
 from utils.io import atomic_write_json
 from utils.modalities import MODALITIES
 
@@ -55,33 +56,35 @@ def extract_features(
                 "masks": batch["masks"].to(device, non_blocking=True),
                 "camids_dev": batch["camids"].to(device, non_blocking=True)}
 
-    # the next batch is copied while this one runs; nothing waits for the device until the end
-    for batch in progress(DevicePrefetcher(loader, to_device, device), desc="extract features"):
-        images = dict(batch["images"])
-        mask = batch["masks"].clone()  # the batch itself is not changed
-        pid, camid, trackid = batch["pids"], batch["camids"], batch["trackids"]
-        for col, m in enumerate(MODALITIES):
-            if m not in keep:
-                if miss_mode == "zero":
-                    images[m] = torch.zeros_like(images[m])
-                else:
-                    mask[:, col] = False
-        camid_dev, n = batch["camids_dev"], len(pid)
-        if full and n < full:
-            images, mask, camid_dev = (_pad_rows(x, full) for x in (images, mask, camid_dev))
-        if compiled:
-            torch.compiler.cudagraph_mark_step_begin()
-        with amp.autocast():
-            out = model(images, camid_dev, mask)
-        named = {"feat": out["feat"], **out.get("feats", {})}
-        for name, value in named.items():
-            feats.setdefault(name, []).append(value[:n].float().clone() if compiled else value.float())
-        for m, idx in (out.get("keep_indices") or {}).items():
-            if idx is not None:
-                keep_idx.setdefault(m, []).append(idx[:n].clone() if compiled else idx)
-        pids.append(pid)
-        camids.append(camid)
-        trackids.append(torch.as_tensor(trackid))
+    # the next batch is copied while this one runs; nothing waits for the device until the end. The weights only
+    # matmuls read are cast to autocast's dtype once here, not on every batch (the same bits)
+    with matmul_weights_in(model, amp.dtype):
+        for batch in progress(DevicePrefetcher(loader, to_device, device), desc="extract features"):
+            images = dict(batch["images"])
+            mask = batch["masks"].clone()  # the batch itself is not changed
+            pid, camid, trackid = batch["pids"], batch["camids"], batch["trackids"]
+            for col, m in enumerate(MODALITIES):
+                if m not in keep:
+                    if miss_mode == "zero":
+                        images[m] = torch.zeros_like(images[m])
+                    else:
+                        mask[:, col] = False
+            camid_dev, n = batch["camids_dev"], len(pid)
+            if full and n < full:
+                images, mask, camid_dev = (_pad_rows(x, full) for x in (images, mask, camid_dev))
+            if compiled:
+                torch.compiler.cudagraph_mark_step_begin()
+            with amp.autocast():
+                out = model(images, camid_dev, mask)
+            named = {"feat": out["feat"], **out.get("feats", {})}
+            for name, value in named.items():
+                feats.setdefault(name, []).append(value[:n].float().clone() if compiled else value.float())
+            for m, idx in (out.get("keep_indices") or {}).items():
+                if idx is not None:
+                    keep_idx.setdefault(m, []).append(idx[:n].clone() if compiled else idx)
+            pids.append(pid)
+            camids.append(camid)
+            trackids.append(torch.as_tensor(trackid))
     return {
         "feats": {k: torch.cat(v) for k, v in feats.items()},
         "pids": torch.cat(pids),

@@ -377,6 +377,17 @@ class CLIPVisionBackbone(nn.Module):
             x = x + block.ls_2(h)
         return x
 
+    def matmul_only_parameters(self) -> list[nn.Parameter]:
+        """The parameters only matmuls read (the patch embedding, each block's four linear layers, the projection):
+        evaluation under autocast may hold them as half copies (:mod:`modeling.layers.half_weights`)."""
+        v = self.visual
+        params = [v.conv1.weight, v.proj]
+        for block in v.transformer.resblocks:
+            attn, mlp = block.attn, block.mlp
+            params += [attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
+                       mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias]
+        return [p for p in params if p is not None]
+
     def pretrained_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """Named parameters that come from the CLIP checkpoint (everything under ``visual``)."""
         return [(f"visual.{n}", p) for n, p in self.visual.named_parameters()]

@@ -12,12 +12,13 @@ import contextlib
 import datetime
 import math
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from yacs.config import CfgNode as CN
 
 from engine.seed import forward_only_kernels
+from modeling.layers.half_weights import matmul_weights_in
 from tools.benchmarks.timing import device_name, peak_memory, repeat, reset_peak_memory, seconds_per_call
 from tools.benchmarks.train_step import TrainStep, build_train_step, reid_batch
 
@@ -78,25 +79,27 @@ def _time_train(step: TrainStep, device: torch.device, steps: int, warmup: int) 
 def _time_eval(cfg: CN, step: TrainStep, device: torch.device, steps: int, warmup: int, num_classes: int,
                num_cameras: int) -> float:
     """Seconds per evaluation batch of ``TEST.IMS_PER_BATCH`` samples."""
-    forward = eval_forward(cfg, step, device, num_classes, num_cameras)
-    repeat(forward, max(2, warmup // 2), device)
-    return seconds_per_call(forward, steps, device)
+    with eval_forward(cfg, step, device, num_classes, num_cameras) as forward:
+        repeat(forward, max(2, warmup // 2), device)
+        return seconds_per_call(forward, steps, device)
 
 
+@contextlib.contextmanager
 def eval_forward(cfg: CN, step: TrainStep, device: torch.device, num_classes: int,
-                 num_cameras: int) -> Callable[[], None]:
-    """One evaluation batch of ``TEST.IMS_PER_BATCH`` samples through the step's evaluation model (eval mode,
-    no grad, the step's autocast), as a call to time or profile."""
+                 num_cameras: int) -> Iterator[Callable[[], None]]:
+    """Inside, a call that runs one evaluation batch of ``TEST.IMS_PER_BATCH`` samples through the step's
+    evaluation model as the trainer's evaluation runs it: eval mode, no grad, forward-only kernels, the matmul
+    weights cast once (:func:`~modeling.layers.half_weights.matmul_weights_in`), the step's autocast per batch."""
     batch = reid_batch(cfg, device, num_classes, num_cameras, cfg.TEST.IMS_PER_BATCH)
     model, amp = step.eval_model, step.amp
     model.eval()
 
-    @torch.no_grad()
     def forward() -> None:
-        with forward_only_kernels(), amp.autocast():  # as the trainer's evaluation runs it
+        with amp.autocast():
             model(batch["images"], batch["camids"], batch["masks"])
 
-    return forward
+    with torch.no_grad(), forward_only_kernels(), matmul_weights_in(model, amp.dtype):
+        yield forward
 
 
 def _cell(value: float, spec: str, scale: float = 1.0, suffix: str = "") -> str:

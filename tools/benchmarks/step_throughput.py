@@ -132,9 +132,9 @@ def profile_steps(cfg: CN, precision: str, device: torch.device, args: argparse.
         sections.append(_profile(step, steps, device, f"{steps} training steps, {precision}"))
         step.finish()
     if "eval" in parts and not is_fewshot(cfg):
-        forward = eval_forward(cfg, step, device, args.num_classes or 171, args.num_cameras or 4)
-        sections.append(_profile(forward, steps, device,
-                                 f"{steps} evaluation batches of {cfg.TEST.IMS_PER_BATCH}, {precision}"))
+        with eval_forward(cfg, step, device, args.num_classes or 171, args.num_cameras or 4) as forward:
+            sections.append(_profile(forward, steps, device,
+                                     f"{steps} evaluation batches of {cfg.TEST.IMS_PER_BATCH}, {precision}"))
     return "\n\n".join(sections)
 
 

@@ -1,0 +1,83 @@
+"""The matmul weights cast once for an evaluation: the same bits as autocast's per-call casts, and every parameter
+its own fp32 tensor again afterwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from modeling.backbones.clip_vit import CLIPVisionBackbone
+from modeling.layers.half_weights import matmul_weights_in
+
+
+def _tower() -> CLIPVisionBackbone:
+    torch.manual_seed(0)
+    return CLIPVisionBackbone("ViT-tiny", (64, 32), num_cameras=3).eval()
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(3, 3, 64, 32, generator=g), torch.tensor([0, 2, 1])
+
+
+def test_the_matmul_parameters_are_the_blocks_linears_the_patch_embedding_and_the_projection() -> None:
+    tower = _tower()
+    chosen = {id(p) for p in tower.matmul_only_parameters()}
+    names = {n for n, p in tower.named_parameters() if id(p) in chosen}
+    blocks = len(tower.visual.transformer.resblocks)
+    assert len(chosen) == len(names) == 2 + 8 * blocks
+    assert {"visual.conv1.weight", "visual.proj", "visual.transformer.resblocks.0.attn.in_proj_weight",
+            "visual.transformer.resblocks.1.mlp.c_proj.bias"} <= names
+    # nothing autocast runs in fp32: layer norms, embeddings, the camera table
+    assert not any("ln" in n or "embedding" in n or "camera" in n for n in names)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_copies_give_autocast_s_bits_and_hand_the_fp32_tensors_back(dtype: torch.dtype) -> None:
+    tower = _tower()
+    images, cams = _inputs()
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in tower.named_parameters()}
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        expected = tower(images, cams)
+        with matmul_weights_in(tower, dtype):
+            chosen = {id(p) for p in tower.matmul_only_parameters()}
+            assert all((p.dtype == dtype) == (id(p) in chosen) for p in tower.parameters())
+            got = tower(images, cams)
+    assert torch.equal(got, expected)
+    for n, p in tower.named_parameters():
+        address, values = before[n]
+        assert p.data_ptr() == address and p.dtype == torch.float32 and torch.equal(p, values), n
+
+
+def test_each_entry_copies_the_current_weights_into_the_same_memory() -> None:
+    tower = _tower()
+    weight = tower.visual.transformer.resblocks[0].mlp.c_fc.weight
+    with matmul_weights_in(tower, torch.bfloat16):
+        first = weight.data_ptr()
+    with torch.no_grad():
+        weight.add_(0.25)  # a training step in between
+    updated = weight.detach().clone()
+    with matmul_weights_in(tower, torch.bfloat16):
+        assert weight.data_ptr() == first  # CUDA graphs recorded over the copies stay valid
+        assert torch.equal(weight.detach(), updated.to(torch.bfloat16))
+    assert torch.equal(weight.detach(), updated)
+
+
+def test_fp32_changes_nothing_and_an_error_inside_still_restores() -> None:
+    tower = _tower()
+    addresses = [p.data_ptr() for p in tower.parameters()]
+    with matmul_weights_in(tower, None):
+        assert all(p.dtype == torch.float32 for p in tower.parameters())
+    with pytest.raises(RuntimeError, match="inside"), matmul_weights_in(tower, torch.bfloat16):
+        raise RuntimeError("inside")
+    assert [p.data_ptr() for p in tower.parameters()] == addresses
+    assert all(p.dtype == torch.float32 for p in tower.parameters())
+
+
+def test_modules_without_the_method_are_left_alone() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), _tower())
+    linear = model[0].weight
+    with matmul_weights_in(model, torch.bfloat16):
+        assert linear.dtype == torch.float32
+        assert model[1].visual.proj.dtype == torch.bfloat16
