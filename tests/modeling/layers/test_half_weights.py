@@ -11,9 +11,9 @@ from modeling.backbones.clip_vit import CLIPVisionBackbone
 from modeling.layers.half_weights import matmul_weights_in
 
 
-def _tower() -> CLIPVisionBackbone:
+def _tower(**kernels: bool) -> CLIPVisionBackbone:
     torch.manual_seed(0)
-    return CLIPVisionBackbone("ViT-tiny", (64, 32), num_cameras=3).eval()
+    return CLIPVisionBackbone("ViT-tiny", (64, 32), num_cameras=3, **kernels).eval()
 
 
 def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,3 +81,17 @@ def test_modules_without_the_method_are_left_alone() -> None:
     with matmul_weights_in(model, torch.bfloat16):
         assert linear.dtype == torch.float32
         assert model[1].visual.proj.dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("kernels", [False, True])  # torch's attention and MLP, or the repository's Triton kernels
+def test_cuda_evaluation_keeps_its_bits_with_half_copies(compiled: bool, kernels: bool) -> None:
+    tower = _tower(eval_attention=kernels, eval_fused_mlp=kernels).cuda()
+    images, cams = (t.cuda() for t in _inputs())
+    run = torch.compile(tower) if compiled else tower
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        expected = run(images, cams)
+        with matmul_weights_in(tower, torch.bfloat16):
+            got = run(images, cams)
+    assert torch.equal(got, expected)
