@@ -37,7 +37,7 @@ def test_the_matmul_parameters_are_the_blocks_linears_the_patch_embedding_and_th
 def test_half_copies_give_autocast_s_bits_and_hand_the_fp32_tensors_back(dtype: torch.dtype) -> None:
     tower = _tower()
     images, cams = _inputs()
-    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in tower.named_parameters()}
+    before = {n: (p, p.detach().clone()) for n, p in tower.named_parameters()}
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
         expected = tower(images, cams)
         with matmul_weights_in(tower, dtype):
@@ -46,32 +46,51 @@ def test_half_copies_give_autocast_s_bits_and_hand_the_fp32_tensors_back(dtype: 
             got = tower(images, cams)
     assert torch.equal(got, expected)
     for n, p in tower.named_parameters():
-        address, values = before[n]
-        assert p.data_ptr() == address and p.dtype == torch.float32 and torch.equal(p, values), n
+        own, values = before[n]
+        assert p is own and p.dtype == torch.float32 and torch.equal(p, values), n
 
 
 def test_each_entry_copies_the_current_weights_into_the_same_memory() -> None:
     tower = _tower()
-    weight = tower.visual.transformer.resblocks[0].mlp.c_fc.weight
+    mlp = tower.visual.transformer.resblocks[0].mlp
+    weight = mlp.c_fc.weight
     with matmul_weights_in(tower, torch.bfloat16):
-        first = weight.data_ptr()
+        first = mlp.c_fc.weight
+        assert first is not weight and first.dtype == torch.bfloat16
     with torch.no_grad():
         weight.add_(0.25)  # a training step in between
     updated = weight.detach().clone()
     with matmul_weights_in(tower, torch.bfloat16):
-        assert weight.data_ptr() == first  # CUDA graphs recorded over the copies stay valid
-        assert torch.equal(weight.detach(), updated.to(torch.bfloat16))
-    assert torch.equal(weight.detach(), updated)
+        assert mlp.c_fc.weight is first  # the same memory: CUDA graphs recorded over the copies stay valid
+        assert torch.equal(first.detach(), updated.to(torch.bfloat16))
+    assert mlp.c_fc.weight is weight and torch.equal(weight.detach(), updated)
+
+
+@pytest.mark.slow
+def test_a_compiled_tower_recompiles_for_the_copies_and_back() -> None:
+    tower = _tower()
+    images, cams = _inputs()
+    run = torch.compile(tower)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = tower(images, cams)
+        before = run(images, cams)
+        with matmul_weights_in(tower, torch.bfloat16):
+            inside = run(images, cams)
+        after = run(images, cams)
+    # a graph compiled for the fp32 parameters must not run on the copies (nor the reverse): it would read their
+    # memory as the other dtype; compiled, the copies give the bits the casts give
+    assert torch.equal(inside, before) and torch.equal(after, before)
+    assert torch.allclose(before, expected, atol=0.05, rtol=0.05)  # compiled against eager: round-off only
 
 
 def test_fp32_changes_nothing_and_an_error_inside_still_restores() -> None:
     tower = _tower()
-    addresses = [p.data_ptr() for p in tower.parameters()]
+    params = list(tower.parameters())
     with matmul_weights_in(tower, None):
         assert all(p.dtype == torch.float32 for p in tower.parameters())
     with pytest.raises(RuntimeError, match="inside"), matmul_weights_in(tower, torch.bfloat16):
         raise RuntimeError("inside")
-    assert [p.data_ptr() for p in tower.parameters()] == addresses
+    assert all(a is b for a, b in zip(tower.parameters(), params, strict=True))
     assert all(p.dtype == torch.float32 for p in tower.parameters())
 
 
