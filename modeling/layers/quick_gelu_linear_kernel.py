@@ -32,9 +32,7 @@ class Launch(NamedTuple):
     of the input, ``group_m`` row tiles side by side (the weight tiles they share stay in L2), ``warps`` and
     software-pipeline ``stages``. ``descriptors``: read through tensor descriptors where the GPU has them;
     ``subtile``: the descriptor kernel stores each tile as two halves (less shared memory for the epilogue);
-    ``specialize``: it splits its warps into loading and computing groups (Triton's warp specialization);
-    ``per_sm``: the descriptor kernel's persistent programs per SM (two let one program's epilogue run beside the
-    other's matmul, where both fit in an SM's shared memory)."""
+    ``specialize``: it splits its warps into loading and computing groups (Triton's warp specialization)."""
 
     block_m: int
     block_n: int
@@ -45,7 +43,6 @@ class Launch(NamedTuple):
     descriptors: bool
     subtile: bool
     specialize: bool = False
-    per_sm: int = 1
 
 
 #: the launch, fixed (never timed per run, so that a run's numbers do not depend on a timing): the fastest of ten
@@ -125,12 +122,11 @@ def descriptors_fit(*tensors: torch.Tensor) -> bool:
                for t in tensors)
 
 
-def _programs(device: torch.device, tiles: int, per_sm: int = 1) -> int:
-    """``per_sm`` programs per SM (a persistent grid), at most one per tile; every tile its own program on the
-    CPU."""
+def _programs(device: torch.device, tiles: int) -> int:
+    """One program per SM (a persistent grid), at most one per tile; every tile its own program on the CPU."""
     if device.type != "cuda":
         return tiles
-    return min(tiles, per_sm * torch.cuda.get_device_properties(device).multi_processor_count)
+    return min(tiles, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, y: torch.Tensor, how: Launch) -> None:
@@ -140,7 +136,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, y: torch.T
     tiles = triton.cdiv(m, how.block_m) * triton.cdiv(n, how.block_n)
     if how.descriptors and descriptors_fit(x, weight, y):
         store_n = how.block_n // 2 if how.subtile else how.block_n
-        programs = _programs(x.device, tiles, how.per_sm)
+        programs = _programs(x.device, tiles)
         _descriptor_kernel[(programs,)](
             TensorDescriptor.from_tensor(x, [how.block_m, how.block_k]),
             TensorDescriptor.from_tensor(weight, [how.block_n, how.block_k]), bias,
