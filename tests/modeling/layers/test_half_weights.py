@@ -66,6 +66,19 @@ def test_each_entry_copies_the_current_weights_into_the_same_memory() -> None:
     assert mlp.c_fc.weight is weight and torch.equal(weight.detach(), updated)
 
 
+def test_a_nested_call_keeps_the_enclosing_copies_and_the_next_evaluation_reuses_them() -> None:
+    tower = _tower()
+    proj = tower.visual.proj
+    with matmul_weights_in(tower, torch.bfloat16):
+        copy = tower.visual.proj
+        with matmul_weights_in(tower, torch.bfloat16):
+            assert tower.visual.proj is copy
+        assert tower.visual.proj is copy  # the inner exit put nothing back
+    assert tower.visual.proj is proj
+    with matmul_weights_in(tower, torch.bfloat16):
+        assert tower.visual.proj is copy
+
+
 @pytest.mark.slow
 def test_a_compiled_tower_recompiles_for_the_copies_and_back() -> None:
     tower = _tower()
