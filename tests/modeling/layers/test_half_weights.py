@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 
 from modeling.backbones.clip_vit import CLIPVisionBackbone
 from modeling.layers.half_weights import matmul_weights_in
@@ -80,20 +81,28 @@ def test_a_nested_call_keeps_the_enclosing_copies_and_the_next_evaluation_reuses
 
 
 @pytest.mark.slow
-def test_a_compiled_tower_recompiles_for_the_copies_and_back() -> None:
+def test_a_compiled_tower_recompiles_for_the_copies_and_back_once() -> None:
     tower = _tower()
     images, cams = _inputs()
     run = torch.compile(tower)
+    counters.clear()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         expected = tower(images, cams)
         before = run(images, cams)
         with matmul_weights_in(tower, torch.bfloat16):
             inside = run(images, cams)
         after = run(images, cams)
+        graphs = counters["stats"]["unique_graphs"]
+        with matmul_weights_in(tower, torch.bfloat16):  # the next evaluation
+            inside_again = run(images, cams)
+        after_again = run(images, cams)
     # a graph compiled for the fp32 parameters must not run on the copies (nor the reverse): it would read their
     # memory as the other dtype; compiled, the copies give the bits the casts give
     assert torch.equal(inside, before) and torch.equal(after, before)
     assert torch.allclose(before, expected, atol=0.05, rtol=0.05)  # compiled against eager: round-off only
+    # one graph for the parameters and one for the copies, each reused by every later evaluation and training step
+    assert graphs == 2 and counters["stats"]["unique_graphs"] == 2
+    assert torch.equal(inside_again, before) and torch.equal(after_again, before)
 
 
 def test_fp32_changes_nothing_and_an_error_inside_still_restores() -> None:
