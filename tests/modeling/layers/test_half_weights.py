@@ -100,7 +100,7 @@ def test_a_compiled_tower_recompiles_for_the_copies_and_back_once() -> None:
     # memory as the other dtype; compiled, the copies give the bits the casts give
     assert torch.equal(inside, before) and torch.equal(after, before)
     assert torch.allclose(before, expected, atol=0.05, rtol=0.05)  # compiled against eager: round-off only
-    # one graph for the parameters and one for the copies, each reused by every later evaluation and training step
+    # one graph for the parameters and one for the copies, each reused by the later calls of its kind
     assert graphs == 2 and counters["stats"]["unique_graphs"] == 2
     assert torch.equal(inside_again, before) and torch.equal(after_again, before)
 
