@@ -62,14 +62,25 @@ def _tile_of(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, BIAS, cols, N, ALPHA: tl.constexpr):
-    """QuickGELU of the accumulator plus the bias, in fp32."""
+def _epilogue(acc, BIAS, cols, N, ALPHA: tl.constexpr, PTX: tl.constexpr):
+    """QuickGELU of the accumulator plus the bias, ``y * sigmoid(ALPHA y) = y / (1 + 2^(-ALPHA log2(e) y))``, in
+    fp32.
+
+    ``PTX`` (an NVIDIA GPU): the exponential is ``ex2.approx.ftz.f32`` and the quotient ``div.full.f32``, the
+    operations ``tl.sigmoid``'s product compiles to, less the exponential's handling of subnormal results (where
+    2^u is subnormal, 1 + 2^u rounds to 1 either way): the same outputs from fewer instructions. Elsewhere
+    (Triton's interpreter) ``tl.sigmoid`` itself."""
     acc += tl.load(BIAS + cols, mask=cols < N).to(tl.float32)[None, :]
+    if PTX:
+        e = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [(acc * -ALPHA) * 1.4426950408889634],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise("div.full.f32 $0, $1, $2;", "=r,r,r", [acc, 1.0 + e],
+                                         dtype=tl.float32, is_pure=True, pack=1)
     return acc * tl.sigmoid(ALPHA * acc)
 
 
 @triton.jit
-def _pointer_kernel(X, W, BIAS, Y, M, N, K, sx_m, sw_n, sy_m, ALPHA: tl.constexpr,
+def _pointer_kernel(X, W, BIAS, Y, M, N, K, sx_m, sw_n, sy_m, ALPHA: tl.constexpr, PTX: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """One (BLOCK_M, BLOCK_N) tile of Y = quick_gelu(X W^T + BIAS); K a multiple of BLOCK_K."""
     pid_m, pid_n = _tile_of(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -84,14 +95,14 @@ def _pointer_kernel(X, W, BIAS, Y, M, N, K, sx_m, sw_n, sy_m, ALPHA: tl.constexp
         acc = tl.dot(tl.load(x_ptrs), tl.load(w_ptrs), acc)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    y = _epilogue(acc, BIAS, cols, N, ALPHA)
+    y = _epilogue(acc, BIAS, cols, N, ALPHA, PTX)
     tl.store(Y + rows[:, None] * sy_m + cols[None, :], y.to(Y.dtype.element_ty),
              mask=(rows < M)[:, None] & (cols < N)[None, :])
 
 
 @triton.jit
-def _descriptor_kernel(X, W, BIAS, Y, M, N, K, ALPHA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr,
+def _descriptor_kernel(X, W, BIAS, Y, M, N, K, ALPHA: tl.constexpr, PTX: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr,
                        SUBTILE: tl.constexpr, SPECIALIZE: tl.constexpr):
     """Output tiles ``program_id, program_id + PROGRAMS, ...`` of Y = quick_gelu(X W^T + BIAS), X, W and Y
     tensor descriptors (reads past the end are zeros, writes past it are dropped); K a multiple of BLOCK_K."""
@@ -103,7 +114,7 @@ def _descriptor_kernel(X, W, BIAS, Y, M, N, K, ALPHA: tl.constexpr, BLOCK_M: tl.
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             acc = tl.dot(X.load([row, k]), W.load([col, k]).T, acc)
-        y = _epilogue(acc, BIAS, col + tl.arange(0, BLOCK_N), N, ALPHA).to(Y.dtype)
+        y = _epilogue(acc, BIAS, col + tl.arange(0, BLOCK_N), N, ALPHA, PTX).to(Y.dtype)
         if SUBTILE:
             left, right = tl.split(tl.permute(tl.reshape(y, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
             Y.store([row, col], left)
@@ -129,8 +140,17 @@ def _programs(device: torch.device, tiles: int) -> int:
     return min(tiles, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
-def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, y: torch.Tensor, how: Launch) -> None:
-    """Write ``quick_gelu(x @ weight^T + bias)`` into ``y`` ((M, N), rows contiguous) with launch ``how``."""
+def runs_ptx(device: torch.device) -> bool:
+    """Whether kernels on ``device`` compile to NVIDIA's PTX (not Triton's interpreter, not a ROCm GPU)."""
+    return device.type == "cuda" and torch.version.hip is None
+
+
+def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, y: torch.Tensor, how: Launch,
+           ptx_epilogue: bool | None = None) -> None:
+    """Write ``quick_gelu(x @ weight^T + bias)`` into ``y`` ((M, N), rows contiguous) with launch ``how``;
+    ``ptx_epilogue``: QuickGELU through the PTX instructions of ``_epilogue`` (default: where the kernels compile
+    to PTX) or through ``tl.sigmoid``."""
+    ptx = runs_ptx(x.device) if ptx_epilogue is None else ptx_epilogue
     m, k = x.shape
     n = weight.shape[0]
     tiles = triton.cdiv(m, how.block_m) * triton.cdiv(n, how.block_n)
@@ -140,12 +160,12 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, y: torch.T
         _descriptor_kernel[(programs,)](
             TensorDescriptor.from_tensor(x, [how.block_m, how.block_k]),
             TensorDescriptor.from_tensor(weight, [how.block_n, how.block_k]), bias,
-            TensorDescriptor.from_tensor(y, [how.block_m, store_n]), m, n, k, ALPHA=QUICK_GELU_ALPHA,
+            TensorDescriptor.from_tensor(y, [how.block_m, store_n]), m, n, k, ALPHA=QUICK_GELU_ALPHA, PTX=ptx,
             BLOCK_M=how.block_m, BLOCK_N=how.block_n, BLOCK_K=how.block_k, GROUP_M=how.group_m, PROGRAMS=programs,
             SUBTILE=how.subtile, SPECIALIZE=how.specialize, num_warps=how.warps, num_stages=how.stages)
         return
     _pointer_kernel[(tiles,)](x, weight, bias, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-                              ALPHA=QUICK_GELU_ALPHA, BLOCK_M=how.block_m, BLOCK_N=how.block_n,
+                              ALPHA=QUICK_GELU_ALPHA, PTX=ptx, BLOCK_M=how.block_m, BLOCK_N=how.block_n,
                               BLOCK_K=how.block_k, GROUP_M=how.group_m, num_warps=how.warps, num_stages=how.stages)
 
 

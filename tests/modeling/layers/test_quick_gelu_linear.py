@@ -218,3 +218,27 @@ def test_on_the_gpu_both_kernels_give_the_same_outputs() -> None:
         out.append(y)
     assert torch.equal(out[0], out[1])
     assert torch.equal(quick_gelu_linear(x, w, b), out[0])
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("descriptors", [True, False])
+def test_on_the_gpu_the_ptx_epilogue_gives_tl_sigmoids_outputs(dtype: torch.dtype, descriptors: bool) -> None:
+    """QuickGELU through ``ex2.approx.ftz`` and ``div.full`` (the default on an NVIDIA GPU) against the same kernel
+    through ``tl.sigmoid``: the same bits, also where the exponential overflows or is subnormal (biases that push
+    whole columns to +-60 000, +-100, +-50, the ends of QuickGELU's tails) and at zero."""
+    from modeling.layers import quick_gelu_linear_kernel as kernel
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16 * 3 * 129, 768, generator=g).to("cuda", dtype)
+    w = (torch.randn(3072, 768, generator=g) / 28).to("cuda", dtype)
+    b = torch.randn(3072, generator=g)
+    b[:12] = torch.tensor([-6e4, -100.0, -60.0, -52.0, -50.0, -0.0, 0.0, 1e-6, 50.0, 60.0, 100.0, 6e4])
+    w[:12] = 0  # those columns are their bias exactly
+    b = b.to("cuda", dtype)
+    out = {}
+    for ptx in (True, False):
+        out[ptx] = x.new_empty(x.shape[0], w.shape[0])
+        kernel.launch(x, w, b, out[ptx], kernel.LAUNCH._replace(descriptors=descriptors), ptx_epilogue=ptx)
+    assert torch.equal(out[True], out[False])
+    assert torch.isfinite(out[True]).all()
