@@ -225,8 +225,9 @@ def test_on_the_gpu_both_kernels_give_the_same_outputs() -> None:
 @pytest.mark.parametrize("descriptors", [True, False])
 def test_on_the_gpu_the_ptx_epilogue_gives_tl_sigmoids_outputs(dtype: torch.dtype, descriptors: bool) -> None:
     """QuickGELU through ``ex2.approx.ftz`` and ``div.full`` (the default on an NVIDIA GPU) against the same kernel
-    through ``tl.sigmoid``: the same bits, also where the exponential overflows or is subnormal (biases that push
-    whole columns to +-60 000, +-100, +-50, the ends of QuickGELU's tails) and at zero."""
+    through ``tl.sigmoid``: the same bits, also where 2^(-1.702 log2(e) y) overflows (y = -60 000, -100, -60), is
+    near its largest (-52) or subnormal (52, 60), underflows to 0 (100, 60 000), and at +-0 and 1e-6 (columns whose
+    weights are zero hold their bias)."""
     from modeling.layers import quick_gelu_linear_kernel as kernel
 
     g = torch.Generator().manual_seed(0)
