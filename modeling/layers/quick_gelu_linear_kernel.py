@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from modeling.layers.triton_device import triton_compiles_to_ptx
+
 QUICK_GELU_ALPHA = 1.702
 
 
@@ -69,7 +71,7 @@ def _epilogue(acc, BIAS, cols, N, ALPHA: tl.constexpr, PTX: tl.constexpr):
     ``PTX`` (an NVIDIA GPU): the exponential is ``ex2.approx.ftz.f32`` and the quotient ``div.full.f32``, the
     operations ``tl.sigmoid``'s product compiles to, less the exponential's handling of subnormal results (where
     2^u is subnormal, 1 + 2^u rounds to 1 either way): the same outputs from fewer instructions. Elsewhere
-    (Triton's interpreter) ``tl.sigmoid`` itself."""
+    (Triton's interpreter, also for CUDA tensors) ``tl.sigmoid`` itself."""
     acc += tl.load(BIAS + cols, mask=cols < N).to(tl.float32)[None, :]
     if PTX:
         e = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [(acc * -ALPHA) * 1.4426950408889634],
@@ -140,17 +142,12 @@ def _programs(device: torch.device, tiles: int) -> int:
     return min(tiles, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
-def runs_ptx(device: torch.device) -> bool:
-    """Whether kernels on ``device`` compile to NVIDIA's PTX (not Triton's interpreter, not a ROCm GPU)."""
-    return device.type == "cuda" and torch.version.hip is None
-
-
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, y: torch.Tensor, how: Launch,
            ptx_epilogue: bool | None = None) -> None:
     """Write ``quick_gelu(x @ weight^T + bias)`` into ``y`` ((M, N), rows contiguous) with launch ``how``;
     ``ptx_epilogue``: QuickGELU through the PTX instructions of ``_epilogue`` (default: where the kernels compile
     to PTX) or through ``tl.sigmoid``."""
-    ptx = runs_ptx(x.device) if ptx_epilogue is None else ptx_epilogue
+    ptx = triton_compiles_to_ptx(x.device) if ptx_epilogue is None else ptx_epilogue
     m, k = x.shape
     n = weight.shape[0]
     tiles = triton.cdiv(m, how.block_m) * triton.cdiv(n, how.block_n)

@@ -27,6 +27,12 @@ def triton_runs_on(device: torch.device | str) -> bool:
     return TRITON_INSTALLED and (device_type == "cuda" or (device_type == "cpu" and TRITON_INTERPRETED))
 
 
+def triton_compiles_to_ptx(device: torch.device | str) -> bool:
+    """Whether Triton compiles kernels on ``device`` to NVIDIA's PTX, so that they may hold inline PTX: a CUDA
+    device of an NVIDIA build of torch (not ROCm), and not under Triton's interpreter."""
+    return torch.device(device).type == "cuda" and torch.version.hip is None and not TRITON_INTERPRETED
+
+
 def this_gpu_reaches(capability: tuple[int, int]) -> bool:
     """False on a machine whose current CUDA GPU has a lower compute capability than ``capability``; True
     elsewhere (no GPU included). Read where a model is built, outside compiled code."""
